@@ -1,0 +1,225 @@
+//! Settings files and environment: one loader shared by every daemon.
+//!
+//! Precedence, lowest first: built-in defaults (`#[serde(default)]` on the settings struct),
+//! the daemon's table of the TOML file (`[router]`, `[broker]`, ...), `PYPELININ_*`
+//! environment variables (`PYPELININ_API`, `PYPELININ_DATA_DIR`, ...), then command-line flags,
+//! which each binary applies last.
+
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+
+/// A settings file or value that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read config file {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML.
+    #[error("config file {path} is not valid TOML")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    /// A value has the wrong type or is out of range.
+    #[error("invalid settings in [{section}] (file or PYPELININ_* environment)")]
+    Invalid {
+        /// The table the settings come from.
+        section: String,
+        /// Why.
+        #[source]
+        source: Box<config::ConfigError>,
+    },
+}
+
+/// A parsed TOML settings file.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigFile {
+    table: toml::Table,
+}
+
+impl ConfigFile {
+    /// Reads and parses `path`.
+    ///
+    /// # Errors
+    /// [`ConfigError::Read`] or [`ConfigError::Parse`].
+    pub fn read(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })
+    }
+
+    /// Parses TOML text.
+    ///
+    /// # Errors
+    /// The TOML parse error.
+    pub fn parse(text: &str) -> Result<Self, toml::de::Error> {
+        Ok(Self {
+            table: text.parse()?,
+        })
+    }
+
+    /// Reads `path` when given, else an empty file.
+    ///
+    /// # Errors
+    /// As [`ConfigFile::read`].
+    pub fn read_optional(path: Option<&Path>) -> Result<Self, ConfigError> {
+        path.map_or_else(|| Ok(Self::default()), Self::read)
+    }
+
+    /// The whole file as JSON, minus the given tables (e.g. daemon settings).
+    pub fn to_json_without(&self, skip: &[&str]) -> serde_json::Map<String, serde_json::Value> {
+        let mut table = self.table.clone();
+        for key in skip {
+            table.remove(*key);
+        }
+        match serde_json::to_value(table) {
+            Ok(serde_json::Value::Object(map)) => map,
+            _ => serde_json::Map::new(),
+        }
+    }
+
+    /// The settings of `section`: defaults, then that table of the file, then `PYPELININ_*`.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] when a value does not fit `T`.
+    pub fn settings<T: DeserializeOwned>(&self, section: &str) -> Result<T, ConfigError> {
+        self.settings_with_env(section, None)
+    }
+
+    /// As [`ConfigFile::settings`], reading the environment from `env` instead of the process
+    /// (for tests).
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] when a value does not fit `T`.
+    pub fn settings_with_env<T: DeserializeOwned>(
+        &self,
+        section: &str,
+        env: Option<std::collections::HashMap<String, String>>,
+    ) -> Result<T, ConfigError> {
+        let invalid = |source| ConfigError::Invalid {
+            section: section.to_owned(),
+            source: Box::new(source),
+        };
+        let table = self
+            .table
+            .get(section)
+            .and_then(toml::Value::as_table)
+            .cloned()
+            .unwrap_or_default();
+        let table_text = toml::to_string(&table).unwrap_or_default();
+        let environment = config::Environment::with_prefix("PYPELININ")
+            .prefix_separator("_")
+            .separator("__")
+            .try_parsing(true)
+            .source(env);
+        config::Config::builder()
+            .add_source(config::File::from_str(
+                &table_text,
+                config::FileFormat::Toml,
+            ))
+            .add_source(environment)
+            .build()
+            .map_err(invalid)?
+            .try_deserialize()
+            .map_err(invalid)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+    use std::collections::HashMap;
+
+    #[derive(Debug, Deserialize, PartialEq)]
+    #[serde(default)]
+    struct Settings {
+        api: String,
+        max_request_bytes: u64,
+    }
+
+    impl Default for Settings {
+        fn default() -> Self {
+            Self {
+                api: "tcp://127.0.0.1:5555".into(),
+                max_request_bytes: 10,
+            }
+        }
+    }
+
+    const FILE: &str = r#"
+"monitoring interval" = 60
+[store]
+"monitoring filename" = "/tmp/monitoring.log"
+[router]
+api = "tcp://127.0.0.1:7000"
+"#;
+
+    #[test]
+    fn cluster_configuration_keeps_keys_with_spaces() {
+        let file = ConfigFile::parse(FILE).unwrap();
+        assert_eq!(
+            serde_json::Value::Object(file.to_json_without(&["router"])),
+            serde_json::json!({"monitoring interval": 60, "store": {"monitoring filename": "/tmp/monitoring.log"}})
+        );
+    }
+
+    #[test]
+    fn environment_beats_file_which_beats_defaults() {
+        let file = ConfigFile::parse(FILE).unwrap();
+        let s: Settings = file
+            .settings_with_env("router", Some(HashMap::new()))
+            .unwrap();
+        assert_eq!(
+            s,
+            Settings {
+                api: "tcp://127.0.0.1:7000".into(),
+                max_request_bytes: 10
+            }
+        );
+        let env = HashMap::from([
+            ("PYPELININ_API".to_owned(), "tcp://127.0.0.1:9".to_owned()),
+            ("PYPELININ_MAX_REQUEST_BYTES".to_owned(), "99".to_owned()),
+        ]);
+        let s: Settings = file.settings_with_env("router", Some(env)).unwrap();
+        assert_eq!(
+            s,
+            Settings {
+                api: "tcp://127.0.0.1:9".into(),
+                max_request_bytes: 99
+            }
+        );
+        let bad = HashMap::from([("PYPELININ_MAX_REQUEST_BYTES".to_owned(), "lots".to_owned())]);
+        assert!(file
+            .settings_with_env::<Settings>("router", Some(bad))
+            .is_err());
+    }
+
+    #[test]
+    fn bad_files_give_clear_errors() {
+        let dir = std::env::temp_dir().join(format!("pypelinin-cfg-{}", std::process::id()));
+        std::fs::write(&dir, "this is = = not toml").unwrap();
+        let err = ConfigFile::read(&dir).unwrap_err();
+        assert!(err.to_string().contains("not valid TOML"), "{err}");
+        std::fs::remove_file(&dir).unwrap();
+        assert!(matches!(
+            ConfigFile::read(&dir),
+            Err(ConfigError::Read { .. })
+        ));
+    }
+}

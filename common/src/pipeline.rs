@@ -1,0 +1,729 @@
+//! Pipelines: DAGs of jobs, their legacy serialized form, DOT export and the run state the
+//! pipeliner walks them with.
+//!
+//! A job is identified by its worker name within a pipeline (as in the legacy, where jobs are
+//! equal when their worker names are), so a worker name used twice is one node.
+//!
+//! ```
+//! use pypelinin_common::pipeline::Pipeline;
+//! use serde_json::json;
+//! // Legacy: Pipeline({Job('A'): [Job('B'), Job('C')], Job('B'): Job('D')}, data={'doc': 7})
+//! let p = Pipeline::builder()
+//!     .edges("A", ["B", "C"])
+//!     .edge("B", "D")
+//!     .data(json!({"doc": 7}))
+//!     .build()
+//!     .unwrap();
+//! assert_eq!(p.len(), 4);
+//! let names: Vec<_> = p.starters().map(|j| p.job(j).worker.as_str()).collect();
+//! assert_eq!(names, ["A"]);
+//! ```
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::Path;
+
+use petgraph::graph::{DiGraph, NodeIndex};
+use petgraph::visit::EdgeRef;
+use petgraph::Direction;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::{Map, Value};
+
+/// Index of a job inside its [`Pipeline`].
+pub type JobIndex = NodeIndex;
+
+/// One job of a pipeline: the worker that runs it, and optionally its own data.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    /// Name of the worker; identifies the job within its pipeline.
+    pub worker: String,
+    /// Data of this job alone. `None` means it uses the pipeline's data, as every legacy job did.
+    pub data: Option<Map<String, Value>>,
+}
+
+impl Job {
+    /// A job of `worker` with no data of its own.
+    pub fn new(worker: impl Into<String>) -> Self {
+        Self {
+            worker: worker.into(),
+            data: None,
+        }
+    }
+}
+
+/// Why a pipeline is not valid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PipelineError {
+    /// It has no job.
+    #[error("the pipeline has no job")]
+    Empty,
+    /// A cycle runs through this worker.
+    #[error("the pipeline has a cycle through job {0:?}")]
+    Cycle(String),
+    /// Every job has a parent, so none can start.
+    #[error("the pipeline has no starter job (every job has a parent)")]
+    NoStarter,
+    /// A worker name is empty.
+    #[error("a job has an empty worker name")]
+    EmptyWorkerName,
+    /// The pipeline's data (or a job's) is not a JSON object.
+    #[error("pipeline data must be a JSON object or null, not {0}")]
+    DataNotObject(String),
+    /// The serialized form is not the legacy format.
+    #[error("not a serialized pipeline: {0}")]
+    Format(String),
+    /// Writing the DOT file failed.
+    #[error("cannot write {path}: {message}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        message: String,
+    },
+}
+
+/// A DAG of jobs, plus data handed to every job (the legacy pipeline data).
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    graph: DiGraph<Job, ()>,
+    data: Option<Map<String, Value>>,
+}
+
+impl Pipeline {
+    /// Starts building a pipeline.
+    pub fn builder() -> PipelineBuilder {
+        PipelineBuilder::default()
+    }
+
+    /// Number of jobs.
+    pub fn len(&self) -> usize {
+        self.graph.node_count()
+    }
+
+    /// A valid pipeline is never empty; this is here for completeness.
+    pub fn is_empty(&self) -> bool {
+        self.graph.node_count() == 0
+    }
+
+    /// The pipeline's data.
+    pub fn data(&self) -> Option<&Map<String, Value>> {
+        self.data.as_ref()
+    }
+
+    /// The job at `index`.
+    ///
+    /// # Panics
+    /// If `index` is not a job of this pipeline.
+    pub fn job(&self, index: JobIndex) -> &Job {
+        &self.graph[index]
+    }
+
+    /// Every job with its index, in the order they were added.
+    pub fn jobs(&self) -> impl Iterator<Item = (JobIndex, &Job)> + '_ {
+        self.graph.node_indices().map(move |i| (i, &self.graph[i]))
+    }
+
+    /// The job of `worker`, if the pipeline has one.
+    pub fn find(&self, worker: &str) -> Option<JobIndex> {
+        self.graph
+            .node_indices()
+            .find(|&i| self.graph[i].worker == worker)
+    }
+
+    /// Jobs without parents: they run first.
+    pub fn starters(&self) -> impl Iterator<Item = JobIndex> + '_ {
+        self.graph
+            .node_indices()
+            .filter(move |&i| self.parents(i).next().is_none())
+    }
+
+    /// The jobs `index` waits for.
+    pub fn parents(&self, index: JobIndex) -> impl Iterator<Item = JobIndex> + '_ {
+        self.graph.neighbors_directed(index, Direction::Incoming)
+    }
+
+    /// The jobs that wait for `index`.
+    pub fn children(&self, index: JobIndex) -> impl Iterator<Item = JobIndex> + '_ {
+        self.graph.neighbors_directed(index, Direction::Outgoing)
+    }
+
+    /// Every edge `(parent, child)`, in the order they were added.
+    pub fn edges(&self) -> impl Iterator<Item = (JobIndex, JobIndex)> + '_ {
+        self.graph
+            .edge_references()
+            .map(|e| (e.source(), e.target()))
+    }
+
+    /// The data a job is submitted with: its own, else the pipeline's, else `null`.
+    pub fn job_data(&self, index: JobIndex) -> Value {
+        match self.graph[index].data.as_ref().or(self.data.as_ref()) {
+            Some(map) => Value::Object(map.clone()),
+            None => Value::Null,
+        }
+    }
+
+    fn validate(&self) -> Result<(), PipelineError> {
+        if self.graph.node_count() == 0 {
+            return Err(PipelineError::Empty);
+        }
+        if self.graph.node_weights().any(|j| j.worker.is_empty()) {
+            return Err(PipelineError::EmptyWorkerName);
+        }
+        if let Err(cycle) = petgraph::algo::toposort(&self.graph, None) {
+            return Err(PipelineError::Cycle(
+                self.graph[cycle.node_id()].worker.clone(),
+            ));
+        }
+        if self.starters().next().is_none() {
+            return Err(PipelineError::NoStarter);
+        }
+        Ok(())
+    }
+
+    /// The legacy serialized form: `[["graph", EDGES], ["data", PAIRS or null]]`.
+    ///
+    /// Each job is written as pairs (`[["worker_name", "A"], ["data", PAIRS]]`) and, as the
+    /// legacy did, carries a copy of the pipeline's data; a job with no edge is `[JOB, null]`.
+    pub fn to_legacy(&self) -> Value {
+        let job_value = |i: JobIndex| {
+            let job = &self.graph[i];
+            let mut pairs = vec![Value::Array(vec![
+                "worker_name".into(),
+                job.worker.clone().into(),
+            ])];
+            if let Some(data) = job.data.as_ref().or(self.data.as_ref()) {
+                pairs.push(Value::Array(vec!["data".into(), map_to_pairs(data)]));
+            }
+            Value::Array(pairs)
+        };
+        let mut edges = Vec::with_capacity(self.graph.edge_count());
+        for node in self.graph.node_indices() {
+            let mut out: Vec<_> = self
+                .graph
+                .edges_directed(node, Direction::Outgoing)
+                .map(|e| (e.id(), e.target()))
+                .collect();
+            if out.is_empty() && self.parents(node).next().is_none() {
+                edges.push(Value::Array(vec![job_value(node), Value::Null]));
+            }
+            out.sort_by_key(|(id, _)| *id);
+            for (_, target) in out {
+                edges.push(Value::Array(vec![job_value(node), job_value(target)]));
+            }
+        }
+        let data = self.data.as_ref().map_or(Value::Null, map_to_pairs);
+        Value::Array(vec![
+            Value::Array(vec!["graph".into(), Value::Array(edges)]),
+            Value::Array(vec!["data".into(), data]),
+        ])
+    }
+
+    /// Reads the legacy serialized form (pairs or objects at every level, in any order).
+    ///
+    /// # Errors
+    /// [`PipelineError::Format`] when it is not the legacy format, and the validation errors
+    /// ([`PipelineError::Cycle`], [`PipelineError::NoStarter`], ...) when it is no valid DAG.
+    pub fn from_legacy(value: &Value) -> Result<Self, PipelineError> {
+        let fmt_err = |m: &str| PipelineError::Format(m.to_owned());
+        let top = pairs_to_map(value).ok_or_else(|| {
+            fmt_err("expected a list of [key, value] pairs with \"graph\" and \"data\"")
+        })?;
+        let data = match top.get("data") {
+            None => None,
+            Some(d) => read_data(d)?,
+        };
+        let graph = top
+            .get("graph")
+            .ok_or_else(|| fmt_err("missing \"graph\""))?
+            .as_array()
+            .ok_or_else(|| fmt_err("\"graph\" must be a list of [from, to] edges"))?;
+        let mut builder = PipelineBuilder {
+            data: data.clone().map(Value::Object),
+            ..PipelineBuilder::default()
+        };
+        for edge in graph {
+            let pair = edge
+                .as_array()
+                .filter(|a| a.len() == 2)
+                .ok_or_else(|| fmt_err("each edge of \"graph\" must be a list [from, to]"))?;
+            let from = read_job(&pair[0], data.as_ref())?;
+            let from = builder.node(from);
+            if !pair[1].is_null() {
+                let to = read_job(&pair[1], data.as_ref())?;
+                let to = builder.node(to);
+                builder.edge_indices.push((from, to));
+            }
+        }
+        builder.build()
+    }
+
+    /// The DOT text of the legacy `Pipeline.to_dot()`: every job, a blank line, every edge,
+    /// each sorted by worker name so the text does not depend on construction order.
+    pub fn to_dot(&self) -> String {
+        let mut nodes: Vec<&str> = self
+            .graph
+            .node_weights()
+            .map(|j| j.worker.as_str())
+            .collect();
+        nodes.sort_unstable();
+        let mut edges: Vec<(&str, &str)> = self
+            .edges()
+            .map(|(a, b)| (self.graph[a].worker.as_str(), self.graph[b].worker.as_str()))
+            .collect();
+        edges.sort_unstable();
+        let mut out = String::from("digraph graphname {\n");
+        for n in nodes {
+            out.push_str(&format!("    {};\n", dot_quote(n)));
+        }
+        out.push('\n');
+        for (a, b) in edges {
+            out.push_str(&format!("    {} -> {};\n", dot_quote(a), dot_quote(b)));
+        }
+        out.push('}');
+        out
+    }
+
+    /// Writes [`Pipeline::to_dot`] to `path`.
+    ///
+    /// # Errors
+    /// [`PipelineError::Io`] when the file cannot be written.
+    pub fn save_dot(&self, path: impl AsRef<Path>) -> Result<(), PipelineError> {
+        save_dot(self, path)
+    }
+}
+
+/// Writes the DOT text of `pipeline` to `path` (the legacy `save_dot`).
+///
+/// # Errors
+/// [`PipelineError::Io`] when the file cannot be written.
+pub fn save_dot(pipeline: &Pipeline, path: impl AsRef<Path>) -> Result<(), PipelineError> {
+    let path = path.as_ref();
+    std::fs::write(path, pipeline.to_dot()).map_err(|e| PipelineError::Io {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })
+}
+
+impl fmt::Display for Pipeline {
+    /// The DOT text.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_dot())
+    }
+}
+
+impl PartialEq for Pipeline {
+    fn eq(&self, other: &Self) -> bool {
+        let edges = |p: &Pipeline| {
+            let mut e: Vec<(String, String)> = p
+                .edges()
+                .map(|(a, b)| (p.graph[a].worker.clone(), p.graph[b].worker.clone()))
+                .collect();
+            e.sort();
+            e
+        };
+        self.data == other.data
+            && self.graph.node_weights().eq(other.graph.node_weights())
+            && edges(self) == edges(other)
+    }
+}
+
+impl Serialize for Pipeline {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.to_legacy().serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Pipeline {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = Value::deserialize(deserializer)?;
+        Pipeline::from_legacy(&value).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Builds a [`Pipeline`]; jobs are named by worker and created on first mention.
+#[derive(Debug, Default, Clone)]
+pub struct PipelineBuilder {
+    jobs: Vec<Job>,
+    by_name: HashMap<String, usize>,
+    edge_indices: Vec<(usize, usize)>,
+    data: Option<Value>,
+}
+
+impl PipelineBuilder {
+    fn node(&mut self, job: Job) -> usize {
+        if let Some(&i) = self.by_name.get(&job.worker) {
+            return i;
+        }
+        self.by_name.insert(job.worker.clone(), self.jobs.len());
+        self.jobs.push(job);
+        self.jobs.len() - 1
+    }
+
+    /// Adds a job (with no edge, unless others mention it).
+    pub fn job(mut self, worker: impl Into<String>) -> Self {
+        self.node(Job::new(worker));
+        self
+    }
+
+    /// Adds a job with data of its own instead of the pipeline's.
+    pub fn job_with_data(mut self, worker: impl Into<String>, data: Map<String, Value>) -> Self {
+        self.node(Job {
+            worker: worker.into(),
+            data: Some(data),
+        });
+        self
+    }
+
+    /// Adds the edge `from → to`: `to` runs after `from` finished.
+    pub fn edge(mut self, from: impl Into<String>, to: impl Into<String>) -> Self {
+        let a = self.node(Job::new(from));
+        let b = self.node(Job::new(to));
+        self.edge_indices.push((a, b));
+        self
+    }
+
+    /// Adds `from → to` for each `to` (the legacy `{Job(from): [Job(b), Job(c)]}`).
+    pub fn edges<I, S>(mut self, from: impl Into<String>, to: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let from = from.into();
+        for t in to {
+            self = self.edge(from.clone(), t);
+        }
+        self
+    }
+
+    /// Sets the pipeline's data (a JSON object, or `null` for none).
+    pub fn data(mut self, data: Value) -> Self {
+        self.data = Some(data);
+        self
+    }
+
+    /// Checks and builds the pipeline.
+    ///
+    /// # Errors
+    /// [`PipelineError::Empty`], [`PipelineError::Cycle`], [`PipelineError::NoStarter`],
+    /// [`PipelineError::EmptyWorkerName`] or [`PipelineError::DataNotObject`].
+    pub fn build(self) -> Result<Pipeline, PipelineError> {
+        let data = match self.data {
+            None | Some(Value::Null) => None,
+            Some(Value::Object(m)) => Some(m),
+            Some(other) => return Err(PipelineError::DataNotObject(type_name(&other).into())),
+        };
+        let mut graph = DiGraph::with_capacity(self.jobs.len(), self.edge_indices.len());
+        let nodes: Vec<NodeIndex> = self
+            .jobs
+            .into_iter()
+            .map(|mut job| {
+                // A job whose data is the pipeline's is a legacy copy, not data of its own.
+                if job.data.is_some() && job.data == data {
+                    job.data = None;
+                }
+                graph.add_node(job)
+            })
+            .collect();
+        for (a, b) in self.edge_indices {
+            graph.update_edge(nodes[a], nodes[b], ());
+        }
+        let pipeline = Pipeline { graph, data };
+        pipeline.validate()?;
+        Ok(pipeline)
+    }
+}
+
+/// Which jobs of one pipeline have finished, and which may run now.
+///
+/// ```
+/// use pypelinin_common::pipeline::{Pipeline, RunState};
+/// let p = Pipeline::builder().edges("A", ["B", "C"]).edge("B", "D").edge("C", "D").build().unwrap();
+/// let mut run = RunState::new(&p);
+/// let a = p.find("A").unwrap();
+/// assert_eq!(run.runnable_at_start(&p), vec![a]);
+/// assert_eq!(run.finish(&p, a).len(), 2); // B and C
+/// run.finish(&p, p.find("B").unwrap());
+/// assert!(run.finish(&p, p.find("B").unwrap()).is_empty()); // idempotent
+/// assert_eq!(run.finish(&p, p.find("C").unwrap()), vec![p.find("D").unwrap()]); // fan-in
+/// run.finish(&p, p.find("D").unwrap());
+/// assert!(run.is_complete());
+/// ```
+#[derive(Debug, Clone)]
+pub struct RunState {
+    parents_left: Vec<u32>,
+    finished: Vec<bool>,
+    left: usize,
+}
+
+impl RunState {
+    /// Nothing finished yet.
+    pub fn new(pipeline: &Pipeline) -> Self {
+        let parents_left = pipeline
+            .graph
+            .node_indices()
+            .map(|i| pipeline.parents(i).count() as u32)
+            .collect();
+        Self {
+            parents_left,
+            finished: vec![false; pipeline.len()],
+            left: pipeline.len(),
+        }
+    }
+
+    /// The jobs to submit first: the starters.
+    pub fn runnable_at_start(&self, pipeline: &Pipeline) -> Vec<JobIndex> {
+        pipeline.starters().collect()
+    }
+
+    /// Marks `job` finished and returns the jobs that became runnable (all their parents
+    /// finished). Finishing a job twice changes nothing and returns nothing.
+    pub fn finish(&mut self, pipeline: &Pipeline, job: JobIndex) -> Vec<JobIndex> {
+        let Some(done) = self.finished.get_mut(job.index()) else {
+            return Vec::new();
+        };
+        if *done {
+            return Vec::new();
+        }
+        *done = true;
+        self.left -= 1;
+        let mut ready = Vec::new();
+        for child in pipeline.children(job) {
+            let n = &mut self.parents_left[child.index()];
+            *n -= 1;
+            if *n == 0 {
+                ready.push(child);
+            }
+        }
+        ready.sort_unstable();
+        ready
+    }
+
+    /// Whether `job` has finished.
+    pub fn is_finished(&self, job: JobIndex) -> bool {
+        self.finished.get(job.index()).copied().unwrap_or(false)
+    }
+
+    /// Whether every job has finished.
+    pub fn is_complete(&self) -> bool {
+        self.left == 0
+    }
+}
+
+fn dot_quote(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn map_to_pairs(map: &Map<String, Value>) -> Value {
+    Value::Array(
+        map.iter()
+            .map(|(k, v)| Value::Array(vec![Value::String(k.clone()), v.clone()]))
+            .collect(),
+    )
+}
+
+/// A list of `[string, value]` pairs, or an object, as a map (Python's `dict()`).
+fn pairs_to_map(value: &Value) -> Option<Map<String, Value>> {
+    match value {
+        Value::Object(m) => Some(m.clone()),
+        Value::Array(items) => items
+            .iter()
+            .map(|item| match item.as_array().map(Vec::as_slice) {
+                Some([Value::String(k), v]) => Some((k.clone(), v.clone())),
+                _ => None,
+            })
+            .collect(),
+        _ => None,
+    }
+}
+
+fn read_data(value: &Value) -> Result<Option<Map<String, Value>>, PipelineError> {
+    if value.is_null() {
+        return Ok(None);
+    }
+    pairs_to_map(value).map(Some).ok_or_else(|| {
+        PipelineError::Format("\"data\" must be null or a list of [key, value] pairs".into())
+    })
+}
+
+fn read_job(
+    value: &Value,
+    _pipeline_data: Option<&Map<String, Value>>,
+) -> Result<Job, PipelineError> {
+    let map = pairs_to_map(value).ok_or_else(|| {
+        PipelineError::Format(
+            "a job must be a list of pairs such as [[\"worker_name\", \"A\"]]".into(),
+        )
+    })?;
+    let worker = match map.get("worker_name") {
+        Some(Value::String(w)) => w.clone(),
+        Some(_) => {
+            return Err(PipelineError::Format(
+                "\"worker_name\" must be a string".into(),
+            ))
+        }
+        None => return Err(PipelineError::Format("a job lacks \"worker_name\"".into())),
+    };
+    let data = match map.get("data") {
+        None => None,
+        Some(d) => read_data(d)?,
+    };
+    Ok(Job { worker, data })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn reads_the_legacy_example() {
+        let v = json!([
+            ["graph", [[[["worker_name", "A"]], [["worker_name", "B"]]]]],
+            ["data", [["doc", 7]]]
+        ]);
+        let p = Pipeline::from_legacy(&v).unwrap();
+        assert_eq!(p.len(), 2);
+        assert_eq!(
+            p.data(),
+            Some(&json!({"doc": 7}).as_object().cloned().unwrap())
+        );
+        assert_eq!(p.job_data(p.find("B").unwrap()), json!({"doc": 7}));
+        // Emitted in the legacy order, with each job carrying the pipeline's data.
+        assert_eq!(
+            p.to_legacy(),
+            json!([
+                [
+                    "graph",
+                    [[
+                        [["worker_name", "A"], ["data", [["doc", 7]]]],
+                        [["worker_name", "B"], ["data", [["doc", 7]]]]
+                    ]]
+                ],
+                ["data", [["doc", 7]]]
+            ])
+        );
+    }
+
+    #[test]
+    fn accepts_objects_and_any_pair_order_and_lone_jobs() {
+        let v = json!({"data": null, "graph": [[{"worker_name": "A"}, [["worker_name","B"]]], [[["worker_name","C"]], null]]});
+        let p = Pipeline::from_legacy(&v).unwrap();
+        assert_eq!(p.len(), 3);
+        assert_eq!(p.job_data(p.find("C").unwrap()), Value::Null);
+        assert_eq!(
+            p.to_legacy(),
+            json!([
+                [
+                    "graph",
+                    [
+                        [[["worker_name", "A"]], [["worker_name", "B"]]],
+                        [[["worker_name", "C"]], null]
+                    ]
+                ],
+                ["data", null]
+            ])
+        );
+    }
+
+    #[test]
+    fn rejects_invalid_pipelines_with_clear_errors() {
+        let cyc = Pipeline::builder().edge("A", "B").edge("B", "A").build();
+        assert!(matches!(cyc, Err(PipelineError::Cycle(_))));
+        let self_loop = Pipeline::builder().edge("A", "A").build();
+        assert!(matches!(self_loop, Err(PipelineError::Cycle(_))));
+        let with_starter_and_cycle = Pipeline::builder()
+            .edge("S", "A")
+            .edge("A", "B")
+            .edge("B", "A")
+            .build();
+        assert!(matches!(
+            with_starter_and_cycle,
+            Err(PipelineError::Cycle(_))
+        ));
+        assert_eq!(Pipeline::builder().build(), Err(PipelineError::Empty));
+        assert_eq!(
+            Pipeline::builder().job("").build(),
+            Err(PipelineError::EmptyWorkerName)
+        );
+        assert!(matches!(
+            Pipeline::builder().job("A").data(json!(3)).build(),
+            Err(PipelineError::DataNotObject(_))
+        ));
+        for bad in [
+            json!(1),
+            json!([["graph", 3]]),
+            json!([["data", null]]),
+            json!([["graph", [[1, 2]]]]),
+            json!([["graph", [[[["worker_name", 5]], null]]]]),
+            json!([["graph", [[[["x", "A"]], null]]]]),
+            json!([["graph", [[[["worker_name", "A"]]]]]]),
+            json!([["graph", []]]),
+        ] {
+            assert!(Pipeline::from_legacy(&bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn dot_is_the_legacy_text() {
+        let p = Pipeline::builder()
+            .edge("B", "C")
+            .edge("A", "B")
+            .build()
+            .unwrap();
+        assert_eq!(
+            p.to_dot(),
+            "digraph graphname {\n    \"A\";\n    \"B\";\n    \"C\";\n\n    \"A\" -> \"B\";\n    \"B\" -> \"C\";\n}"
+        );
+        let tricky = Pipeline::builder().job("say \"hi\"\\").build().unwrap();
+        assert!(tricky.to_dot().contains(r#""say \"hi\"\\";"#));
+        let dir = std::env::temp_dir().join(format!("pypelinin-dot-{}", std::process::id()));
+        p.save_dot(&dir).unwrap();
+        assert_eq!(std::fs::read_to_string(&dir).unwrap(), p.to_string());
+        std::fs::remove_file(dir).unwrap();
+    }
+
+    #[test]
+    fn run_state_walks_fan_out_and_fan_in() {
+        let p = Pipeline::builder()
+            .edges("A", ["B", "C"])
+            .edge("B", "D")
+            .edge("C", "D")
+            .job("E")
+            .build()
+            .unwrap();
+        let idx = |w| p.find(w).unwrap();
+        let mut run = RunState::new(&p);
+        assert_eq!(run.runnable_at_start(&p), vec![idx("A"), idx("E")]);
+        assert_eq!(run.finish(&p, idx("A")), vec![idx("B"), idx("C")]);
+        assert!(run.finish(&p, idx("B")).is_empty());
+        assert_eq!(run.finish(&p, idx("C")), vec![idx("D")]);
+        assert!(!run.is_complete());
+        run.finish(&p, idx("D"));
+        run.finish(&p, idx("E"));
+        assert!(run.is_complete());
+        assert!(run.is_finished(idx("D")));
+    }
+}

@@ -1,0 +1,317 @@
+//! Replies from the router's API socket.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::ids::{JobId, PipelineId};
+
+/// The `"answer"` of a reply, in the legacy spelling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum AnswerKind {
+    /// `add job` queued the job.
+    #[serde(rename = "job accepted")]
+    JobAccepted,
+    /// `add pipeline` queued the pipeline.
+    #[serde(rename = "pipeline accepted")]
+    PipelineAccepted,
+    /// `job finished` / `pipeline finished` was recorded.
+    #[serde(rename = "good job!")]
+    GoodJob,
+    /// `job failed` was recorded.
+    #[serde(rename = "failure recorded")]
+    FailureRecorded,
+    /// `probe` was broadcast.
+    #[serde(rename = "probe sent")]
+    ProbeSent,
+    /// The job id is not pending.
+    #[serde(rename = "unknown job id")]
+    UnknownJobId,
+    /// The pipeline id is not pending.
+    #[serde(rename = "unknown pipeline id")]
+    UnknownPipelineId,
+    /// The request had no `"command"`.
+    #[serde(rename = "undefined command")]
+    UndefinedCommand,
+    /// The `"command"` is not known.
+    #[serde(rename = "unknown command")]
+    UnknownCommand,
+    /// A key is missing or has the wrong type; `error` says which.
+    #[serde(rename = "syntax error")]
+    SyntaxError,
+    /// The request was not one UTF-8 JSON object; `error` says why.
+    #[serde(rename = "malformed request")]
+    MalformedRequest,
+    /// The pipeline of `add pipeline` is not a valid DAG; `error` says why.
+    #[serde(rename = "invalid pipeline")]
+    InvalidPipeline,
+}
+
+impl AnswerKind {
+    /// Whether the answer reports a problem with the request.
+    pub fn is_error(self) -> bool {
+        !matches!(
+            self,
+            AnswerKind::JobAccepted
+                | AnswerKind::PipelineAccepted
+                | AnswerKind::GoodJob
+                | AnswerKind::FailureRecorded
+                | AnswerKind::ProbeSent
+        )
+    }
+}
+
+/// A reply of the `{"answer": ...}` form.
+///
+/// ```
+/// use pypelinin_common::protocol::{Answer, AnswerKind};
+/// let a = Answer::new(AnswerKind::JobAccepted).with_job_id("8e97badfa6d64d0faf032d25a6b0a127".into());
+/// assert_eq!(
+///     serde_json::to_string(&a).unwrap(),
+///     r#"{"answer":"job accepted","job id":"8e97badfa6d64d0faf032d25a6b0a127"}"#
+/// );
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Answer {
+    /// What happened.
+    pub answer: AnswerKind,
+    /// The job concerned, where there is one.
+    #[serde(rename = "job id", default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<JobId>,
+    /// The pipeline concerned, where there is one.
+    #[serde(
+        rename = "pipeline id",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub pipeline_id: Option<PipelineId>,
+    /// What was wrong, for error answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Answer {
+    /// An answer with no ids and no error text.
+    pub fn new(answer: AnswerKind) -> Self {
+        Self {
+            answer,
+            job_id: None,
+            pipeline_id: None,
+            error: None,
+        }
+    }
+
+    /// An error answer saying what was wrong.
+    pub fn error(answer: AnswerKind, error: impl Into<String>) -> Self {
+        Self {
+            error: Some(error.into()),
+            ..Self::new(answer)
+        }
+    }
+
+    /// Adds the job id.
+    pub fn with_job_id(mut self, id: JobId) -> Self {
+        self.job_id = Some(id);
+        self
+    }
+
+    /// Adds the pipeline id.
+    pub fn with_pipeline_id(mut self, id: PipelineId) -> Self {
+        self.pipeline_id = Some(id);
+        self
+    }
+}
+
+/// A job handed out by `get job`: what `add job` received, plus its id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobAssignment {
+    /// The job's id.
+    #[serde(rename = "job id")]
+    pub job_id: JobId,
+    /// Name of the worker that runs the job.
+    pub worker: String,
+    /// `data` and any other keys, as `add job` sent them.
+    #[serde(flatten)]
+    pub fields: Map<String, Value>,
+}
+
+impl JobAssignment {
+    /// The job's `data` (`null` when absent).
+    pub fn data(&self) -> &Value {
+        self.fields.get("data").unwrap_or(&Value::Null)
+    }
+}
+
+/// A pipeline handed out by `get pipeline`: what `add pipeline` received, plus its id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PipelineAssignment {
+    /// The pipeline's id.
+    #[serde(rename = "pipeline id")]
+    pub pipeline_id: PipelineId,
+    /// The pipeline in the legacy serialized format.
+    pub pipeline: Value,
+    /// Any other keys `add pipeline` sent.
+    #[serde(flatten)]
+    pub fields: Map<String, Value>,
+}
+
+/// Any reply of the router.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply {
+    /// `{"answer": ...}`.
+    Answer(Answer),
+    /// The cluster configuration object, as is (no `"answer"` key).
+    Configuration(Map<String, Value>),
+    /// `get job`: a job, or `{"worker": null}`.
+    Job(Option<JobAssignment>),
+    /// `get pipeline`: a pipeline, or `{"pipeline": null}`.
+    Pipeline(Option<PipelineAssignment>),
+}
+
+impl From<Answer> for Reply {
+    fn from(a: Answer) -> Self {
+        Reply::Answer(a)
+    }
+}
+
+impl Reply {
+    /// The reply as one JSON frame.
+    pub fn encode(&self) -> Vec<u8> {
+        // Serializing these types cannot fail: every map key is a string.
+        let bytes = match self {
+            Reply::Answer(a) => serde_json::to_vec(a),
+            Reply::Configuration(c) => serde_json::to_vec(c),
+            Reply::Job(Some(j)) => serde_json::to_vec(j),
+            Reply::Job(None) => Ok(br#"{"worker":null}"#.to_vec()),
+            Reply::Pipeline(Some(p)) => serde_json::to_vec(p),
+            Reply::Pipeline(None) => Ok(br#"{"pipeline":null}"#.to_vec()),
+        };
+        bytes.unwrap_or_default()
+    }
+}
+
+/// Why a reply could not be read as the answer a client expected.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ReplyError {
+    /// The router answered with an error (or another answer than the expected one).
+    #[error("router answered {:?}{}", .0.answer, .0.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default())]
+    Refused(Answer),
+    /// The reply is not of any known shape.
+    #[error("unexpected reply from the router: {0}")]
+    Unexpected(String),
+}
+
+/// Reads a reply as `T`; an `{"answer": ...}` that is not a `T` becomes [`ReplyError::Refused`].
+///
+/// # Errors
+/// [`ReplyError::Refused`] for an answer of another shape, [`ReplyError::Unexpected`] for bytes
+/// that are no known reply.
+pub fn decode_reply<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ReplyError> {
+    let value: Value = serde_json::from_slice(bytes)
+        .map_err(|e| ReplyError::Unexpected(format!("{e}: {}", String::from_utf8_lossy(bytes))))?;
+    decode_reply_value(value)
+}
+
+fn decode_reply_value<T: DeserializeOwned>(value: Value) -> Result<T, ReplyError> {
+    match serde_json::from_value::<T>(value.clone()) {
+        Ok(t) => Ok(t),
+        Err(e) => match serde_json::from_value::<Answer>(value.clone()) {
+            Ok(a) => Err(ReplyError::Refused(a)),
+            Err(_) => Err(ReplyError::Unexpected(format!("{e}: {value}"))),
+        },
+    }
+}
+
+/// Reads the reply to `get job`.
+///
+/// # Errors
+/// As [`decode_reply`].
+pub fn decode_job_reply(bytes: &[u8]) -> Result<Option<JobAssignment>, ReplyError> {
+    let value: Value = serde_json::from_slice(bytes)
+        .map_err(|e| ReplyError::Unexpected(format!("{e}: {}", String::from_utf8_lossy(bytes))))?;
+    if value.get("worker").is_some_and(Value::is_null) {
+        return Ok(None);
+    }
+    decode_reply_value(value).map(Some)
+}
+
+/// Reads the reply to `get pipeline`.
+///
+/// # Errors
+/// As [`decode_reply`].
+pub fn decode_pipeline_reply(bytes: &[u8]) -> Result<Option<PipelineAssignment>, ReplyError> {
+    let value: Value = serde_json::from_slice(bytes)
+        .map_err(|e| ReplyError::Unexpected(format!("{e}: {}", String::from_utf8_lossy(bytes))))?;
+    if value.get("pipeline").is_some_and(Value::is_null) {
+        return Ok(None);
+    }
+    decode_reply_value(value).map(Some)
+}
+
+/// Reads an `{"answer": ...}` reply and checks it is `expected`.
+///
+/// # Errors
+/// [`ReplyError::Refused`] when the answer is another one.
+pub fn expect_answer(bytes: &[u8], expected: AnswerKind) -> Result<Answer, ReplyError> {
+    let answer: Answer = decode_reply(bytes)?;
+    if answer.answer == expected {
+        Ok(answer)
+    } else {
+        Err(ReplyError::Refused(answer))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn empty_queues_answer_like_the_legacy_router() {
+        assert_eq!(Reply::Job(None).encode(), br#"{"worker":null}"#);
+        assert_eq!(Reply::Pipeline(None).encode(), br#"{"pipeline":null}"#);
+        assert_eq!(decode_job_reply(br#"{"worker": null}"#), Ok(None));
+        assert_eq!(decode_pipeline_reply(br#"{"pipeline": null}"#), Ok(None));
+    }
+
+    #[test]
+    fn job_assignment_hands_back_every_key() {
+        let job = JobAssignment {
+            job_id: "j1".into(),
+            worker: "Upper".into(),
+            fields: json!({"data": {"filename": "a.json"}, "extra": 1})
+                .as_object()
+                .cloned()
+                .unwrap(),
+        };
+        let bytes = Reply::Job(Some(job.clone())).encode();
+        let v: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(
+            v,
+            json!({"worker": "Upper", "data": {"filename": "a.json"}, "extra": 1, "job id": "j1"})
+        );
+        assert_eq!(decode_job_reply(&bytes), Ok(Some(job)));
+    }
+
+    #[test]
+    fn error_answers_become_refusals() {
+        let bytes = Reply::Answer(Answer::error(
+            AnswerKind::SyntaxError,
+            "missing field `worker`",
+        ))
+        .encode();
+        assert_eq!(
+            String::from_utf8(bytes.clone()).unwrap(),
+            r#"{"answer":"syntax error","error":"missing field `worker`"}"#
+        );
+        let err = decode_job_reply(&bytes).unwrap_err();
+        assert!(matches!(err, ReplyError::Refused(a) if a.answer == AnswerKind::SyntaxError));
+        let err =
+            expect_answer(br#"{"answer": "unknown job id"}"#, AnswerKind::GoodJob).unwrap_err();
+        assert!(err.to_string().contains("UnknownJobId"), "{err}");
+        assert!(matches!(
+            decode_job_reply(b"nonsense"),
+            Err(ReplyError::Unexpected(_))
+        ));
+    }
+}

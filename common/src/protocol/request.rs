@@ -1,0 +1,342 @@
+//! Requests sent to the router's API socket.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use super::duration::WireDuration;
+use crate::ids::{JobId, PipelineId};
+
+/// A request on the router's API socket, in the legacy JSON spelling.
+///
+/// ```
+/// use pypelinin_common::protocol::{decode_request, Request};
+/// let req = decode_request(br#"{"command": "get job"}"#).unwrap();
+/// assert!(matches!(req, Request::GetJob(_)));
+/// assert_eq!(req.encode(), br#"{"command":"get job"}"#);
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "command")]
+pub enum Request {
+    /// Asks for the cluster configuration (the router's TOML file as JSON).
+    #[serde(rename = "get configuration")]
+    GetConfiguration,
+    /// Queues a job.
+    #[serde(rename = "add job")]
+    AddJob(NewJob),
+    /// Takes the oldest queued job (of the given workers, when the broker names them).
+    #[serde(rename = "get job")]
+    GetJob(GetJob),
+    /// Reports a job done.
+    #[serde(rename = "job finished")]
+    JobFinished(JobFinished),
+    /// Reports that a job failed, with the error.
+    #[serde(rename = "job failed")]
+    JobFailed(JobFailed),
+    /// Queues a pipeline.
+    #[serde(rename = "add pipeline")]
+    AddPipeline(NewPipeline),
+    /// Takes the oldest queued pipeline.
+    #[serde(rename = "get pipeline")]
+    GetPipeline,
+    /// Reports a pipeline done.
+    #[serde(rename = "pipeline finished")]
+    PipelineFinished(PipelineFinished),
+    /// Extension: asks the router to broadcast `probe: <token>`, so a subscriber can tell when
+    /// its subscription is live.
+    #[serde(rename = "probe")]
+    Probe(Probe),
+}
+
+impl Request {
+    /// Every command name this router understands.
+    pub const COMMANDS: &'static [&'static str] = &[
+        "get configuration",
+        "add job",
+        "get job",
+        "job finished",
+        "job failed",
+        "add pipeline",
+        "get pipeline",
+        "pipeline finished",
+        "probe",
+    ];
+
+    /// The command name as sent on the wire.
+    pub fn command(&self) -> &'static str {
+        match self {
+            Request::GetConfiguration => "get configuration",
+            Request::AddJob(_) => "add job",
+            Request::GetJob(_) => "get job",
+            Request::JobFinished(_) => "job finished",
+            Request::JobFailed(_) => "job failed",
+            Request::AddPipeline(_) => "add pipeline",
+            Request::GetPipeline => "get pipeline",
+            Request::PipelineFinished(_) => "pipeline finished",
+            Request::Probe(_) => "probe",
+        }
+    }
+
+    /// The request as one JSON frame.
+    pub fn encode(&self) -> Vec<u8> {
+        // Serializing these types cannot fail: every map key is a string.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+/// `add job`: the worker to run and everything else the client sent (`data` and any other
+/// keys), which the router hands back verbatim with `get job`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NewJob {
+    /// Name of the worker that runs the job.
+    pub worker: String,
+    /// `data` and any other keys, kept as sent.
+    #[serde(flatten)]
+    pub fields: Map<String, Value>,
+}
+
+impl NewJob {
+    /// A job for `worker` with `data` (which may be `null`).
+    pub fn new(worker: impl Into<String>, data: Value) -> Self {
+        let mut fields = Map::new();
+        fields.insert("data".into(), data);
+        Self {
+            worker: worker.into(),
+            fields,
+        }
+    }
+}
+
+/// `get job`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct GetJob {
+    /// Extension: only jobs of these workers. Absent (legacy) means any job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers: Option<Vec<String>>,
+}
+
+/// `job finished`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobFinished {
+    /// The job that finished.
+    #[serde(rename = "job id")]
+    pub job_id: JobId,
+    /// How long it ran, in seconds.
+    pub duration: WireDuration,
+}
+
+/// `job failed`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobFailed {
+    /// The job that failed.
+    #[serde(rename = "job id")]
+    pub job_id: JobId,
+    /// What went wrong, for the user.
+    #[serde(default)]
+    pub error: String,
+    /// How long it ran before failing, in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration: Option<WireDuration>,
+}
+
+/// `add pipeline`: the serialized pipeline and any other keys, handed back verbatim.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NewPipeline {
+    /// The pipeline in the legacy serialized format (see [`crate::pipeline`]).
+    pub pipeline: Value,
+    /// Any other keys, kept as sent.
+    #[serde(flatten)]
+    pub fields: Map<String, Value>,
+}
+
+/// `pipeline finished`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PipelineFinished {
+    /// The pipeline that finished.
+    #[serde(rename = "pipeline id")]
+    pub pipeline_id: PipelineId,
+    /// How long it took, in seconds.
+    pub duration: WireDuration,
+}
+
+/// `probe`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Probe {
+    /// Echoed in the `probe: <token>` broadcast.
+    pub token: String,
+}
+
+/// Why a request could not be decoded; each maps to one legacy error answer.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RequestError {
+    /// Not one UTF-8 JSON object in one frame.
+    #[error("malformed request: {0}")]
+    Malformed(String),
+    /// A JSON object without a `"command"` key.
+    #[error("undefined command")]
+    UndefinedCommand,
+    /// A `"command"` this router does not know.
+    #[error("unknown command")]
+    UnknownCommand,
+    /// A known command with missing or mistyped keys.
+    #[error("syntax error: {0}")]
+    Syntax(String),
+}
+
+/// Decodes one request frame.
+///
+/// # Errors
+/// [`RequestError::Malformed`] for bytes that are not one UTF-8 JSON object;
+/// [`RequestError::UndefinedCommand`] when `"command"` is missing;
+/// [`RequestError::UnknownCommand`] when it is not a known command name;
+/// [`RequestError::Syntax`] when a known command lacks a key or has one of the wrong type.
+pub fn decode_request(bytes: &[u8]) -> Result<Request, RequestError> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| RequestError::Malformed(format!("request is not UTF-8: {e}")))?;
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| RequestError::Malformed(format!("request is not JSON: {e}")))?;
+    let Value::Object(map) = value else {
+        return Err(RequestError::Malformed(
+            "request must be a JSON object".into(),
+        ));
+    };
+    match map.get("command") {
+        None => return Err(RequestError::UndefinedCommand),
+        Some(Value::String(c)) if Request::COMMANDS.contains(&c.as_str()) => {}
+        Some(_) => return Err(RequestError::UnknownCommand),
+    }
+    serde_json::from_value(Value::Object(map)).map_err(|e| RequestError::Syntax(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn decode(v: Value) -> Result<Request, RequestError> {
+        decode_request(v.to_string().as_bytes())
+    }
+
+    #[test]
+    fn legacy_requests_decode() {
+        let req = decode(
+            json!({"command": "add job", "worker": "Upper", "data": {"filename": "a.json"}}),
+        )
+        .unwrap();
+        let Request::AddJob(job) = req else {
+            panic!("{req:?}")
+        };
+        assert_eq!(job.worker, "Upper");
+        assert_eq!(job.fields["data"], json!({"filename": "a.json"}));
+        assert!(!job.fields.contains_key("command"));
+
+        let req =
+            decode(json!({"command": "job finished", "job id": "x", "duration": 1.5, "data": 1}))
+                .unwrap();
+        assert_eq!(
+            req,
+            Request::JobFinished(JobFinished {
+                job_id: "x".into(),
+                duration: WireDuration::from_secs(1.5)
+            })
+        );
+        assert_eq!(
+            decode(json!({"command": "get configuration", "extra": true})).unwrap(),
+            Request::GetConfiguration
+        );
+    }
+
+    #[test]
+    fn error_classes_follow_the_legacy_router() {
+        assert_eq!(
+            decode(json!({"worker": "A"})),
+            Err(RequestError::UndefinedCommand)
+        );
+        assert_eq!(
+            decode(json!({"command": "GET JOB"})),
+            Err(RequestError::UnknownCommand)
+        );
+        assert_eq!(
+            decode(json!({"command": 42})),
+            Err(RequestError::UnknownCommand)
+        );
+        assert_eq!(
+            decode(json!({"command": null})),
+            Err(RequestError::UnknownCommand)
+        );
+        let err = decode(json!({"command": "job finished", "job id": "x"})).unwrap_err();
+        assert!(
+            matches!(&err, RequestError::Syntax(m) if m.contains("duration")),
+            "{err:?}"
+        );
+        let err = decode(json!({"command": "add job"})).unwrap_err();
+        assert!(
+            matches!(&err, RequestError::Syntax(m) if m.contains("worker")),
+            "{err:?}"
+        );
+        let err =
+            decode(json!({"command": "job finished", "job id": 5, "duration": 1})).unwrap_err();
+        assert!(matches!(err, RequestError::Syntax(_)));
+    }
+
+    #[test]
+    fn malformed_input_is_told_apart() {
+        for bad in [
+            &b"\xff\xfe"[..],
+            b"",
+            b"{",
+            b"42",
+            b"null",
+            b"[1,2]",
+            b"\"command\"",
+        ] {
+            assert!(
+                matches!(decode_request(bad), Err(RequestError::Malformed(_))),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn deeply_nested_json_is_rejected_not_overflowing_the_stack() {
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        assert!(matches!(
+            decode_request(deep.as_bytes()),
+            Err(RequestError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn every_request_round_trips() {
+        let requests = [
+            Request::GetConfiguration,
+            Request::AddJob(NewJob::new("A", json!({"k": [1, 2]}))),
+            Request::GetJob(GetJob::default()),
+            Request::GetJob(GetJob {
+                workers: Some(vec!["A".into()]),
+            }),
+            Request::JobFinished(JobFinished {
+                job_id: "j".into(),
+                duration: WireDuration::from_secs(0.5),
+            }),
+            Request::JobFailed(JobFailed {
+                job_id: "j".into(),
+                error: "boom".into(),
+                duration: None,
+            }),
+            Request::AddPipeline(NewPipeline {
+                pipeline: json!([]),
+                fields: Map::new(),
+            }),
+            Request::GetPipeline,
+            Request::PipelineFinished(PipelineFinished {
+                pipeline_id: "p".into(),
+                duration: WireDuration::from_secs(2.0),
+            }),
+            Request::Probe(Probe { token: "t".into() }),
+        ];
+        for req in requests {
+            assert_eq!(decode_request(&req.encode()).unwrap(), req);
+            assert!(Request::COMMANDS.contains(&req.command()));
+        }
+    }
+}
