@@ -184,6 +184,7 @@ impl Pipeline {
     ///
     /// Each job is written as pairs (`[["worker_name", "A"], ["data", PAIRS]]`) and, as the
     /// legacy did, carries a copy of the pipeline's data; a job with no edge is `[JOB, null]`.
+    /// Edges come sorted by worker names, so equal pipelines serialize to the same text.
     pub fn to_legacy(&self) -> Value {
         let job_value = |i: JobIndex| {
             let job = &self.graph[i];
@@ -196,19 +197,19 @@ impl Pipeline {
             }
             Value::Array(pairs)
         };
+        // Canonical order (jobs by worker name, then their children by name), so the text
+        // depends only on the pipeline, not on the order it was built in.
+        let mut nodes: Vec<JobIndex> = self.graph.node_indices().collect();
+        nodes.sort_by(|&a, &b| self.graph[a].worker.cmp(&self.graph[b].worker));
         let mut edges = Vec::with_capacity(self.graph.edge_count());
-        for node in self.graph.node_indices() {
-            let mut out: Vec<_> = self
-                .graph
-                .edges_directed(node, Direction::Outgoing)
-                .map(|e| (e.id(), e.target()))
-                .collect();
-            if out.is_empty() && self.parents(node).next().is_none() {
+        for node in nodes {
+            let mut children: Vec<JobIndex> = self.children(node).collect();
+            if children.is_empty() && self.parents(node).next().is_none() {
                 edges.push(Value::Array(vec![job_value(node), Value::Null]));
             }
-            out.sort_by_key(|(id, _)| *id);
-            for (_, target) in out {
-                edges.push(Value::Array(vec![job_value(node), job_value(target)]));
+            children.sort_by(|&a, &b| self.graph[a].worker.cmp(&self.graph[b].worker));
+            for child in children {
+                edges.push(Value::Array(vec![job_value(node), job_value(child)]));
             }
         }
         let data = self.data.as_ref().map_or(Value::Null, map_to_pairs);
@@ -266,11 +267,7 @@ impl Pipeline {
             .map(|j| j.worker.as_str())
             .collect();
         nodes.sort_unstable();
-        let mut edges: Vec<(&str, &str)> = self
-            .edges()
-            .map(|(a, b)| (self.graph[a].worker.as_str(), self.graph[b].worker.as_str()))
-            .collect();
-        edges.sort_unstable();
+        let edges = sorted_edges(self);
         let mut out = String::from("digraph graphname {\n");
         for n in nodes {
             out.push_str(&format!("    {};\n", dot_quote(n)));
@@ -312,19 +309,28 @@ impl fmt::Display for Pipeline {
 }
 
 impl PartialEq for Pipeline {
+    /// Same data, same jobs and same edges, whatever order they were added in (a job is
+    /// identified by its worker name).
     fn eq(&self, other: &Self) -> bool {
-        let edges = |p: &Pipeline| {
-            let mut e: Vec<(String, String)> = p
-                .edges()
-                .map(|(a, b)| (p.graph[a].worker.clone(), p.graph[b].worker.clone()))
-                .collect();
-            e.sort();
-            e
-        };
         self.data == other.data
-            && self.graph.node_weights().eq(other.graph.node_weights())
-            && edges(self) == edges(other)
+            && sorted_jobs(self) == sorted_jobs(other)
+            && sorted_edges(self) == sorted_edges(other)
     }
+}
+
+fn sorted_jobs(p: &Pipeline) -> Vec<&Job> {
+    let mut jobs: Vec<&Job> = p.graph.node_weights().collect();
+    jobs.sort_by(|a, b| a.worker.cmp(&b.worker));
+    jobs
+}
+
+fn sorted_edges(p: &Pipeline) -> Vec<(&str, &str)> {
+    let mut edges: Vec<(&str, &str)> = p
+        .edges()
+        .map(|(a, b)| (p.graph[a].worker.as_str(), p.graph[b].worker.as_str()))
+        .collect();
+    edges.sort_unstable();
+    edges
 }
 
 impl Serialize for Pipeline {

@@ -1,1 +1,27 @@
-fn main() {}
+//! `pypelinin-router`: the router daemon.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use pypelinin_router::cli::RouterArgs;
+
+/// pypelinin router: queues pipelines and jobs and broadcasts events.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(flatten)]
+    router: RouterArgs,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    pypelinin_common::telemetry::init();
+    let cli = Cli::parse();
+    match pypelinin_router::cli::run(&cli.router, serde_json::Map::new()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

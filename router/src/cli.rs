@@ -1,0 +1,79 @@
+//! The router's command line, shared by `pypelinin-router` and the example's `my_router`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use pypelinin_common::config::ConfigFile;
+use serde_json::{Map, Value};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::{Router, RouterSettings};
+
+/// Flags of the router; they beat the settings file and the environment.
+#[derive(Debug, Clone, Default, Args)]
+pub struct RouterArgs {
+    /// TOML file: the cluster configuration brokers fetch, plus a [router] table of settings.
+    #[arg(long, env = "PYPELININ_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// API endpoint to bind [default: tcp://127.0.0.1:5555].
+    #[arg(long)]
+    pub api: Option<String>,
+    /// Broadcast endpoint to bind [default: tcp://127.0.0.1:5556].
+    #[arg(long)]
+    pub broadcast: Option<String>,
+}
+
+impl RouterArgs {
+    /// Settings and cluster configuration from the file, the environment and the flags.
+    /// `defaults` is the cluster configuration used for keys the file does not set.
+    ///
+    /// # Errors
+    /// When the file cannot be read or a setting is invalid.
+    pub fn load(
+        &self,
+        defaults: Map<String, Value>,
+    ) -> anyhow::Result<(RouterSettings, Map<String, Value>)> {
+        let file = ConfigFile::read_optional(self.config.as_deref())?;
+        let mut settings: RouterSettings = file.settings("router")?;
+        if let Some(api) = &self.api {
+            settings.api.clone_from(api);
+        }
+        if let Some(broadcast) = &self.broadcast {
+            settings.broadcast.clone_from(broadcast);
+        }
+        let mut configuration = defaults;
+        configuration.extend(file.to_json_without(&["router"]));
+        Ok((settings, configuration))
+    }
+}
+
+/// The line a router prints on stdout once its sockets are bound; tests and scripts read it.
+pub fn listening_line(api: &str, broadcast: &str) -> String {
+    format!("listening api={api} broadcast={broadcast}")
+}
+
+/// Runs a router from its flags until Ctrl-C or SIGTERM.
+///
+/// # Errors
+/// When the settings are invalid, an endpoint cannot be bound, or the router fails.
+pub async fn run(args: &RouterArgs, defaults: Map<String, Value>) -> anyhow::Result<()> {
+    let (settings, configuration) = args.load(defaults)?;
+    let (api, broadcast) = (settings.api.clone(), settings.broadcast.clone());
+    let router = Router::bind(settings, configuration)
+        .await
+        .with_context(|| format!("cannot start the router on api={api} broadcast={broadcast}"))?;
+    info!(
+        api = router.api_endpoint(),
+        broadcast = router.broadcast_endpoint(),
+        "router listening"
+    );
+    println!(
+        "{}",
+        listening_line(router.api_endpoint(), router.broadcast_endpoint())
+    );
+    let shutdown: CancellationToken = pypelinin_common::shutdown::token_on_signal();
+    router.run(shutdown).await?;
+    Ok(())
+}

@@ -1,0 +1,28 @@
+//! The router's own settings (`[router]` table, `PYPELININ_*` environment, flags).
+
+use serde::Deserialize;
+
+/// Settings of the router daemon. Every field has a default.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RouterSettings {
+    /// Endpoint of the API socket (`PYPELININ_API`).
+    pub api: String,
+    /// Endpoint of the broadcast socket (`PYPELININ_BROADCAST`).
+    pub broadcast: String,
+    /// Largest request accepted, in bytes; larger ones get an error answer.
+    pub max_request_bytes: usize,
+    /// How long a reply may wait for a client that does not read, in milliseconds.
+    pub reply_timeout_ms: u64,
+}
+
+impl Default for RouterSettings {
+    fn default() -> Self {
+        Self {
+            api: pypelinin_common::DEFAULT_API.to_owned(),
+            broadcast: pypelinin_common::DEFAULT_BROADCAST.to_owned(),
+            max_request_bytes: 16 * 1024 * 1024,
+            reply_timeout_ms: 1000,
+        }
+    }
+}

@@ -1,0 +1,521 @@
+//! Every row of the protocol table, answered as the legacy router answered it.
+
+use serde_json::{json, Value};
+
+use crate::support::{is_id, TestRouter};
+
+#[tokio::test]
+async fn get_configuration_returns_the_configuration_verbatim() {
+    let config =
+        json!({"monitoring interval": 60, "store": {"monitoring filename": "/tmp/monitoring.log"}});
+    let router = TestRouter::start_with(config.as_object().cloned().unwrap()).await;
+    let mut c = router.client().await;
+    assert_eq!(
+        router
+            .ask(&mut c, json!({"command": "get configuration"}))
+            .await,
+        config
+    );
+}
+
+#[tokio::test]
+async fn add_job_then_get_job_hands_back_exactly_what_was_added() {
+    let router = TestRouter::start().await;
+    let mut sub = router.live_sub().await;
+    let mut c = router.client().await;
+    let reply = router
+        .ask(&mut c, json!({"command": "add job", "worker": "Upper", "data": {"filename": "a.json"}, "extra": [1]}))
+        .await;
+    assert_eq!(reply["answer"], "job accepted");
+    assert!(is_id(&reply["job id"]), "{reply}");
+    assert_eq!(reply.as_object().unwrap().len(), 2);
+    assert_eq!(sub.expect("new job broadcast").await, "new job");
+    let job = router.ask(&mut c, json!({"command": "get job"})).await;
+    assert_eq!(
+        job,
+        json!({"worker": "Upper", "data": {"filename": "a.json"}, "extra": [1], "job id": reply["job id"]})
+    );
+    assert_eq!(
+        router.ask(&mut c, json!({"command": "get job"})).await,
+        json!({"worker": null})
+    );
+    sub.expect_silence().await;
+}
+
+#[tokio::test]
+async fn data_may_be_absent_or_null() {
+    let router = TestRouter::start().await;
+    let mut c = router.client().await;
+    let a = router
+        .ask(&mut c, json!({"command": "add job", "worker": "A"}))
+        .await;
+    let b = router
+        .ask(
+            &mut c,
+            json!({"command": "add job", "worker": "B", "data": null}),
+        )
+        .await;
+    assert_eq!(
+        router.ask(&mut c, json!({"command": "get job"})).await,
+        json!({"worker": "A", "job id": a["job id"]})
+    );
+    assert_eq!(
+        router.ask(&mut c, json!({"command": "get job"})).await,
+        json!({"worker": "B", "data": null, "job id": b["job id"]})
+    );
+}
+
+#[tokio::test]
+async fn jobs_and_pipelines_are_served_fifo() {
+    let router = TestRouter::start().await;
+    let mut c = router.client().await;
+    let mut ids = Vec::new();
+    for (i, worker) in ["A", "B", "A", "C", "B"].iter().enumerate() {
+        let r = router
+            .ask(
+                &mut c,
+                json!({"command": "add job", "worker": worker, "data": {"i": i}}),
+            )
+            .await;
+        ids.push(r["job id"].clone());
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let job = router.ask(&mut c, json!({"command": "get job"})).await;
+        assert_eq!(&job["job id"], id);
+        assert_eq!(job["data"]["i"], i);
+    }
+    let mut pids = Vec::new();
+    for i in 0..5 {
+        let p = json!([
+            ["graph", [[[["worker_name", format!("W{i}")]], null]]],
+            ["data", [["n", i]]]
+        ]);
+        pids.push(
+            router
+                .ask(&mut c, json!({"command": "add pipeline", "pipeline": p}))
+                .await["pipeline id"]
+                .clone(),
+        );
+    }
+    for id in &pids {
+        assert_eq!(
+            &router.ask(&mut c, json!({"command": "get pipeline"})).await["pipeline id"],
+            id
+        );
+    }
+    assert_eq!(
+        router.ask(&mut c, json!({"command": "get pipeline"})).await,
+        json!({"pipeline": null})
+    );
+}
+
+#[tokio::test]
+async fn job_finished_answers_and_broadcasts_like_the_legacy_router() {
+    let router = TestRouter::start().await;
+    let mut sub = router.live_sub().await;
+    let mut c = router.client().await;
+    let id = router
+        .ask(
+            &mut c,
+            json!({"command": "add job", "worker": "A", "data": {}}),
+        )
+        .await["job id"]
+        .clone();
+    assert_eq!(sub.expect("new job").await, "new job");
+    let job = router.ask(&mut c, json!({"command": "get job"})).await;
+
+    // Missing keys are a syntax error and do not consume the id.
+    let r = router
+        .ask(&mut c, json!({"command": "job finished", "job id": id}))
+        .await;
+    assert_eq!(r["answer"], "syntax error");
+    assert!(r["error"].as_str().unwrap().contains("duration"), "{r}");
+    assert_eq!(
+        router
+            .ask(&mut c, json!({"command": "job finished", "duration": 1}))
+            .await["answer"],
+        "syntax error"
+    );
+
+    // The legacy broker sends the fetched job back with extra keys: they are ignored.
+    let mut done = job.clone();
+    done["command"] = json!("job finished");
+    done["duration"] = json!(1.5);
+    assert_eq!(
+        router.ask(&mut c, done.clone()).await,
+        json!({"answer": "good job!"})
+    );
+    assert_eq!(
+        sub.expect("job finished").await,
+        format!("job finished: {} duration: 1.5", id.as_str().unwrap())
+    );
+    assert_eq!(
+        router.ask(&mut c, done).await,
+        json!({"answer": "unknown job id"})
+    );
+    assert_eq!(
+        router
+            .ask(
+                &mut c,
+                json!({"command": "job finished", "job id": "nope", "duration": 1})
+            )
+            .await,
+        json!({"answer": "unknown job id"})
+    );
+    sub.expect_silence().await;
+}
+
+#[tokio::test]
+async fn durations_print_as_python2_did() {
+    let router = TestRouter::start().await;
+    let mut sub = router.live_sub().await;
+    let mut c = router.client().await;
+    for (sent, shown) in [
+        ("3", "3"),
+        ("0.1", "0.1"),
+        ("2.0", "2.0"),
+        ("0.123456789012345", "0.123456789012"),
+        ("1e16", "1e+16"),
+    ] {
+        let id = router
+            .ask(&mut c, json!({"command": "add job", "worker": "A"}))
+            .await["job id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert_eq!(sub.expect("new job").await, "new job");
+        let body =
+            format!(r#"{{"command": "job finished", "job id": "{id}", "duration": {sent}}}"#);
+        assert_eq!(
+            router.raw(&mut c, body.as_bytes()).await["answer"],
+            "good job!"
+        );
+        assert_eq!(
+            sub.expect("job finished").await,
+            format!("job finished: {id} duration: {shown}")
+        );
+    }
+}
+
+#[tokio::test]
+async fn pipelines_round_trip_in_the_legacy_format_and_finish() {
+    let router = TestRouter::start().await;
+    let mut sub = router.live_sub().await;
+    let mut c = router.client().await;
+    let pipeline = json!([
+        [
+            "graph",
+            [[
+                [
+                    ["worker_name", "Downloader"],
+                    ["data", [["filename", "0.dat"]]]
+                ],
+                [
+                    ["worker_name", "GetLinks"],
+                    ["data", [["filename", "0.dat"]]]
+                ]
+            ]]
+        ],
+        ["data", [["filename", "0.dat"]]]
+    ]);
+    let r = router
+        .ask(
+            &mut c,
+            json!({"command": "add pipeline", "pipeline": pipeline}),
+        )
+        .await;
+    assert_eq!(r["answer"], "pipeline accepted");
+    assert!(is_id(&r["pipeline id"]));
+    let id = r["pipeline id"].as_str().unwrap().to_owned();
+    assert_eq!(sub.expect("new pipeline").await, "new pipeline");
+    assert_eq!(
+        router.ask(&mut c, json!({"command": "get pipeline"})).await,
+        json!({"pipeline": pipeline, "pipeline id": id})
+    );
+    assert_eq!(
+        router
+            .ask(&mut c, json!({"command": "pipeline finished"}))
+            .await["answer"],
+        "syntax error"
+    );
+    // The legacy router crashed here; ours answers a syntax error and keeps the id pending.
+    assert_eq!(
+        router
+            .ask(
+                &mut c,
+                json!({"command": "pipeline finished", "pipeline id": id})
+            )
+            .await["answer"],
+        "syntax error"
+    );
+    assert_eq!(
+        router
+            .ask(
+                &mut c,
+                json!({"command": "pipeline finished", "pipeline id": id, "duration": 2.0})
+            )
+            .await,
+        json!({"answer": "good job!"})
+    );
+    assert_eq!(
+        sub.expect("pipeline finished").await,
+        format!("pipeline finished: id={id}, duration=2.0")
+    );
+    assert_eq!(
+        router
+            .ask(
+                &mut c,
+                json!({"command": "pipeline finished", "pipeline id": id, "duration": 2.0})
+            )
+            .await,
+        json!({"answer": "unknown pipeline id"})
+    );
+    sub.expect_silence().await;
+}
+
+#[tokio::test]
+async fn job_and_pipeline_ids_are_separate_spaces() {
+    let router = TestRouter::start().await;
+    let mut c = router.client().await;
+    let job = router
+        .ask(&mut c, json!({"command": "add job", "worker": "A"}))
+        .await["job id"]
+        .clone();
+    let p = json!([["graph", [[[["worker_name", "A"]], null]]], ["data", null]]);
+    let pid = router
+        .ask(&mut c, json!({"command": "add pipeline", "pipeline": p}))
+        .await["pipeline id"]
+        .clone();
+    assert_eq!(
+        router
+            .ask(
+                &mut c,
+                json!({"command": "pipeline finished", "pipeline id": job, "duration": 1})
+            )
+            .await["answer"],
+        "unknown pipeline id"
+    );
+    assert_eq!(
+        router
+            .ask(
+                &mut c,
+                json!({"command": "job finished", "job id": pid, "duration": 1})
+            )
+            .await["answer"],
+        "unknown job id"
+    );
+}
+
+#[tokio::test]
+async fn invalid_pipelines_are_refused_with_the_reason() {
+    let router = TestRouter::start().await;
+    let mut c = router.client().await;
+    let cases = [
+        (
+            json!([
+                ["graph", [[[["worker_name", "A"]], [["worker_name", "A"]]]]],
+                ["data", null]
+            ]),
+            "cycle",
+        ),
+        (json!([["graph", []], ["data", null]]), "no job"),
+        (json!({"graph": "nope"}), "graph"),
+        (json!(42), "pairs"),
+    ];
+    for (pipeline, reason) in cases {
+        let r = router
+            .ask(
+                &mut c,
+                json!({"command": "add pipeline", "pipeline": pipeline}),
+            )
+            .await;
+        assert_eq!(r["answer"], "invalid pipeline", "{pipeline}");
+        assert!(r["error"].as_str().unwrap().contains(reason), "{r}");
+    }
+    assert_eq!(
+        router.ask(&mut c, json!({"command": "get pipeline"})).await,
+        json!({"pipeline": null})
+    );
+}
+
+#[tokio::test]
+async fn job_failed_is_acknowledged_and_ends_the_job() {
+    let router = TestRouter::start().await;
+    let mut c = router.client().await;
+    let id = router
+        .ask(&mut c, json!({"command": "add job", "worker": "A"}))
+        .await["job id"]
+        .clone();
+    router.ask(&mut c, json!({"command": "get job"})).await;
+    let r = router
+        .ask(
+            &mut c,
+            json!({"command": "job failed", "job id": id, "error": "boom", "duration": 0.5}),
+        )
+        .await;
+    assert_eq!(r, json!({"answer": "failure recorded"}));
+    assert_eq!(
+        router
+            .ask(
+                &mut c,
+                json!({"command": "job failed", "job id": id, "error": "boom"})
+            )
+            .await,
+        json!({"answer": "unknown job id"})
+    );
+    assert_eq!(
+        router.ask(&mut c, json!({"command": "job failed"})).await["answer"],
+        "syntax error"
+    );
+}
+
+#[tokio::test]
+async fn command_errors_follow_the_legacy_classes() {
+    let router = TestRouter::start().await;
+    let mut c = router.client().await;
+    assert_eq!(
+        router.ask(&mut c, json!({"worker": "A"})).await,
+        json!({"answer": "undefined command"})
+    );
+    for command in [
+        json!("GET JOB"),
+        json!(42),
+        json!(null),
+        json!("launch missiles"),
+    ] {
+        assert_eq!(
+            router.ask(&mut c, json!({"command": command})).await,
+            json!({"answer": "unknown command"})
+        );
+    }
+    let r = router
+        .ask(&mut c, json!({"command": "add job", "data": {}}))
+        .await;
+    assert_eq!(r["answer"], "syntax error");
+    assert!(r["error"].as_str().unwrap().contains("worker"), "{r}");
+    assert_eq!(
+        router
+            .ask(&mut c, json!({"command": "add job", "worker": ""}))
+            .await["answer"],
+        "syntax error"
+    );
+    assert_eq!(
+        router
+            .ask(&mut c, json!({"command": "add job", "worker": 7}))
+            .await["answer"],
+        "syntax error"
+    );
+    assert_eq!(
+        router
+            .ask(&mut c, json!({"command": "get job", "workers": "A"}))
+            .await["answer"],
+        "syntax error"
+    );
+}
+
+#[tokio::test]
+async fn malformed_requests_get_an_error_and_the_next_request_is_served() {
+    let router = TestRouter::start().await;
+    let mut c = router.client().await;
+    let deep = "[".repeat(10_000);
+    for bad in [
+        &b"\xff\xfe\x00\x80"[..],
+        b"",
+        b"not json",
+        b"42",
+        b"null",
+        b"true",
+        b"[1, 2]",
+        b"\"command\"",
+        deep.as_bytes(),
+    ] {
+        let r = router.raw(&mut c, bad).await;
+        assert_eq!(r["answer"], "malformed request", "{bad:?}");
+        assert!(r["error"].is_string());
+        let ok = router.ask(&mut c, json!({"command": "get job"})).await;
+        assert_eq!(ok, json!({"worker": null}));
+    }
+}
+
+#[tokio::test]
+async fn multi_frame_requests_are_malformed() {
+    use zeromq::{ReqSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
+    let router = TestRouter::start().await;
+    let mut req = ReqSocket::new();
+    req.connect(&router.api).await.unwrap();
+    let mut msg = ZmqMessage::from(r#"{"command": "get job"}"#);
+    msg.push_back("second frame".into());
+    req.send(msg).await.unwrap();
+    let reply = req.recv().await.unwrap();
+    let v: Value = serde_json::from_slice(reply.get(0).unwrap()).unwrap();
+    assert_eq!(v["answer"], "malformed request");
+    assert!(v["error"].as_str().unwrap().contains("2 frames"), "{v}");
+    req.send(ZmqMessage::from(r#"{"command": "get job"}"#))
+        .await
+        .unwrap();
+    let reply = req.recv().await.unwrap();
+    assert_eq!(reply.get(0).unwrap().as_ref(), br#"{"worker":null}"#);
+}
+
+#[tokio::test]
+async fn a_one_megabyte_payload_round_trips() {
+    let router = TestRouter::start().await;
+    let mut c = router.client().await;
+    let big: String = (0..1_048_576)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let r = router
+        .ask(
+            &mut c,
+            json!({"command": "add job", "worker": "Big", "data": {"blob": big}}),
+        )
+        .await;
+    let job = router.ask(&mut c, json!({"command": "get job"})).await;
+    assert_eq!(job["job id"], r["job id"]);
+    assert_eq!(job["data"]["blob"].as_str().unwrap(), big);
+}
+
+#[tokio::test]
+async fn routing_by_worker_hands_out_only_offered_workers() {
+    let router = TestRouter::start().await;
+    let mut c = router.client().await;
+    let gpu = router
+        .ask(&mut c, json!({"command": "add job", "worker": "Gpu"}))
+        .await["job id"]
+        .clone();
+    let cpu = router
+        .ask(&mut c, json!({"command": "add job", "worker": "Cpu"}))
+        .await["job id"]
+        .clone();
+    assert_eq!(
+        router
+            .ask(&mut c, json!({"command": "get job", "workers": ["Other"]}))
+            .await,
+        json!({"worker": null})
+    );
+    assert_eq!(
+        router
+            .ask(&mut c, json!({"command": "get job", "workers": ["Cpu"]}))
+            .await["job id"],
+        cpu
+    );
+    assert_eq!(
+        router
+            .ask(&mut c, json!({"command": "get job", "workers": ["Cpu"]}))
+            .await,
+        json!({"worker": null})
+    );
+    // A legacy get job (no "workers") takes any job.
+    assert_eq!(
+        router.ask(&mut c, json!({"command": "get job"})).await["job id"],
+        gpu
+    );
+}
+
+#[tokio::test]
+async fn shutdown_is_clean() {
+    let router = TestRouter::start().await;
+    let mut c = router.client().await;
+    router.ask(&mut c, json!({"command": "get job"})).await;
+    router.stop().await;
+}

@@ -1,0 +1,181 @@
+//! The `pypelinin-router` binary: flags, settings file, listening line, signals.
+
+use pypelinin_common::testing::within;
+use serde_json::json;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+use crate::support::WAIT;
+
+/// A child process killed (by PID) and reaped when dropped.
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_router(args: &[&str]) -> (Daemon, String, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pypelinin-router"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("router starts");
+    let stdout = child.stdout.take().unwrap();
+    let daemon = Daemon(child);
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("listening line");
+    let rest = line
+        .trim()
+        .strip_prefix("listening ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+    let (api, broadcast) = rest.split_once(' ').unwrap();
+    (
+        daemon,
+        api.strip_prefix("api=").unwrap().to_owned(),
+        broadcast.strip_prefix("broadcast=").unwrap().to_owned(),
+    )
+}
+
+/// Waits for the child to exit without blocking the runtime.
+async fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+    let pid = child.id();
+    let status = tokio::task::block_in_place(|| child.wait());
+    status.unwrap_or_else(|e| panic!("waiting for {pid}: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_serves_the_settings_file_and_exits_0_on_sigterm() {
+    let dir = std::env::temp_dir().join(format!("pypelinin-router-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("cluster.toml");
+    std::fs::write(
+        &file,
+        "\"monitoring interval\" = 60\n[store]\n\"monitoring filename\" = \"/tmp/monitoring.log\"\n[router]\nmax_request_bytes = 1000\n",
+    )
+    .unwrap();
+    let (mut daemon, api, _) = spawn_router(&[
+        "--config",
+        file.to_str().unwrap(),
+        "--api",
+        "tcp://127.0.0.1:0",
+        "--broadcast",
+        "tcp://127.0.0.1:0",
+    ]);
+    let mut c = within(
+        WAIT,
+        "connect",
+        pypelinin_common::transport::ApiClient::connect(api, Default::default()),
+    )
+    .await
+    .unwrap();
+    let config = c.get_configuration().await.unwrap();
+    assert_eq!(
+        serde_json::Value::Object(config),
+        json!({"monitoring interval": 60, "store": {"monitoring filename": "/tmp/monitoring.log"}})
+    );
+    // The [router] table applies: requests above 1000 bytes are refused, and served after.
+    let big = json!({"command": "add job", "worker": "A", "data": "x".repeat(2000)}).to_string();
+    let r: serde_json::Value =
+        serde_json::from_slice(&c.request_bytes(big.into_bytes()).await.unwrap()).unwrap();
+    assert_eq!(r["answer"], "malformed request");
+    assert!(
+        r["error"].as_str().unwrap().contains("exceeds the limit"),
+        "{r}"
+    );
+
+    let pid = daemon.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = within(WAIT, "router exit after SIGTERM", wait_exit(&mut daemon.0)).await;
+    assert!(status.success(), "{status:?}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn binary_exits_non_zero_with_a_clear_message_on_bad_settings() {
+    let dir = std::env::temp_dir().join(format!("pypelinin-router-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("bad.toml");
+    std::fs::write(&file, "this is = = not toml").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_pypelinin-router"))
+        .args(["--config", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not valid TOML"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let out = Command::new(env!("CARGO_BIN_EXE_pypelinin-router"))
+        .args([
+            "--api",
+            "tcp://256.0.0.1:1",
+            "--broadcast",
+            "tcp://127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot bind tcp://256.0.0.1:1"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// The Python interpreter with pyzmq: `PYPELININ_PYTHON`, else the repository's `.venv`, else
+/// `python3`.
+fn python() -> String {
+    if let Ok(p) = std::env::var("PYPELININ_PYTHON") {
+        return p;
+    }
+    let venv = concat!(env!("CARGO_MANIFEST_DIR"), "/../.venv/bin/python");
+    if std::path::Path::new(venv).exists() {
+        return venv.to_owned();
+    }
+    "python3".to_owned()
+}
+
+#[test]
+fn a_legacy_python_client_works_against_the_router() {
+    let python = python();
+    let probe = Command::new(&python).args(["-c", "import zmq"]).output();
+    assert!(
+        probe.as_ref().is_ok_and(|o| o.status.success()),
+        "{python} cannot import zmq: install it with `python3 -m pip install -r requirements-dev.txt`"
+    );
+    let (_daemon, api, broadcast) = spawn_router(&[
+        "--api",
+        "tcp://127.0.0.1:0",
+        "--broadcast",
+        "tcp://127.0.0.1:0",
+    ]);
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/python/legacy_client.py"
+    );
+    let out = Command::new(&python)
+        .args([script, "--api", &api, "--broadcast", &broadcast])
+        .output()
+        .expect("python runs");
+    assert!(
+        out.status.success(),
+        "legacy client failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("all checks passed"));
+}
