@@ -574,6 +574,54 @@ impl ApiClient {
     }
 }
 
+/// Connects a daemon to the router, waiting (with backoff, logging what it waits for) until
+/// the router answers `get configuration`. Returns the client, a subscriber to `prefixes`, and
+/// the cluster configuration; `None` if `shutdown` fires first.
+pub async fn wait_for_router(
+    api: &str,
+    broadcast: &str,
+    prefixes: &[&str],
+    options: ClientOptions,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Option<(
+    ApiClient,
+    Subscriber,
+    serde_json::Map<String, serde_json::Value>,
+)> {
+    let mut client = ApiClient::new(api, options);
+    let mut backoff = Duration::from_millis(100);
+    let mut attempt = 0u32;
+    loop {
+        let attempt_result = async {
+            let configuration = client.get_configuration().await?;
+            let subscriber =
+                Subscriber::connect(broadcast, prefixes, options.connect_timeout).await?;
+            Ok::<_, ClientError>((subscriber, configuration))
+        };
+        let outcome = tokio::select! {
+            () = shutdown.cancelled() => return None,
+            outcome = attempt_result => outcome,
+        };
+        match outcome {
+            Ok((subscriber, configuration)) => {
+                tracing::info!(api, broadcast, "connected to the router");
+                return Some((client, subscriber, configuration));
+            }
+            Err(e) => {
+                attempt += 1;
+                if attempt == 1 || attempt.is_multiple_of(10) {
+                    tracing::warn!(api, broadcast, error = %e, "waiting for the router");
+                }
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return None,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
 /// A subscriber to the router's broadcasts, filtering by prefix.
 pub struct Subscriber {
     socket: SubSocket,

@@ -4,7 +4,7 @@ use serde::Deserialize;
 
 /// Settings of the router daemon. Every field has a default.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct RouterSettings {
     /// Endpoint of the API socket (`PYPELININ_API`).
     pub api: String,

@@ -70,7 +70,7 @@ impl State {
             Request::AddJob(job) => self.add_job(job, events),
             Request::GetJob(get) => Reply::Job(self.get_job(&get)),
             Request::JobFinished(done) => self.job_finished(done, events),
-            Request::JobFailed(failed) => self.job_failed(failed),
+            Request::JobFailed(failed) => self.job_failed(failed, events),
             Request::AddPipeline(p) => self.add_pipeline(p, events),
             Request::GetPipeline => Reply::Pipeline(self.get_pipeline()),
             Request::PipelineFinished(done) => self.pipeline_finished(done, events),
@@ -174,11 +174,12 @@ impl State {
         Answer::new(AnswerKind::GoodJob).into()
     }
 
-    fn job_failed(&mut self, failed: JobFailed) -> Reply {
+    fn job_failed(&mut self, failed: JobFailed, events: &mut Vec<Event>) -> Reply {
         match self.jobs.remove(&failed.job_id) {
             None => Answer::new(AnswerKind::UnknownJobId).into(),
             Some(record) => {
                 debug!(job_id = %failed.job_id, worker = %record.worker, error = %failed.error, "job failed");
+                events.push(Event::job_failed(failed.job_id, &failed.error));
                 Answer::new(AnswerKind::FailureRecorded).into()
             }
         }

@@ -339,8 +339,9 @@ async fn invalid_pipelines_are_refused_with_the_reason() {
 }
 
 #[tokio::test]
-async fn job_failed_is_acknowledged_and_ends_the_job() {
+async fn job_failed_is_acknowledged_broadcast_and_ends_the_job() {
     let router = TestRouter::start().await;
+    let mut sub = router.live_sub().await;
     let mut c = router.client().await;
     let id = router
         .ask(&mut c, json!({"command": "add job", "worker": "A"}))
@@ -354,6 +355,11 @@ async fn job_failed_is_acknowledged_and_ends_the_job() {
         )
         .await;
     assert_eq!(r, json!({"answer": "failure recorded"}));
+    assert_eq!(sub.expect("new job").await, "new job");
+    assert_eq!(
+        sub.expect("job failed").await,
+        format!("job failed: {} error: boom", id.as_str().unwrap())
+    );
     assert_eq!(
         router
             .ask(

@@ -34,6 +34,14 @@ pub enum Event {
         /// The duration as printed.
         duration: String,
     },
+    /// Extension, `job failed: <id> error: <text>`: a job failed (the text is cut to
+    /// [`Event::MAX_ERROR_BYTES`] and kept on one line; ask the router for the whole of it).
+    JobFailed {
+        /// The job.
+        job_id: JobId,
+        /// What went wrong.
+        error: String,
+    },
     /// Extension, `probe: <token>`: the answer to a `probe` request.
     Probe {
         /// The token the request carried.
@@ -50,6 +58,10 @@ impl Event {
     pub const JOB_FINISHED: &'static str = "job finished: ";
     /// Prefix of every `pipeline finished` event.
     pub const PIPELINE_FINISHED: &'static str = "pipeline finished: ";
+    /// Prefix of every `job failed` event.
+    pub const JOB_FAILED: &'static str = "job failed: ";
+    /// The longest error text a `job failed` event carries, in bytes.
+    pub const MAX_ERROR_BYTES: usize = 512;
     /// Prefix of every `probe` event.
     pub const PROBE: &'static str = "probe: ";
 
@@ -58,6 +70,24 @@ impl Event {
         Event::JobFinished {
             job_id,
             duration: duration.to_string(),
+        }
+    }
+
+    /// `job failed` for `job_id`, with `error` cut to one line of at most
+    /// [`Event::MAX_ERROR_BYTES`].
+    pub fn job_failed(job_id: JobId, error: &str) -> Self {
+        let mut line: String = error.replace(['\n', '\r'], " ");
+        if line.len() > Self::MAX_ERROR_BYTES {
+            let mut cut = Self::MAX_ERROR_BYTES - 3;
+            while !line.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            line.truncate(cut);
+            line.push_str("...");
+        }
+        Event::JobFailed {
+            job_id,
+            error: line,
         }
     }
 
@@ -108,6 +138,9 @@ impl fmt::Display for Event {
                 "{}id={pipeline_id}, duration={duration}",
                 Self::PIPELINE_FINISHED
             ),
+            Event::JobFailed { job_id, error } => {
+                write!(f, "{}{job_id} error: {error}", Self::JOB_FAILED)
+            }
             Event::Probe { token } => write!(f, "{}{token}", Self::PROBE),
         }
     }
@@ -142,6 +175,13 @@ impl FromStr for Event {
             return Ok(Event::PipelineFinished {
                 pipeline_id: id.into(),
                 duration: duration.to_owned(),
+            });
+        }
+        if let Some(rest) = s.strip_prefix(Self::JOB_FAILED) {
+            let (id, error) = rest.split_once(" error: ").ok_or_else(bad)?;
+            return Ok(Event::JobFailed {
+                job_id: id.into(),
+                error: error.to_owned(),
             });
         }
         if let Some(token) = s.strip_prefix(Self::PROBE) {
@@ -194,6 +234,15 @@ mod tests {
         let ev = Event::job_finished("abc".into(), &WireDuration::from_secs(1.0)).to_string();
         assert!(ev.starts_with(&Event::job_finished_topic(&"abc".into())));
         assert!(!ev.starts_with(&Event::job_finished_topic(&"ab".into())));
+    }
+
+    #[test]
+    fn job_failed_errors_are_cut_on_a_char_boundary() {
+        let Event::JobFailed { error, .. } = Event::job_failed("j".into(), &"é".repeat(1000))
+        else {
+            panic!()
+        };
+        assert!(error.len() <= Event::MAX_ERROR_BYTES && error.ends_with("..."));
     }
 
     #[test]

@@ -1,0 +1,343 @@
+//! Running one job: retrieve its input, run its worker, save its result.
+
+use std::cell::RefCell;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::process::Stdio;
+use std::sync::{Arc, Once};
+use std::time::{Duration, Instant};
+
+use pypelinin_common::protocol::JobAssignment;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::store::{JobInfo, Store};
+use crate::worker::{BoxError, CommandWorker, JsonObject, Registered, Runner, WorkerRegistry};
+
+/// How much of a command's stderr a failure report keeps (its end).
+const STDERR_TAIL: usize = 2048;
+
+/// How a job ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// The result was saved.
+    Finished,
+    /// The job failed; the text says why.
+    Failed(String),
+}
+
+/// A job that ran, with how long it took.
+#[derive(Debug, Clone)]
+pub struct Ran {
+    /// The job.
+    pub job: JobAssignment,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// From the start of the job to its end.
+    pub duration: Duration,
+}
+
+/// Runs `job`. The `permit` (a slot of the broker's concurrency) is released when the work
+/// really ends — for a Rust worker that overran its timeout, only once its thread returns.
+pub async fn run_job(
+    job: JobAssignment,
+    registry: &WorkerRegistry,
+    store: Arc<dyn Store>,
+    default_timeout: Duration,
+    permit: OwnedSemaphorePermit,
+) -> Ran {
+    let started = Instant::now();
+    let outcome = match registry.get(&job.worker) {
+        None => Outcome::Failed(format!("this broker does not run worker {:?}", job.worker)),
+        Some(registered) => {
+            let info = JobInfo {
+                job_id: job.job_id.clone(),
+                worker: job.worker.clone(),
+                worker_requires: registered.requires.clone(),
+                data: job.data().clone(),
+            };
+            let limit = registered.timeout.unwrap_or(default_timeout);
+            run_registered(registered, info, store, limit, permit).await
+        }
+    };
+    Ran {
+        job,
+        outcome,
+        duration: started.elapsed(),
+    }
+}
+
+async fn run_registered(
+    registered: &Registered,
+    info: JobInfo,
+    store: Arc<dyn Store>,
+    limit: Duration,
+    permit: OwnedSemaphorePermit,
+) -> Outcome {
+    match &registered.runner {
+        Runner::InProcess(worker) => {
+            let worker = worker.clone();
+            let work = tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                let input = store
+                    .retrieve(&info)
+                    .map_err(|e| format!("store failed to retrieve the input: {e}"))?;
+                let result = call_catching_panics(|| worker.process(input))?;
+                store
+                    .save(&info, &result)
+                    .map_err(|e| format!("store failed to save the result: {e}"))
+            });
+            match tokio::time::timeout(limit, work).await {
+                Err(_) => Outcome::Failed(format!("timed out after {limit:?}")),
+                Ok(Err(join)) => Outcome::Failed(format!("worker task failed: {join}")),
+                Ok(Ok(Err(e))) => Outcome::Failed(e),
+                Ok(Ok(Ok(()))) => Outcome::Finished,
+            }
+        }
+        Runner::Command(command) => {
+            let _permit = permit;
+            run_command_job(command.clone(), info, store, limit).await
+        }
+    }
+}
+
+/// Runs a command worker's job; failures carry the tail of its stderr.
+async fn run_command_job(
+    command: Arc<CommandWorker>,
+    info: JobInfo,
+    store: Arc<dyn Store>,
+    limit: Duration,
+) -> Outcome {
+    let blocking_store = store.clone();
+    let retrieve_info = info.clone();
+    let input = match tokio::task::spawn_blocking(move || blocking_store.retrieve(&retrieve_info))
+        .await
+    {
+        Ok(Ok(input)) => input,
+        Ok(Err(e)) => return Outcome::Failed(format!("store failed to retrieve the input: {e}")),
+        Err(e) => return Outcome::Failed(format!("store task failed: {e}")),
+    };
+    let result = match tokio::time::timeout(limit, run_command(&command, &input)).await {
+        Err(_) => {
+            return Outcome::Failed(format!(
+                "command {:?} timed out after {limit:?}",
+                command.command
+            ))
+        }
+        Ok(Err(e)) => return Outcome::Failed(e),
+        Ok(Ok(result)) => result,
+    };
+    match tokio::task::spawn_blocking(move || store.save(&info, &result)).await {
+        Ok(Ok(())) => Outcome::Finished,
+        Ok(Err(e)) => Outcome::Failed(format!("store failed to save the result: {e}")),
+        Err(e) => Outcome::Failed(format!("store task failed: {e}")),
+    }
+}
+
+/// Runs the program with `input` as JSON on stdin and reads a JSON object from its stdout.
+/// The child is killed if this future is dropped (timeout or shutdown).
+pub(crate) async fn run_command(
+    command: &CommandWorker,
+    input: &JsonObject,
+) -> Result<JsonObject, String> {
+    let mut child = tokio::process::Command::new(&command.command[0])
+        .args(&command.command[1..])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot start command {:?}: {e}", command.command))?;
+    let body = serde_json::to_vec(input).map_err(|e| e.to_string())?;
+    let mut stdin = child.stdin.take();
+    let mut stdout = child.stdout.take();
+    let mut stderr = child.stderr.take();
+    // Feed stdin and drain both pipes at once, so a chatty program cannot block on a full pipe.
+    let write = async {
+        if let Some(mut s) = stdin.take() {
+            // A program that exits without reading its input is judged by its exit status.
+            let _ignored = s.write_all(&body).await;
+        }
+    };
+    let read = |pipe: Option<tokio::process::ChildStdout>| async move {
+        let mut buf = Vec::new();
+        if let Some(mut p) = pipe {
+            let _ignored = p.read_to_end(&mut buf).await;
+        }
+        buf
+    };
+    let read_err = async {
+        let mut buf = Vec::new();
+        if let Some(mut p) = stderr.take() {
+            let _ignored = p.read_to_end(&mut buf).await;
+        }
+        buf
+    };
+    let ((), out, err) = tokio::join!(write, read(stdout.take()), read_err);
+    let status = child
+        .wait()
+        .await
+        .map_err(|e| format!("cannot wait for command {:?}: {e}", command.command))?;
+    let tail = stderr_tail(&err);
+    if !status.success() {
+        return Err(format!(
+            "command {:?} failed ({status}); stderr: {tail}",
+            command.command
+        ));
+    }
+    match serde_json::from_slice::<Value>(&out) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(other) => Err(format!(
+            "command {:?} printed {} instead of a JSON object; stderr: {tail}",
+            command.command,
+            type_of(&other)
+        )),
+        Err(e) => Err(format!(
+            "command {:?} did not print a JSON object ({e}); stderr: {tail}",
+            command.command
+        )),
+    }
+}
+
+fn type_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn stderr_tail(err: &[u8]) -> String {
+    let text = String::from_utf8_lossy(err);
+    let text = text.trim();
+    if text.is_empty() {
+        return "(empty)".into();
+    }
+    match text.char_indices().rev().nth(STDERR_TAIL) {
+        Some((i, _)) => format!("...{}", &text[i..]),
+        None => text.to_owned(),
+    }
+}
+
+thread_local! {
+    /// Where the panic hook leaves the location and backtrace of the last panic on this thread.
+    static LAST_PANIC: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// Installs (once) a panic hook that records where a worker panicked, then runs the usual hook.
+fn install_panic_hook() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let location = info
+                .location()
+                .map(|l| format!("{}:{}", l.file(), l.line()))
+                .unwrap_or_default();
+            let backtrace = std::backtrace::Backtrace::capture();
+            let detail = match backtrace.status() {
+                std::backtrace::BacktraceStatus::Captured => format!("at {location}\n{backtrace}"),
+                _ => format!("at {location}"),
+            };
+            LAST_PANIC.with(|p| *p.borrow_mut() = Some(detail));
+            previous(info);
+        }));
+    });
+}
+
+/// Runs `f`, turning a panic into an error that carries its message and location.
+fn call_catching_panics(
+    f: impl FnOnce() -> Result<JsonObject, BoxError>,
+) -> Result<JsonObject, String> {
+    install_panic_hook();
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(result)) => Ok(result),
+        Ok(Err(e)) => Err(format!("worker failed: {e}")),
+        Err(payload) => {
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "(no message)".to_owned());
+            let detail = LAST_PANIC
+                .with(|p| p.borrow_mut().take())
+                .unwrap_or_default();
+            Err(format!("worker panicked: {message} {detail}")
+                .trim_end()
+                .to_owned())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn cmd(args: &[&str]) -> CommandWorker {
+        CommandWorker {
+            name: "C".into(),
+            requires: vec![],
+            command: args.iter().map(|s| s.to_string()).collect(),
+            timeout_secs: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn command_workers_read_stdin_and_print_json() {
+        let c = cmd(&["sh", "-c", r#"read line; echo "{\"got\": $line}""#]);
+        let out = run_command(&c, json!({"n": 3}).as_object().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(Value::Object(out), json!({"got": {"n": 3}}));
+    }
+
+    #[tokio::test]
+    async fn command_failures_carry_the_stderr_tail() {
+        let err = run_command(
+            &cmd(&["sh", "-c", "echo boom >&2; exit 3"]),
+            &JsonObject::new(),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            err.contains("exit status: 3") && err.contains("boom"),
+            "{err}"
+        );
+        let err = run_command(
+            &cmd(&["sh", "-c", "echo not json; echo oops >&2"]),
+            &JsonObject::new(),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            err.contains("did not print a JSON object") && err.contains("oops"),
+            "{err}"
+        );
+        let err = run_command(&cmd(&["sh", "-c", "echo '[1]'"]), &JsonObject::new())
+            .await
+            .unwrap_err();
+        assert!(err.contains("a list instead of a JSON object"), "{err}");
+        let err = run_command(&cmd(&["/nonexistent/program"]), &JsonObject::new())
+            .await
+            .unwrap_err();
+        assert!(err.contains("cannot start command"), "{err}");
+        let long = format!("printf '%0{}d' 0 >&2; exit 1", 10_000);
+        let err = run_command(&cmd(&["sh", "-c", &long]), &JsonObject::new())
+            .await
+            .unwrap_err();
+        assert!(err.len() < 3_000, "{}", err.len());
+    }
+
+    #[test]
+    fn panics_become_errors_with_their_message() {
+        let err = call_catching_panics(|| panic!("worker exploded")).unwrap_err();
+        assert!(err.contains("worker panicked: worker exploded"), "{err}");
+        assert!(err.contains("execute.rs"), "{err}");
+        let err = call_catching_panics(|| Err("plain error".into())).unwrap_err();
+        assert_eq!(err, "worker failed: plain error");
+    }
+}

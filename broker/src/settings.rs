@@ -1,0 +1,67 @@
+//! The broker's settings (`[broker]` table, `PYPELININ_*` environment, flags).
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::worker::CommandWorker;
+
+/// Settings of a broker. Every field has a default.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct BrokerSettings {
+    /// The router's API endpoint (`PYPELININ_API`).
+    pub api: String,
+    /// The router's broadcast endpoint (`PYPELININ_BROADCAST`).
+    pub broadcast: String,
+    /// Jobs run at once; 0 means one per CPU core (`PYPELININ_CONCURRENCY`).
+    pub concurrency: usize,
+    /// The longest a job may run unless its worker says otherwise, in seconds.
+    pub job_timeout_secs: f64,
+    /// How often to ask for jobs when no broadcast came (broadcasts can be missed), in seconds.
+    pub poll_interval_secs: f64,
+    /// How long running jobs may take to finish after Ctrl-C/SIGTERM, in seconds.
+    pub shutdown_grace_secs: f64,
+    /// How long to wait for the router to accept a connection, in seconds.
+    pub connect_timeout_secs: f64,
+    /// How long to wait for a reply from the router, in seconds.
+    pub request_timeout_secs: f64,
+    /// Command workers (`[[broker.command_workers]]` tables).
+    pub command_workers: Vec<CommandWorker>,
+}
+
+impl Default for BrokerSettings {
+    fn default() -> Self {
+        Self {
+            api: pypelinin_common::DEFAULT_API.to_owned(),
+            broadcast: pypelinin_common::DEFAULT_BROADCAST.to_owned(),
+            concurrency: 0,
+            job_timeout_secs: 600.0,
+            poll_interval_secs: 5.0,
+            shutdown_grace_secs: 30.0,
+            connect_timeout_secs: 5.0,
+            request_timeout_secs: 10.0,
+            command_workers: Vec::new(),
+        }
+    }
+}
+
+/// Seconds as a duration; non-positive or non-finite values give `fallback`.
+pub(crate) fn secs(value: f64, fallback: Duration) -> Duration {
+    if value.is_finite() && value > 0.0 {
+        Duration::from_secs_f64(value)
+    } else {
+        fallback
+    }
+}
+
+impl BrokerSettings {
+    /// The concurrency to use: the setting, or the number of CPU cores.
+    pub fn effective_concurrency(&self) -> usize {
+        if self.concurrency > 0 {
+            self.concurrency
+        } else {
+            std::thread::available_parallelism().map_or(1, usize::from)
+        }
+    }
+}

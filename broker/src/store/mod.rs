@@ -1,0 +1,51 @@
+//! Stores: where a job's input comes from and where its result goes.
+//!
+//! The broker calls [`Store::retrieve`] before running a worker, [`Store::save`] with its
+//! result, and [`Store::save_monitoring`] every monitoring interval. Calls run on the broker's
+//! blocking pool, from several threads at once, so a store may do blocking I/O and must be
+//! `Sync`. An error fails the job with its text; it never stops the broker.
+
+mod file;
+
+pub use file::FileStore;
+
+use pypelinin_common::ids::JobId;
+use serde_json::Value;
+
+use crate::worker::{BoxError, JsonObject};
+
+/// What a store learns about the job it serves (the legacy `{"worker", "worker_requires",
+/// "data"}`, plus the job id).
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobInfo {
+    /// The job.
+    pub job_id: JobId,
+    /// The worker that runs it.
+    pub worker: String,
+    /// The fields the worker requires.
+    pub worker_requires: Vec<String>,
+    /// The job's data, as `add job` sent it. For a job of a pipeline this is the pipeline's
+    /// data (as in the legacy, the pipeline's data travels with each of its jobs).
+    pub data: Value,
+}
+
+/// A user store: the Rust form of the legacy store class.
+pub trait Store: Send + Sync + 'static {
+    /// The input of the worker, usually the `worker_requires` fields of the job's document.
+    ///
+    /// # Errors
+    /// Any error: the job fails with its text.
+    fn retrieve(&self, info: &JobInfo) -> Result<JsonObject, BoxError>;
+
+    /// Saves the worker's result.
+    ///
+    /// # Errors
+    /// Any error: the job fails with its text (the legacy broker hung the pipeline instead).
+    fn save(&self, info: &JobInfo, result: &JsonObject) -> Result<(), BoxError>;
+
+    /// Saves one monitoring record of the broker (host, process and running jobs).
+    ///
+    /// # Errors
+    /// Any error is logged.
+    fn save_monitoring(&self, record: &Value) -> Result<(), BoxError>;
+}

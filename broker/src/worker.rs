@@ -1,0 +1,281 @@
+//! Workers: the code that runs a job.
+//!
+//! A [`Worker`] takes the JSON object the store retrieved for it and returns a JSON object the
+//! store saves. [`TypedWorker`] does the same with your own serde types. A
+//! [`CommandWorker`] runs a program in any language: the input as JSON on stdin, the result as a
+//! JSON object on stdout.
+//!
+//! ```
+//! use pypelinin_broker::worker::{JsonObject, Worker, WorkerResult};
+//!
+//! struct Upper;
+//!
+//! impl Worker for Upper {
+//!     fn name(&self) -> &str { "Upper" }
+//!     fn requires(&self) -> Vec<String> { vec!["text".into()] }
+//!     fn process(&self, input: JsonObject) -> WorkerResult<JsonObject> {
+//!         let text = input["text"].as_str().ok_or("text must be a string")?;
+//!         let mut out = JsonObject::new();
+//!         out.insert("upper".into(), text.to_uppercase().into());
+//!         Ok(out)
+//!     }
+//! }
+//! ```
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// A JSON object: what workers take and return.
+pub type JsonObject = serde_json::Map<String, Value>;
+
+/// Any error a worker or store returns; its text reaches the user.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The result of [`Worker::process`].
+pub type WorkerResult<T> = Result<T, BoxError>;
+
+/// A user worker: the Rust form of the legacy worker class.
+///
+/// `process` may block or burn CPU: the broker runs it on a thread of its blocking pool, never
+/// on the async reactor. A returned error or a panic fails the job with its text.
+pub trait Worker: Send + Sync + 'static {
+    /// The name jobs use to ask for this worker.
+    fn name(&self) -> &str;
+
+    /// The fields this worker needs; the store uses them to fetch its input. Default: none.
+    fn requires(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// The longest a job may run before it is failed; `None` uses the broker's default.
+    fn timeout(&self) -> Option<Duration> {
+        None
+    }
+
+    /// Runs one job.
+    ///
+    /// # Errors
+    /// Any error: the job is reported failed with its text.
+    fn process(&self, input: JsonObject) -> WorkerResult<JsonObject>;
+}
+
+/// A worker with typed input and output, converted through serde.
+///
+/// ```
+/// use pypelinin_broker::worker::{TypedWorker, WorkerResult};
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Deserialize)]
+/// struct Text { text: String }
+/// #[derive(Serialize)]
+/// struct Counted { length: usize }
+///
+/// struct Length;
+/// impl TypedWorker for Length {
+///     type Input = Text;
+///     type Output = Counted;
+///     const NAME: &'static str = "Length";
+///     const REQUIRES: &'static [&'static str] = &["text"];
+///     fn process(&self, input: Text) -> WorkerResult<Counted> {
+///         Ok(Counted { length: input.text.chars().count() })
+///     }
+/// }
+/// ```
+pub trait TypedWorker: Send + Sync + 'static {
+    /// What the worker takes (deserialized from the retrieved input).
+    type Input: DeserializeOwned;
+    /// What the worker returns (serialized to a JSON object).
+    type Output: Serialize;
+    /// The worker's name.
+    const NAME: &'static str;
+    /// The fields it needs.
+    const REQUIRES: &'static [&'static str] = &[];
+
+    /// Runs one job.
+    ///
+    /// # Errors
+    /// Any error: the job is reported failed with its text.
+    fn process(&self, input: Self::Input) -> WorkerResult<Self::Output>;
+}
+
+/// Adapts a [`TypedWorker`] to a [`Worker`].
+pub struct Typed<T>(pub T);
+
+impl<T: TypedWorker> Worker for Typed<T> {
+    fn name(&self) -> &str {
+        T::NAME
+    }
+
+    fn requires(&self) -> Vec<String> {
+        T::REQUIRES.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    fn process(&self, input: JsonObject) -> WorkerResult<JsonObject> {
+        let input: T::Input = serde_json::from_value(Value::Object(input)).map_err(|e| {
+            format!(
+                "input does not fit {}: {e}",
+                std::any::type_name::<T::Input>()
+            )
+        })?;
+        match serde_json::to_value(self.0.process(input)?)? {
+            Value::Object(map) => Ok(map),
+            other => Err(format!("{} must return a JSON object, not {other}", T::NAME).into()),
+        }
+    }
+}
+
+/// A worker that runs a program: input as JSON on stdin, result as a JSON object on stdout.
+///
+/// A non-zero exit, output that is not a JSON object, or a timeout fails the job with the
+/// tail of the program's stderr.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandWorker {
+    /// The worker's name.
+    pub name: String,
+    /// The fields it needs.
+    #[serde(default)]
+    pub requires: Vec<String>,
+    /// The program and its arguments.
+    pub command: Vec<String>,
+    /// The longest a job may run, in seconds (default: the broker's job timeout).
+    #[serde(default)]
+    pub timeout_secs: Option<f64>,
+}
+
+/// How a registered worker runs.
+#[derive(Clone)]
+pub(crate) enum Runner {
+    /// In this process, on the blocking pool.
+    InProcess(Arc<dyn Worker>),
+    /// As a child process.
+    Command(Arc<CommandWorker>),
+}
+
+/// One registered worker.
+#[derive(Clone)]
+pub(crate) struct Registered {
+    pub(crate) requires: Vec<String>,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) runner: Runner,
+}
+
+/// The workers a broker runs, by name.
+#[derive(Clone, Default)]
+pub struct WorkerRegistry {
+    workers: BTreeMap<String, Registered>,
+}
+
+/// Two workers with the same name, or an unusable command worker.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegistryError {
+    /// The name is taken.
+    #[error("a worker named {0:?} is registered already")]
+    Duplicate(String),
+    /// The worker is unusable.
+    #[error("worker {name:?}: {reason}")]
+    Invalid {
+        /// The worker.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl WorkerRegistry {
+    /// No workers.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn insert(&mut self, name: String, entry: Registered) -> Result<(), RegistryError> {
+        if name.is_empty() {
+            return Err(RegistryError::Invalid {
+                name,
+                reason: "the name is empty".into(),
+            });
+        }
+        if self.workers.contains_key(&name) {
+            return Err(RegistryError::Duplicate(name));
+        }
+        self.workers.insert(name, entry);
+        Ok(())
+    }
+
+    /// Adds a Rust worker.
+    ///
+    /// # Errors
+    /// [`RegistryError::Duplicate`] when the name is taken.
+    pub fn add(&mut self, worker: impl Worker) -> Result<&mut Self, RegistryError> {
+        let entry = Registered {
+            requires: worker.requires(),
+            timeout: worker.timeout(),
+            runner: Runner::InProcess(Arc::new(worker)),
+        };
+        let name = match &entry.runner {
+            Runner::InProcess(w) => w.name().to_owned(),
+            Runner::Command(c) => c.name.clone(),
+        };
+        self.insert(name, entry)?;
+        Ok(self)
+    }
+
+    /// Adds a typed Rust worker.
+    ///
+    /// # Errors
+    /// [`RegistryError::Duplicate`] when the name is taken.
+    pub fn add_typed(&mut self, worker: impl TypedWorker) -> Result<&mut Self, RegistryError> {
+        self.add(Typed(worker))
+    }
+
+    /// Adds a command worker.
+    ///
+    /// # Errors
+    /// [`RegistryError::Duplicate`] when the name is taken, [`RegistryError::Invalid`] when the
+    /// command is empty or the timeout is not a positive number.
+    pub fn add_command(&mut self, worker: CommandWorker) -> Result<&mut Self, RegistryError> {
+        let invalid = |reason: &str| RegistryError::Invalid {
+            name: worker.name.clone(),
+            reason: reason.to_owned(),
+        };
+        if worker.command.is_empty() || worker.command[0].is_empty() {
+            return Err(invalid("the command is empty"));
+        }
+        let timeout = match worker.timeout_secs {
+            None => None,
+            Some(t) if t.is_finite() && t > 0.0 => Some(Duration::from_secs_f64(t)),
+            Some(_) => return Err(invalid("timeout_secs must be a positive number")),
+        };
+        let entry = Registered {
+            requires: worker.requires.clone(),
+            timeout,
+            runner: Runner::Command(Arc::new(worker.clone())),
+        };
+        self.insert(worker.name, entry)?;
+        Ok(self)
+    }
+
+    /// The names of the registered workers, sorted.
+    pub fn names(&self) -> Vec<String> {
+        self.workers.keys().cloned().collect()
+    }
+
+    /// Whether no worker is registered.
+    pub fn is_empty(&self) -> bool {
+        self.workers.is_empty()
+    }
+
+    /// The fields `worker` requires, if it is registered.
+    pub fn requires(&self, worker: &str) -> Option<&[String]> {
+        self.workers.get(worker).map(|w| w.requires.as_slice())
+    }
+
+    pub(crate) fn get(&self, worker: &str) -> Option<&Registered> {
+        self.workers.get(worker)
+    }
+}
