@@ -179,7 +179,18 @@ impl Loop {
         let mut monitor = monitoring::Monitor::new();
         let mut stopping: Option<Instant> = None;
         let mut backoff = Duration::from_millis(100);
+        let grace = secs(settings.shutdown_grace_secs, Duration::from_secs(30));
         loop {
+            // Checked before asking for jobs: `select!` below may have picked another ready
+            // branch in the same turn as the shutdown.
+            if stopping.is_none() && shutdown.is_cancelled() {
+                info!(
+                    running = self.running.len(),
+                    ?grace,
+                    "broker stopping: no new jobs, letting running jobs finish"
+                );
+                stopping = Some(Instant::now() + grace);
+            }
             if self.retry_at.is_none_or(|t| Instant::now() >= t) {
                 self.retry_at = None;
                 let ok = self.flush_reports().await
@@ -197,11 +208,7 @@ impl Loop {
             }
             let retry_at = self.retry_at;
             tokio::select! {
-                () = shutdown.cancelled(), if stopping.is_none() => {
-                    let grace = secs(settings.shutdown_grace_secs, Duration::from_secs(30));
-                    info!(running = self.running.len(), ?grace, "broker stopping: no new jobs, letting running jobs finish");
-                    stopping = Some(Instant::now() + grace);
-                }
+                () = shutdown.cancelled(), if stopping.is_none() => {}
                 () = sleep_until_opt(stopping) => {
                     warn!(running = self.running.len(), unreported = self.reports.len(), "grace period over; leaving unfinished jobs");
                     break;

@@ -8,7 +8,7 @@
 //!
 //! See `zeromq-notes.md` in the shared folder for the measured behaviour behind these choices.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -25,10 +25,12 @@ use crate::protocol::reply::{
     decode_job_reply, decode_pipeline_reply, decode_reply, expect_answer,
 };
 use crate::protocol::request::{
-    GetJob, JobFailed, JobFinished, NewJob, NewPipeline, PipelineFinished, Probe,
+    GetJob, JobFailed, JobFinished, JobStatusQuery, NewJob, NewPipeline, PipelineFailed,
+    PipelineFinished, PipelineStatusQuery, Probe,
 };
 use crate::protocol::{
-    Answer, AnswerKind, Event, JobAssignment, PipelineAssignment, ReplyError, Request, WireDuration,
+    Answer, AnswerKind, Event, JobAssignment, JobState, PipelineAssignment, PipelineStatus,
+    ReplyError, Request, WireDuration,
 };
 
 /// A transport failure.
@@ -557,6 +559,50 @@ impl ApiClient {
             }))
             .await?;
         Ok(decode_reply(&reply)?)
+    }
+
+    /// `pipeline failed`; returns the answer.
+    ///
+    /// # Errors
+    /// Transport failures, or an error answer.
+    pub async fn pipeline_failed(
+        &mut self,
+        failure: PipelineFailed,
+    ) -> Result<Answer, ClientError> {
+        let reply = self.request(&Request::PipelineFailed(failure)).await?;
+        Ok(decode_reply(&reply)?)
+    }
+
+    /// `job status` of `job_ids`.
+    ///
+    /// # Errors
+    /// Transport failures, or an error answer.
+    pub async fn job_status(
+        &mut self,
+        job_ids: Vec<JobId>,
+    ) -> Result<BTreeMap<JobId, JobState>, ClientError> {
+        let reply = self
+            .request(&Request::JobStatus(JobStatusQuery { job_ids }))
+            .await?;
+        let answer = expect_answer(&reply, AnswerKind::Status)?;
+        Ok(answer.jobs.unwrap_or_default())
+    }
+
+    /// `pipeline status` of `pipeline_ids`.
+    ///
+    /// # Errors
+    /// Transport failures, or an error answer.
+    pub async fn pipeline_status(
+        &mut self,
+        pipeline_ids: Vec<PipelineId>,
+    ) -> Result<BTreeMap<PipelineId, PipelineStatus>, ClientError> {
+        let reply = self
+            .request(&Request::PipelineStatus(PipelineStatusQuery {
+                pipeline_ids,
+            }))
+            .await?;
+        let answer = expect_answer(&reply, AnswerKind::Status)?;
+        Ok(answer.pipelines.unwrap_or_default())
     }
 
     /// `probe`: asks the router to broadcast `probe: <token>`.

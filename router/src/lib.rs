@@ -97,7 +97,8 @@ impl Router {
             .split(self.settings.max_request_bytes, reply_timeout);
         let (request_tx, request_rx) = mpsc::channel::<(Envelope, Request)>(4 * BATCH);
         let (out_tx, out_rx) = mpsc::channel::<Outgoing>(64);
-        let state = State::new(self.configuration);
+        let retention = Duration::from_secs_f64(self.settings.retention_secs.max(0.0));
+        let state = State::new(self.configuration, retention);
         let state_task = tokio::spawn(state_loop(state, request_rx, out_tx.clone()));
         let outbox_task = tokio::spawn(outbox_loop(out_rx, replier, self.publisher));
 
@@ -171,13 +172,15 @@ async fn state_loop(
 ) {
     let mut batch = Vec::with_capacity(BATCH);
     while requests.recv_many(&mut batch, BATCH).await > 0 {
+        let now = std::time::Instant::now();
+        state.purge(now);
         let mut outgoing = Outgoing {
             replies: Vec::with_capacity(batch.len()),
             events: Vec::new(),
         };
         for (envelope, request) in batch.drain(..) {
             debug!(command = request.command(), peer = %envelope.peer(), "request");
-            let reply = state.handle(request, &mut outgoing.events);
+            let reply = state.handle(request, now, &mut outgoing.events);
             outgoing.replies.push((envelope, reply.encode()));
         }
         if out.send(outgoing).await.is_err() {

@@ -14,6 +14,9 @@ pub struct RouterSettings {
     pub max_request_bytes: usize,
     /// How long a reply may wait for a client that does not read, in milliseconds.
     pub reply_timeout_ms: u64,
+    /// How long the outcome of an ended pipeline stays available to `pipeline status`, in
+    /// seconds.
+    pub retention_secs: f64,
 }
 
 impl Default for RouterSettings {
@@ -23,6 +26,7 @@ impl Default for RouterSettings {
             broadcast: pypelinin_common::DEFAULT_BROADCAST.to_owned(),
             max_request_bytes: 16 * 1024 * 1024,
             reply_timeout_ms: 1000,
+            retention_secs: 300.0,
         }
     }
 }

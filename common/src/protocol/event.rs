@@ -34,6 +34,18 @@ pub enum Event {
         /// The duration as printed.
         duration: String,
     },
+    /// Extension, `pipeline failed: id=<id>, job=<job id>, worker=<worker>, error=<text>`
+    /// (the text cut as for `job failed`).
+    PipelineFailed {
+        /// The pipeline.
+        pipeline_id: PipelineId,
+        /// The job that failed.
+        job_id: JobId,
+        /// Its worker.
+        worker: String,
+        /// What went wrong.
+        error: String,
+    },
     /// Extension, `job failed: <id> error: <text>`: a job failed (the text is cut to
     /// [`Event::MAX_ERROR_BYTES`] and kept on one line; ask the router for the whole of it).
     JobFailed {
@@ -58,6 +70,8 @@ impl Event {
     pub const JOB_FINISHED: &'static str = "job finished: ";
     /// Prefix of every `pipeline finished` event.
     pub const PIPELINE_FINISHED: &'static str = "pipeline finished: ";
+    /// Prefix of every `pipeline failed` event.
+    pub const PIPELINE_FAILED: &'static str = "pipeline failed: ";
     /// Prefix of every `job failed` event.
     pub const JOB_FAILED: &'static str = "job failed: ";
     /// The longest error text a `job failed` event carries, in bytes.
@@ -76,19 +90,30 @@ impl Event {
     /// `job failed` for `job_id`, with `error` cut to one line of at most
     /// [`Event::MAX_ERROR_BYTES`].
     pub fn job_failed(job_id: JobId, error: &str) -> Self {
-        let mut line: String = error.replace(['\n', '\r'], " ");
-        if line.len() > Self::MAX_ERROR_BYTES {
-            let mut cut = Self::MAX_ERROR_BYTES - 3;
-            while !line.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            line.truncate(cut);
-            line.push_str("...");
-        }
         Event::JobFailed {
             job_id,
-            error: line,
+            error: one_line(error),
         }
+    }
+
+    /// `pipeline failed` for `pipeline_id`, with `error` cut as for [`Event::job_failed`].
+    pub fn pipeline_failed(
+        pipeline_id: PipelineId,
+        job_id: JobId,
+        worker: &str,
+        error: &str,
+    ) -> Self {
+        Event::PipelineFailed {
+            pipeline_id,
+            job_id,
+            worker: worker.replace([',', '\n', '\r'], " "),
+            error: one_line(error),
+        }
+    }
+
+    /// The subscription prefix that matches only `pipeline failed` of `pipeline_id`.
+    pub fn pipeline_failed_topic(pipeline_id: &PipelineId) -> String {
+        format!("{}id={pipeline_id},", Self::PIPELINE_FAILED)
     }
 
     /// `pipeline finished` for `pipeline_id`.
@@ -138,12 +163,36 @@ impl fmt::Display for Event {
                 "{}id={pipeline_id}, duration={duration}",
                 Self::PIPELINE_FINISHED
             ),
+            Event::PipelineFailed {
+                pipeline_id,
+                job_id,
+                worker,
+                error,
+            } => write!(
+                f,
+                "{}id={pipeline_id}, job={job_id}, worker={worker}, error={error}",
+                Self::PIPELINE_FAILED
+            ),
             Event::JobFailed { job_id, error } => {
                 write!(f, "{}{job_id} error: {error}", Self::JOB_FAILED)
             }
             Event::Probe { token } => write!(f, "{}{token}", Self::PROBE),
         }
     }
+}
+
+/// `text` on one line, cut to [`Event::MAX_ERROR_BYTES`] on a character boundary.
+fn one_line(text: &str) -> String {
+    let mut line: String = text.replace(['\n', '\r'], " ");
+    if line.len() > Event::MAX_ERROR_BYTES {
+        let mut cut = Event::MAX_ERROR_BYTES - 3;
+        while !line.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        line.truncate(cut);
+        line.push_str("...");
+    }
+    line
 }
 
 /// A broadcast string that is no known event.
@@ -175,6 +224,18 @@ impl FromStr for Event {
             return Ok(Event::PipelineFinished {
                 pipeline_id: id.into(),
                 duration: duration.to_owned(),
+            });
+        }
+        if let Some(rest) = s.strip_prefix(Self::PIPELINE_FAILED) {
+            let rest = rest.strip_prefix("id=").ok_or_else(bad)?;
+            let (id, rest) = rest.split_once(", job=").ok_or_else(bad)?;
+            let (job, rest) = rest.split_once(", worker=").ok_or_else(bad)?;
+            let (worker, error) = rest.split_once(", error=").ok_or_else(bad)?;
+            return Ok(Event::PipelineFailed {
+                pipeline_id: id.into(),
+                job_id: job.into(),
+                worker: worker.to_owned(),
+                error: error.to_owned(),
             });
         }
         if let Some(rest) = s.strip_prefix(Self::JOB_FAILED) {
@@ -218,6 +279,14 @@ mod tests {
                     token: "t-1".into(),
                 },
                 "probe: t-1",
+            ),
+            (
+                Event::job_failed("j".into(), "bad\nthing"),
+                "job failed: j error: bad thing",
+            ),
+            (
+                Event::pipeline_failed("p".into(), "j".into(), "W", "it, broke"),
+                "pipeline failed: id=p, job=j, worker=W, error=it, broke",
             ),
         ];
         for (event, text) in cases {

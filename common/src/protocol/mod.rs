@@ -24,5 +24,8 @@ pub mod request;
 
 pub use duration::WireDuration;
 pub use event::{Event, EventParseError};
-pub use reply::{Answer, AnswerKind, JobAssignment, PipelineAssignment, Reply, ReplyError};
+pub use reply::{
+    Answer, AnswerKind, JobAssignment, JobState, PipelineAssignment, PipelineState, PipelineStatus,
+    Reply, ReplyError, SubmittedJob,
+};
 pub use request::{decode_request, Request, RequestError};

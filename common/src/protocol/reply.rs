@@ -1,9 +1,12 @@
 //! Replies from the router's API socket.
 
+use std::collections::BTreeMap;
+
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use super::duration::WireDuration;
 use crate::ids::{JobId, PipelineId};
 
 /// The `"answer"` of a reply, in the legacy spelling.
@@ -24,6 +27,9 @@ pub enum AnswerKind {
     /// `probe` was broadcast.
     #[serde(rename = "probe sent")]
     ProbeSent,
+    /// The answer to `job status` / `pipeline status`.
+    #[serde(rename = "status")]
+    Status,
     /// The job id is not pending.
     #[serde(rename = "unknown job id")]
     UnknownJobId,
@@ -57,6 +63,7 @@ impl AnswerKind {
                 | AnswerKind::GoodJob
                 | AnswerKind::FailureRecorded
                 | AnswerKind::ProbeSent
+                | AnswerKind::Status
         )
     }
 }
@@ -88,6 +95,76 @@ pub struct Answer {
     /// What was wrong, for error answers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// `job status`: where each job stands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jobs: Option<BTreeMap<JobId, JobState>>,
+    /// `pipeline status`: where each pipeline stands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipelines: Option<BTreeMap<PipelineId, PipelineStatus>>,
+}
+
+/// Where a job stands (`job status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    /// Waiting in the queue.
+    Queued,
+    /// Handed to a broker.
+    Running,
+    /// Finished.
+    Finished,
+    /// Failed for good.
+    Failed,
+    /// Not known (never added, or forgotten after its pipeline ended).
+    Unknown,
+}
+
+/// Where a pipeline stands (`pipeline status`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PipelineStatus {
+    /// The state.
+    pub state: PipelineState,
+    /// How long it took, once it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration: Option<WireDuration>,
+    /// For a failed pipeline: the job that failed.
+    #[serde(rename = "job id", default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<JobId>,
+    /// For a failed pipeline: that job's worker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    /// For a failed pipeline: the error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl PipelineStatus {
+    /// A status with only a state.
+    pub fn of(state: PipelineState) -> Self {
+        Self {
+            state,
+            duration: None,
+            job_id: None,
+            worker: None,
+            error: None,
+        }
+    }
+}
+
+/// The state of a pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PipelineState {
+    /// Waiting for a pipeliner.
+    Queued,
+    /// Being walked by a pipeliner.
+    Running,
+    /// Every job finished.
+    Finished,
+    /// A job failed for good.
+    Failed,
+    /// Not known (never added, or purged after the retention time).
+    Unknown,
 }
 
 impl Answer {
@@ -98,6 +175,8 @@ impl Answer {
             job_id: None,
             pipeline_id: None,
             error: None,
+            jobs: None,
+            pipelines: None,
         }
     }
 
@@ -130,6 +209,13 @@ pub struct JobAssignment {
     pub job_id: JobId,
     /// Name of the worker that runs the job.
     pub worker: String,
+    /// The pipeline the job belongs to, when a pipeliner added it.
+    #[serde(
+        rename = "pipeline id",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub pipeline_id: Option<PipelineId>,
     /// `data` and any other keys, as `add job` sent them.
     #[serde(flatten)]
     pub fields: Map<String, Value>,
@@ -150,9 +236,29 @@ pub struct PipelineAssignment {
     pub pipeline_id: PipelineId,
     /// The pipeline in the legacy serialized format.
     pub pipeline: Value,
+    /// Extension: jobs of this pipeline submitted already (by a pipeliner that stopped), so the
+    /// next pipeliner resumes the walk instead of starting over. Absent for a fresh pipeline.
+    #[serde(
+        rename = "submitted jobs",
+        default,
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub submitted_jobs: Vec<SubmittedJob>,
     /// Any other keys `add pipeline` sent.
     #[serde(flatten)]
     pub fields: Map<String, Value>,
+}
+
+/// A job of a pipeline that was submitted already, and where it stands.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SubmittedJob {
+    /// The job.
+    #[serde(rename = "job id")]
+    pub job_id: JobId,
+    /// Its worker (which identifies the job within the pipeline).
+    pub worker: String,
+    /// Where it stands.
+    pub state: JobState,
 }
 
 /// Any reply of the router.
@@ -279,6 +385,7 @@ mod tests {
         let job = JobAssignment {
             job_id: "j1".into(),
             worker: "Upper".into(),
+            pipeline_id: None,
             fields: json!({"data": {"filename": "a.json"}, "extra": 1})
                 .as_object()
                 .cloned()

@@ -41,6 +41,15 @@ pub enum Request {
     /// Reports a pipeline done.
     #[serde(rename = "pipeline finished")]
     PipelineFinished(PipelineFinished),
+    /// Extension: reports that a pipeline cannot finish because one of its jobs failed.
+    #[serde(rename = "pipeline failed")]
+    PipelineFailed(PipelineFailed),
+    /// Extension: asks where jobs stand (to re-sync after missed broadcasts).
+    #[serde(rename = "job status")]
+    JobStatus(JobStatusQuery),
+    /// Extension: asks where pipelines stand (finished ones are kept for a retention time).
+    #[serde(rename = "pipeline status")]
+    PipelineStatus(PipelineStatusQuery),
     /// Extension: asks the router to broadcast `probe: <token>`, so a subscriber can tell when
     /// its subscription is live.
     #[serde(rename = "probe")]
@@ -58,6 +67,9 @@ impl Request {
         "add pipeline",
         "get pipeline",
         "pipeline finished",
+        "pipeline failed",
+        "job status",
+        "pipeline status",
         "probe",
     ];
 
@@ -72,6 +84,9 @@ impl Request {
             Request::AddPipeline(_) => "add pipeline",
             Request::GetPipeline => "get pipeline",
             Request::PipelineFinished(_) => "pipeline finished",
+            Request::PipelineFailed(_) => "pipeline failed",
+            Request::JobStatus(_) => "job status",
+            Request::PipelineStatus(_) => "pipeline status",
             Request::Probe(_) => "probe",
         }
     }
@@ -89,6 +104,14 @@ impl Request {
 pub struct NewJob {
     /// Name of the worker that runs the job.
     pub worker: String,
+    /// Extension: the pipeline the job belongs to (sent by pipeliners). The router then keeps
+    /// the job's state with the pipeline's, so another pipeliner can resume the pipeline.
+    #[serde(
+        rename = "pipeline id",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub pipeline_id: Option<PipelineId>,
     /// `data` and any other keys, kept as sent.
     #[serde(flatten)]
     pub fields: Map<String, Value>,
@@ -101,8 +124,15 @@ impl NewJob {
         fields.insert("data".into(), data);
         Self {
             worker: worker.into(),
+            pipeline_id: None,
             fields,
         }
+    }
+
+    /// The same job, as part of `pipeline_id`.
+    pub fn in_pipeline(mut self, pipeline_id: PipelineId) -> Self {
+        self.pipeline_id = Some(pipeline_id);
+        self
     }
 }
 
@@ -156,6 +186,40 @@ pub struct PipelineFinished {
     pub pipeline_id: PipelineId,
     /// How long it took, in seconds.
     pub duration: WireDuration,
+}
+
+/// `pipeline failed`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PipelineFailed {
+    /// The pipeline that cannot finish.
+    #[serde(rename = "pipeline id")]
+    pub pipeline_id: PipelineId,
+    /// The job that failed.
+    #[serde(rename = "job id")]
+    pub job_id: JobId,
+    /// That job's worker.
+    pub worker: String,
+    /// What went wrong.
+    pub error: String,
+    /// How long the pipeline ran, in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration: Option<WireDuration>,
+}
+
+/// `job status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobStatusQuery {
+    /// The jobs asked about.
+    #[serde(rename = "job ids")]
+    pub job_ids: Vec<JobId>,
+}
+
+/// `pipeline status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PipelineStatusQuery {
+    /// The pipelines asked about.
+    #[serde(rename = "pipeline ids")]
+    pub pipeline_ids: Vec<PipelineId>,
 }
 
 /// `probe`.
@@ -333,6 +397,20 @@ mod tests {
                 duration: WireDuration::from_secs(2.0),
             }),
             Request::Probe(Probe { token: "t".into() }),
+            Request::AddJob(NewJob::new("A", json!(null)).in_pipeline("p".into())),
+            Request::PipelineFailed(PipelineFailed {
+                pipeline_id: "p".into(),
+                job_id: "j".into(),
+                worker: "A".into(),
+                error: "boom".into(),
+                duration: None,
+            }),
+            Request::JobStatus(JobStatusQuery {
+                job_ids: vec!["j".into()],
+            }),
+            Request::PipelineStatus(PipelineStatusQuery {
+                pipeline_ids: vec!["p".into()],
+            }),
         ];
         for req in requests {
             assert_eq!(decode_request(&req.encode()).unwrap(), req);
