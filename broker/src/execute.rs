@@ -223,26 +223,23 @@ fn stderr_tail(err: &[u8]) -> String {
 }
 
 thread_local! {
-    /// Where the panic hook leaves the location and backtrace of the last panic on this thread.
+    /// Where the panic hook leaves the location of the last panic on this thread.
     static LAST_PANIC: RefCell<Option<String>> = const { RefCell::new(None) };
 }
 
-/// Installs (once) a panic hook that records where a worker panicked, then runs the usual hook.
+/// Installs (once) a panic hook that records where a worker panicked, then runs the usual hook
+/// (which prints the backtrace to the broker's log when `RUST_BACKTRACE` asks for it). The
+/// job's error keeps the message and location only: resolving a backtrace can take longer
+/// than a job's timeout.
 fn install_panic_hook() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            let location = info
-                .location()
-                .map(|l| format!("{}:{}", l.file(), l.line()))
-                .unwrap_or_default();
-            let backtrace = std::backtrace::Backtrace::capture();
-            let detail = match backtrace.status() {
-                std::backtrace::BacktraceStatus::Captured => format!("at {location}\n{backtrace}"),
-                _ => format!("at {location}"),
-            };
-            LAST_PANIC.with(|p| *p.borrow_mut() = Some(detail));
+            if let Some(l) = info.location() {
+                let at = format!("at {}:{}", l.file(), l.line());
+                LAST_PANIC.with(|p| *p.borrow_mut() = Some(at));
+            }
             previous(info);
         }));
     });

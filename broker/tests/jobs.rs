@@ -59,16 +59,16 @@ impl Worker for Trouble {
         vec!["mode".into()]
     }
     fn timeout(&self) -> Option<Duration> {
-        Some(Duration::from_millis(300))
+        Some(Duration::from_secs(1))
     }
     fn process(&self, input: JsonObject) -> WorkerResult<JsonObject> {
         match input["mode"].as_str() {
             Some("fail") => Err("the input was bad".into()),
             Some("panic") => panic!("worker exploded"),
             Some("hang") => {
-                // Workload, not a test wait: blocks past the worker's 300 ms timeout.
+                // Workload, not a test wait: blocks past the worker's 1 s timeout.
                 let (_keep, never) = std::sync::mpsc::channel::<()>();
-                let _ = never.recv_timeout(Duration::from_secs(2));
+                let _ = never.recv_timeout(Duration::from_secs(3));
                 Ok(JsonObject::new())
             }
             _ => Ok(json!({"ok": true}).as_object().cloned().unwrap()),
@@ -202,7 +202,7 @@ async fn failing_panicking_and_hanging_workers_are_reported_and_others_go_on() {
                 "{}",
                 error_of(id)
             ),
-            "hang" => assert_eq!(error_of(id), "timed out after 300ms"),
+            "hang" => assert_eq!(error_of(id), "timed out after 1s"),
             _ => {}
         }
     }
@@ -295,18 +295,18 @@ async fn command_workers_run_scripts_and_report_their_failures() {
     let sh_fail = script(&cluster, "fail.sh", "echo 'something broke' >&2\nexit 4\n");
     let sh_bad = script(&cluster, "bad.sh", "cat > /dev/null\necho 'not json'\n");
     let sh_slow = script(&cluster, "slow.sh", "exec sleep 30\n");
-    let command = |name: &str, cmd: Vec<&str>| CommandWorker {
+    let command = |name: &str, cmd: Vec<&str>, timeout: f64| CommandWorker {
         name: name.into(),
         requires: vec!["text".into()],
         command: cmd.into_iter().map(String::from).collect(),
-        timeout_secs: Some(0.5),
+        timeout_secs: Some(timeout),
     };
     let mut settings = cluster.settings(4);
     settings.command_workers = vec![
-        command("Words", vec!["python3", &py]),
-        command("Fail", vec!["sh", &sh_fail]),
-        command("Bad", vec!["sh", &sh_bad]),
-        command("Slow", vec!["sh", &sh_slow]),
+        command("Words", vec!["python3", &py], 20.0),
+        command("Fail", vec!["sh", &sh_fail], 20.0),
+        command("Bad", vec!["sh", &sh_bad], 20.0),
+        command("Slow", vec!["sh", &sh_slow], 0.5),
     ];
     cluster.broker(settings, WorkerRegistry::new());
     write_doc(&cluster, "doc", json!({"text": "one two three"}));

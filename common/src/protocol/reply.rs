@@ -301,7 +301,7 @@ impl Reply {
 pub enum ReplyError {
     /// The router answered with an error (or another answer than the expected one).
     #[error("router answered {:?}{}", .0.answer, .0.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default())]
-    Refused(Answer),
+    Refused(Box<Answer>),
     /// The reply is not of any known shape.
     #[error("unexpected reply from the router: {0}")]
     Unexpected(String),
@@ -322,7 +322,7 @@ fn decode_reply_value<T: DeserializeOwned>(value: Value) -> Result<T, ReplyError
     match serde_json::from_value::<T>(value.clone()) {
         Ok(t) => Ok(t),
         Err(e) => match serde_json::from_value::<Answer>(value.clone()) {
-            Ok(a) => Err(ReplyError::Refused(a)),
+            Ok(a) => Err(ReplyError::Refused(Box::new(a))),
             Err(_) => Err(ReplyError::Unexpected(format!("{e}: {value}"))),
         },
     }
@@ -363,7 +363,7 @@ pub fn expect_answer(bytes: &[u8], expected: AnswerKind) -> Result<Answer, Reply
     if answer.answer == expected {
         Ok(answer)
     } else {
-        Err(ReplyError::Refused(answer))
+        Err(ReplyError::Refused(Box::new(answer)))
     }
 }
 
