@@ -1,0 +1,315 @@
+//! The pypelinin client: submit pipelines to a cluster and wait for them.
+//!
+//! ```no_run
+//! use pypelinin_client::{Pipeline, PipelineManager};
+//! use std::time::Duration;
+//!
+//! # async fn demo() -> Result<(), pypelinin_client::Error> {
+//! let mut manager = PipelineManager::connect("tcp://127.0.0.1:5555", "tcp://127.0.0.1:5556").await?;
+//! let pipeline = Pipeline::builder()
+//!     .edges("Downloader", ["GetTextAndWords", "GetLinks"])
+//!     .data(serde_json::json!({"filename": "doc-1", "url": "http://example.com"}))
+//!     .build()?;
+//! let id = manager.start(&pipeline).await?;
+//! let seconds = manager.wait(&id).await?;
+//! println!("{id} finished in {seconds} s");
+//! # Ok(()) }
+//! ```
+//!
+//! The manager subscribes to every `pipeline finished`/`pipeline failed` broadcast and checks
+//! the subscription is live before it submits anything, so a pipeline that finishes at once is
+//! not missed (the legacy client subscribed after submitting). It asks the router where
+//! pipelines stand (`pipeline status`) when it has heard nothing for a while, so a missed
+//! broadcast never leaves it waiting forever.
+//!
+//! Layout: [`PipelineManager`] (async), [`blocking::PipelineManager`] (for scripts), and the
+//! re-exports a client needs: [`Pipeline`], [`Job`], [`save_dot`], [`PipelineId`].
+
+pub mod blocking;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+pub use pypelinin_common::ids::{JobId, PipelineId};
+pub use pypelinin_common::pipeline::{save_dot, Job, Pipeline, PipelineError};
+use pypelinin_common::protocol::{Event, PipelineState};
+use pypelinin_common::transport::{ApiClient, ClientError, ClientOptions, Subscriber};
+use tracing::debug;
+
+/// Why a pipeline failed: the job, its worker and the error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("pipeline {pipeline_id} failed: job {job_id} ({worker}): {error}")]
+pub struct PipelineFailure {
+    /// The pipeline.
+    pub pipeline_id: PipelineId,
+    /// The job that failed.
+    pub job_id: JobId,
+    /// Its worker.
+    pub worker: String,
+    /// What went wrong.
+    pub error: String,
+}
+
+/// A client failure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The router could not be reached, or refused the request.
+    #[error(transparent)]
+    Router(#[from] ClientError),
+    /// The pipeline is not valid.
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+    /// The pipeline failed.
+    #[error(transparent)]
+    Failed(#[from] PipelineFailure),
+    /// The router does not know the pipeline (it was never added, or its outcome was purged).
+    #[error("the router does not know pipeline {0}")]
+    Unknown(PipelineId),
+    /// The blocking wrapper could not start its runtime.
+    #[error("cannot start a runtime")]
+    Runtime(#[source] std::io::Error),
+    /// These pipelines did not end in time.
+    #[error("{} pipeline(s) did not end within {limit:?}", .left.len())]
+    Timeout {
+        /// The time limit.
+        limit: Duration,
+        /// The pipelines still running.
+        left: Vec<PipelineId>,
+    },
+}
+
+/// How a pipeline ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Every job finished; the pipeline took this many seconds (the pipeliner's figure).
+    Finished(f64),
+    /// A job failed.
+    Failed(PipelineFailure),
+    /// The router forgot the pipeline.
+    Unknown,
+}
+
+/// Submits pipelines and follows them to their end.
+pub struct PipelineManager {
+    client: ApiClient,
+    events: Subscriber,
+    /// Started and not ended yet, with when we last heard of them.
+    pending: HashMap<PipelineId, Instant>,
+    outcomes: HashMap<PipelineId, Outcome>,
+    resync_after: Duration,
+}
+
+impl PipelineManager {
+    /// Connects to a router (its API and broadcast endpoints).
+    ///
+    /// # Errors
+    /// [`Error::Router`] when the router cannot be reached within 5 s.
+    pub async fn connect(api: &str, broadcast: &str) -> Result<Self, Error> {
+        Self::connect_with(api, broadcast, ClientOptions::default()).await
+    }
+
+    /// As [`PipelineManager::connect`], with explicit timeouts.
+    ///
+    /// # Errors
+    /// [`Error::Router`] when the router cannot be reached.
+    pub async fn connect_with(
+        api: &str,
+        broadcast: &str,
+        options: ClientOptions,
+    ) -> Result<Self, Error> {
+        let mut client = ApiClient::connect(api, options)
+            .await
+            .map_err(ClientError::from)?;
+        let mut events = Subscriber::connect(
+            broadcast,
+            &[Event::PIPELINE_FINISHED, Event::PIPELINE_FAILED],
+            options.connect_timeout,
+        )
+        .await
+        .map_err(ClientError::from)?;
+        events
+            .wait_live(&mut client, options.request_timeout)
+            .await?;
+        Ok(Self {
+            client,
+            events,
+            pending: HashMap::new(),
+            outcomes: HashMap::new(),
+            resync_after: Duration::from_secs(2),
+        })
+    }
+
+    /// Submits `pipeline`; returns its id.
+    ///
+    /// # Errors
+    /// [`Error::Router`] when the router is unreachable or refuses the pipeline.
+    pub async fn start(&mut self, pipeline: &Pipeline) -> Result<PipelineId, Error> {
+        let id = self.client.add_pipeline(pipeline).await?;
+        self.pending.insert(id.clone(), Instant::now());
+        Ok(id)
+    }
+
+    /// Pipelines started and not ended yet.
+    pub fn running(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Whether `id` has ended, reading the broadcasts that arrived (without waiting).
+    ///
+    /// # Errors
+    /// [`Error::Router`] when the broadcast socket failed.
+    pub async fn finished(&mut self, id: &PipelineId) -> Result<bool, Error> {
+        while let Ok(event) = tokio::time::timeout(Duration::ZERO, self.events.recv()).await {
+            self.record(event.map_err(ClientError::from)?);
+        }
+        Ok(self.outcomes.contains_key(id))
+    }
+
+    /// The outcome of an ended pipeline, once [`finished`](PipelineManager::finished) or a wait
+    /// saw it.
+    pub fn outcome(&self, id: &PipelineId) -> Option<&Outcome> {
+        self.outcomes.get(id)
+    }
+
+    /// Waits for `id` to end; returns its duration in seconds.
+    ///
+    /// # Errors
+    /// [`Error::Failed`] naming the failed job, its worker and the error; [`Error::Unknown`]
+    /// when the router does not know the pipeline; [`Error::Router`] when it cannot be reached.
+    pub async fn wait(&mut self, id: &PipelineId) -> Result<f64, Error> {
+        loop {
+            if let Some(outcome) = self.outcomes.remove(id) {
+                return into_result(id, outcome);
+            }
+            if !self.pending.contains_key(id) {
+                self.pending.insert(id.clone(), Instant::now());
+            }
+            self.next(Instant::now() + Duration::from_secs(3600))
+                .await?;
+        }
+    }
+
+    /// Waits for every pipeline of `ids` to end, at most `limit`; returns each outcome in the
+    /// order of `ids`.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] listing the pipelines still running at the limit; [`Error::Router`]
+    /// when the router cannot be reached.
+    pub async fn wait_all(
+        &mut self,
+        ids: &[PipelineId],
+        limit: Duration,
+    ) -> Result<Vec<Outcome>, Error> {
+        let deadline = Instant::now() + limit;
+        for id in ids {
+            if !self.outcomes.contains_key(id) && !self.pending.contains_key(id) {
+                self.pending.insert(id.clone(), Instant::now());
+            }
+        }
+        loop {
+            let left: Vec<PipelineId> = ids
+                .iter()
+                .filter(|id| !self.outcomes.contains_key(*id))
+                .cloned()
+                .collect();
+            if left.is_empty() {
+                return Ok(ids
+                    .iter()
+                    .filter_map(|id| self.outcomes.remove(id))
+                    .collect());
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout { limit, left });
+            }
+            self.next(deadline).await?;
+        }
+    }
+
+    /// Waits for the next event, or resyncs when nothing came for a while; returns at
+    /// `deadline` at the latest.
+    async fn next(&mut self, deadline: Instant) -> Result<(), Error> {
+        let wake = (Instant::now() + self.resync_after).min(deadline);
+        match tokio::time::timeout_at(wake.into(), self.events.recv()).await {
+            Ok(event) => {
+                self.record(event.map_err(ClientError::from)?);
+                Ok(())
+            }
+            Err(_) => self.resync().await,
+        }
+    }
+
+    fn record(&mut self, event: Event) {
+        let (id, outcome) = match event {
+            Event::PipelineFinished {
+                pipeline_id,
+                duration,
+            } => {
+                let secs = duration.parse().unwrap_or(0.0);
+                (pipeline_id, Outcome::Finished(secs))
+            }
+            Event::PipelineFailed {
+                pipeline_id,
+                job_id,
+                worker,
+                error,
+            } => {
+                let failure = PipelineFailure {
+                    pipeline_id: pipeline_id.clone(),
+                    job_id,
+                    worker,
+                    error,
+                };
+                (pipeline_id, Outcome::Failed(failure))
+            }
+            _ => return,
+        };
+        if self.pending.remove(&id).is_some() {
+            self.outcomes.insert(id, outcome);
+        }
+    }
+
+    /// Asks the router where the pipelines we heard nothing of for a while stand.
+    async fn resync(&mut self) -> Result<(), Error> {
+        let now = Instant::now();
+        let stale: Vec<PipelineId> = self
+            .pending
+            .iter()
+            .filter(|(_, at)| now.duration_since(**at) >= self.resync_after)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for chunk in stale.chunks(1000) {
+            let states = self.client.pipeline_status(chunk.to_vec()).await?;
+            for (id, status) in states {
+                let outcome = match status.state {
+                    PipelineState::Queued | PipelineState::Running => {
+                        self.pending.insert(id, now);
+                        continue;
+                    }
+                    PipelineState::Finished => {
+                        Outcome::Finished(status.duration.map(|d| d.as_secs()).unwrap_or(0.0))
+                    }
+                    PipelineState::Failed => Outcome::Failed(PipelineFailure {
+                        pipeline_id: id.clone(),
+                        job_id: status.job_id.unwrap_or_else(|| JobId::from("")),
+                        worker: status.worker.unwrap_or_default(),
+                        error: status.error.unwrap_or_default(),
+                    }),
+                    PipelineState::Unknown => Outcome::Unknown,
+                };
+                debug!(pipeline_id = %id, ?outcome, "caught up on a missed broadcast");
+                self.pending.remove(&id);
+                self.outcomes.insert(id, outcome);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn into_result(id: &PipelineId, outcome: Outcome) -> Result<f64, Error> {
+    match outcome {
+        Outcome::Finished(secs) => Ok(secs),
+        Outcome::Failed(f) => Err(Error::Failed(f)),
+        Outcome::Unknown => Err(Error::Unknown(id.clone())),
+    }
+}

@@ -1,0 +1,358 @@
+//! The pypelinin pipeliner: walks pipeline DAGs.
+//!
+//! It takes pipelines from the router (`get pipeline`), submits each starter job (`add job`
+//! with the pipeline's data and id), then each job as soon as all its parents have finished,
+//! following `job finished` broadcasts, and reports `pipeline finished` — or `pipeline failed`
+//! when a job failed. It walks many pipelines at once, and several pipeliners can share a
+//! router: the router hands each pipeline to one of them.
+//!
+//! It subscribes to every `job finished`/`job failed` broadcast before it submits anything, so
+//! a fast job's event is never missed; and because broadcasts can still be lost (a reconnect),
+//! it asks the router where jobs stand (`job status`) when it has heard nothing of them for a
+//! while.
+//!
+//! Layout: [`Pipeliner`] (the I/O loop), [`walks`] (the DAG walk, no I/O), [`settings`],
+//! [`cli`].
+
+pub mod cli;
+pub mod settings;
+pub mod walks;
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use pypelinin_common::protocol::request::{NewJob, PipelineFailed};
+use pypelinin_common::protocol::{AnswerKind, Event, JobState, PipelineState, WireDuration};
+use pypelinin_common::transport::{
+    wait_for_router, ApiClient, ClientError, ClientOptions, Subscriber,
+};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+pub use settings::PipelinerSettings;
+use walks::{Action, Walks};
+
+/// Status queries ask about this many jobs at most.
+const STATUS_CHUNK: usize = 1000;
+
+/// A pipeliner ready to [`run`](Pipeliner::run).
+pub struct Pipeliner {
+    settings: PipelinerSettings,
+}
+
+fn secs(value: f64, fallback: Duration) -> Duration {
+    if value.is_finite() && value > 0.0 {
+        Duration::from_secs_f64(value)
+    } else {
+        fallback
+    }
+}
+
+impl Pipeliner {
+    /// A pipeliner with `settings`.
+    pub fn new(settings: PipelinerSettings) -> Self {
+        Self { settings }
+    }
+
+    /// Runs until `shutdown` is cancelled: then it takes no new pipeline, walks the ones it
+    /// holds to their end (up to the grace period) and returns.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let s = &self.settings;
+        let options = ClientOptions {
+            connect_timeout: secs(s.connect_timeout_secs, Duration::from_secs(5)),
+            request_timeout: secs(s.request_timeout_secs, Duration::from_secs(10)),
+        };
+        let prefixes = [Event::NEW_PIPELINE, Event::JOB_FINISHED, Event::JOB_FAILED];
+        let Some((mut client, mut subscriber, _)) =
+            wait_for_router(&s.api, &s.broadcast, &prefixes, options, &shutdown).await
+        else {
+            return;
+        };
+        // Submit nothing before the subscription is live: a fast job's event would be lost.
+        while let Err(e) = subscriber
+            .wait_live(&mut client, options.request_timeout)
+            .await
+        {
+            warn!(error = %e, "waiting for the broadcast subscription");
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        }
+        info!(max_pipelines = s.max_pipelines, "pipeliner running");
+        let mut state = Loop {
+            client,
+            walks: Walks::default(),
+            actions: VecDeque::new(),
+            want_pipelines: true,
+            max_pipelines: s.max_pipelines.max(1),
+        };
+        state.run(subscriber, &shutdown, s).await;
+    }
+}
+
+struct Loop {
+    client: ApiClient,
+    walks: Walks,
+    /// Requests to the router not sent yet (kept while the router is unreachable).
+    actions: VecDeque<Action>,
+    want_pipelines: bool,
+    max_pipelines: usize,
+}
+
+impl Loop {
+    async fn run(
+        &mut self,
+        mut subscriber: Subscriber,
+        shutdown: &CancellationToken,
+        s: &PipelinerSettings,
+    ) {
+        let resync_after = secs(s.resync_after_secs, Duration::from_secs(2));
+        let grace = secs(s.shutdown_grace_secs, Duration::from_secs(30));
+        let mut poll = tokio::time::interval(secs(s.poll_interval_secs, Duration::from_secs(5)));
+        let mut resync = tokio::time::interval(resync_after);
+        let mut stopping: Option<Instant> = None;
+        let mut retry_at: Option<Instant> = None;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            if stopping.is_none() && shutdown.is_cancelled() {
+                info!(
+                    pipelines = self.walks.len(),
+                    ?grace,
+                    "pipeliner stopping: no new pipelines"
+                );
+                stopping = Some(Instant::now() + grace);
+            }
+            if retry_at.is_none_or(|t| Instant::now() >= t) {
+                retry_at = None;
+                let ok =
+                    self.perform().await && (stopping.is_some() || self.fetch_pipelines().await);
+                if ok {
+                    backoff = Duration::from_millis(100);
+                } else {
+                    retry_at = Some(Instant::now() + backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+            if stopping.is_some() && self.walks.is_empty() && self.actions.is_empty() {
+                info!("pipeliner stopped: every pipeline it held ended");
+                return;
+            }
+            tokio::select! {
+                () = shutdown.cancelled(), if stopping.is_none() => {}
+                () = sleep_until_opt(stopping) => {
+                    warn!(pipelines = self.walks.len(), "grace period over; leaving pipelines unfinished");
+                    return;
+                }
+                () = sleep_until_opt(retry_at) => {}
+                event = subscriber.recv() => match event {
+                    Ok(event) => self.on_event(event),
+                    Err(e) => {
+                        warn!(error = %e, "broadcast subscription closed");
+                        return;
+                    }
+                },
+                _ = poll.tick() => self.want_pipelines = true,
+                _ = resync.tick() => {
+                    if retry_at.is_none() && !self.resync(resync_after).await {
+                        retry_at = Some(Instant::now() + backoff);
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_event(&mut self, event: Event) {
+        let now = std::time::Instant::now();
+        let actions = match event {
+            Event::NewPipeline => {
+                self.want_pipelines = true;
+                return;
+            }
+            Event::JobFinished { job_id, .. } => self.walks.job_finished(&job_id, now),
+            Event::JobFailed { job_id, error } => self.walks.job_failed(&job_id, &error, now),
+            _ => return,
+        };
+        self.actions.extend(actions);
+    }
+
+    /// Sends queued actions; false when the router could not be reached.
+    async fn perform(&mut self) -> bool {
+        while let Some(action) = self.actions.pop_front() {
+            match self.send(&action).await {
+                Ok(()) => {}
+                Err(e) if e.is_transient() => {
+                    warn!(error = %e, "cannot reach the router; will retry");
+                    self.actions.push_front(action);
+                    return false;
+                }
+                Err(e) => warn!(error = %e, ?action, "the router refused a request"),
+            }
+        }
+        true
+    }
+
+    async fn send(&mut self, action: &Action) -> Result<(), ClientError> {
+        match action {
+            Action::Submit {
+                pipeline_id,
+                job,
+                worker,
+                data,
+            } => {
+                if !self.walks.contains(pipeline_id) {
+                    return Ok(());
+                }
+                let new =
+                    NewJob::new(worker.clone(), data.clone()).in_pipeline(pipeline_id.clone());
+                let job_id = self.client.add_job(new).await?;
+                debug!(%pipeline_id, %job_id, worker, "job submitted");
+                self.walks
+                    .submitted(pipeline_id, *job, job_id, std::time::Instant::now());
+            }
+            Action::Finish {
+                pipeline_id,
+                duration,
+            } => {
+                let answer = self
+                    .client
+                    .pipeline_finished(pipeline_id.clone(), WireDuration::from(*duration))
+                    .await?;
+                if answer.answer != AnswerKind::GoodJob {
+                    warn!(%pipeline_id, answer = ?answer.answer, "pipeline finished was not accepted");
+                } else {
+                    info!(%pipeline_id, secs = duration.as_secs_f64(), "pipeline finished");
+                }
+            }
+            Action::Fail {
+                pipeline_id,
+                job_id,
+                worker,
+                error,
+                duration,
+            } => {
+                warn!(%pipeline_id, %job_id, worker, error, "pipeline failed");
+                let failure = PipelineFailed {
+                    pipeline_id: pipeline_id.clone(),
+                    job_id: job_id.clone(),
+                    worker: worker.clone(),
+                    error: error.clone(),
+                    duration: Some(WireDuration::from(*duration)),
+                };
+                self.client.pipeline_failed(failure).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes pipelines while the router has some and we have room; false when the router could
+    /// not be reached.
+    async fn fetch_pipelines(&mut self) -> bool {
+        while self.want_pipelines && self.walks.len() < self.max_pipelines {
+            match self.client.get_pipeline().await {
+                Ok(Some(assignment)) => {
+                    debug!(pipeline_id = %assignment.pipeline_id, "pipeline taken");
+                    let actions = self.walks.start(assignment, std::time::Instant::now());
+                    self.actions.extend(actions);
+                    if !self.perform().await {
+                        return false;
+                    }
+                }
+                Ok(None) => self.want_pipelines = false,
+                Err(e) if e.is_transient() => {
+                    warn!(error = %e, "cannot ask the router for pipelines; will retry");
+                    return false;
+                }
+                Err(e) => {
+                    warn!(error = %e, "the router refused get pipeline");
+                    self.want_pipelines = false;
+                }
+            }
+        }
+        true
+    }
+
+    /// Asks where the jobs we have awaited for a while stand, and catches up on what the
+    /// broadcasts did not tell; false when the router could not be reached.
+    async fn resync(&mut self, older_than: Duration) -> bool {
+        let Some(before) = std::time::Instant::now().checked_sub(older_than) else {
+            return true;
+        };
+        let stale = self.walks.awaited_before(before);
+        for chunk in stale.chunks(STATUS_CHUNK) {
+            let states = match self.client.job_status(chunk.to_vec()).await {
+                Ok(states) => states,
+                Err(e) if e.is_transient() => return false,
+                Err(e) => {
+                    warn!(error = %e, "the router refused job status");
+                    return true;
+                }
+            };
+            let mut lost = Vec::new();
+            for (job_id, state) in states {
+                let now = std::time::Instant::now();
+                let actions = match state {
+                    JobState::Finished => self.walks.job_finished(&job_id, now),
+                    JobState::Failed => self.walks.job_failed(
+                        &job_id,
+                        "the job failed (its broadcast was missed)",
+                        now,
+                    ),
+                    JobState::Unknown => {
+                        lost.push(job_id);
+                        continue;
+                    }
+                    JobState::Queued | JobState::Running => continue,
+                };
+                if !actions.is_empty() {
+                    debug!(%job_id, ?state, "caught up on a missed broadcast");
+                }
+                self.actions.extend(actions);
+            }
+            if !lost.is_empty() && !self.handle_lost(lost).await {
+                return false;
+            }
+        }
+        self.perform().await
+    }
+
+    /// Jobs the router does not know: drop their pipeline when the router forgot it too,
+    /// else submit them again.
+    async fn handle_lost(&mut self, lost: Vec<pypelinin_common::ids::JobId>) -> bool {
+        let mut pipelines: Vec<_> = lost
+            .iter()
+            .filter_map(|j| self.walks.pipeline_of(j).cloned())
+            .collect();
+        pipelines.sort();
+        pipelines.dedup();
+        let states = match self.client.pipeline_status(pipelines).await {
+            Ok(s) => s,
+            Err(e) => return !e.is_transient(),
+        };
+        for job_id in lost {
+            let Some(pipeline_id) = self.walks.pipeline_of(&job_id).cloned() else {
+                continue;
+            };
+            match states.get(&pipeline_id).map(|s| s.state) {
+                Some(PipelineState::Queued | PipelineState::Running) => {
+                    warn!(%pipeline_id, %job_id, "the router lost a job; submitting it again");
+                    let actions = self.walks.job_lost(&job_id);
+                    self.actions.extend(actions);
+                }
+                _ => {
+                    warn!(%pipeline_id, "the router no longer knows this pipeline; dropping it");
+                    self.walks.drop_pipeline(&pipeline_id);
+                }
+            }
+        }
+        true
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

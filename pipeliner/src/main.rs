@@ -1,0 +1,27 @@
+//! `pypelinin-pipeliner`: the pipeliner daemon.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use pypelinin_pipeliner::cli::PipelinerArgs;
+
+/// pypelinin pipeliner: walks pipeline DAGs and submits their jobs.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(flatten)]
+    pipeliner: PipelinerArgs,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    pypelinin_common::telemetry::init();
+    let cli = Cli::parse();
+    match pypelinin_pipeliner::cli::run(&cli.pipeliner).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
