@@ -13,10 +13,12 @@
 //!   [`WorkerRegistry`](worker::WorkerRegistry).
 //! - [`store`]: the [`Store`] trait and [`FileStore`](store::FileStore).
 //! - [`Broker`]: the daemon loop; [`settings`], [`cli`] for binaries.
+//! - [`local`]: run a pipeline in this process, without sockets or daemons (for tests).
 //! - `execute`: running one job; `monitoring`: the periodic monitoring record.
 
 pub mod cli;
 mod execute;
+pub mod local;
 mod monitoring;
 pub mod settings;
 pub mod store;
@@ -69,12 +71,16 @@ pub struct Broker {
     store_factory: StoreFactory,
 }
 
-/// The FileStore factory: `FileStore::from_configuration(configuration["store"])`.
+/// The store factory of the shipped stores: with `[store] type = "none"` a
+/// [`NullStore`](store::NullStore), else `FileStore::from_configuration(configuration["store"])`.
 pub fn file_store_factory() -> StoreFactory {
     Box::new(|configuration: &JsonObject| {
         let table = configuration
             .get("store")
             .ok_or("the cluster configuration has no [store] table")?;
+        if table.get("type").and_then(Value::as_str) == Some("none") {
+            return Ok(Arc::new(store::NullStore) as Arc<dyn Store>);
+        }
         Ok(Arc::new(FileStore::from_configuration(table)?) as Arc<dyn Store>)
     })
 }

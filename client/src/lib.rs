@@ -226,6 +226,27 @@ impl PipelineManager {
         }
     }
 
+    /// Waits, at most `limit`, for the next of the started pipelines to end; `None` when none
+    /// ended in time or none is running.
+    ///
+    /// # Errors
+    /// [`Error::Router`] when the router cannot be reached.
+    pub async fn wait_any(
+        &mut self,
+        limit: Duration,
+    ) -> Result<Option<(PipelineId, Outcome)>, Error> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(id) = self.outcomes.keys().next().cloned() {
+                return Ok(self.outcomes.remove(&id).map(|o| (id, o)));
+            }
+            if self.pending.is_empty() || Instant::now() >= deadline {
+                return Ok(None);
+            }
+            self.next(deadline).await?;
+        }
+    }
+
     /// Waits for the next event, or resyncs when nothing came for a while; returns at
     /// `deadline` at the latest.
     async fn next(&mut self, deadline: Instant) -> Result<(), Error> {

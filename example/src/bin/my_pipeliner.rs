@@ -1,0 +1,27 @@
+//! `my_pipeliner`: the example's pipeliner.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use pypelinin_pipeliner::cli::PipelinerArgs;
+
+/// The example's pipeliner: walks the pipelines' DAGs and submits their jobs.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(flatten)]
+    pipeliner: PipelinerArgs,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    pypelinin_common::telemetry::init();
+    let cli = Cli::parse();
+    match pypelinin_pipeliner::cli::run(&cli.pipeliner).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,43 @@
+//! `my_router`: the example's router, serving the example's cluster configuration.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use pypelinin_example::cluster;
+use pypelinin_router::cli::RouterArgs;
+
+/// The example's router: a FileStore in <home>/store, monitoring in <home>/monitoring.log.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(flatten)]
+    router: RouterArgs,
+    /// Folder of the example's data (store, monitoring log) [default: <temp>/pypelinin-example].
+    #[arg(long)]
+    home: Option<PathBuf>,
+    /// Seconds between brokers' monitoring records.
+    #[arg(long, default_value_t = 5.0)]
+    monitoring_interval: f64,
+    /// Store nothing (`[store] type = "none"`): for benchmarks of the cluster itself.
+    #[arg(long)]
+    no_store: bool,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    pypelinin_common::telemetry::init();
+    let cli = Cli::parse();
+    let home = cli.home.unwrap_or_else(cluster::default_home);
+    let mut configuration = cluster::configuration(&home, cli.monitoring_interval);
+    if cli.no_store {
+        configuration.insert("store".into(), serde_json::json!({"type": "none"}));
+    }
+    match pypelinin_router::cli::run(&cli.router, configuration).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

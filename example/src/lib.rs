@@ -1,0 +1,15 @@
+//! The pypelinin example: the legacy example, made offline.
+//!
+//! A corpus of small HTML documents (`data/`) goes through the pipeline
+//! `Downloader → (GetTextAndWords, GetLinks) → Summarize`, with `GetTextAndWords →
+//! TextStats` (a Python command worker) on the side. Binaries: `my_router`, `my_broker`,
+//! `my_pipeliner`, `send_pipelines`, and `demo`, which runs all of them.
+//!
+//! Layout: [`workers`] (the workers), [`process`] (child processes), [`corpus`] (the bundled documents and the local HTTP
+//! server), [`cluster`] (the example's cluster configuration and pipeline, and the helpers
+//! the binaries share).
+
+pub mod cluster;
+pub mod corpus;
+pub mod process;
+pub mod workers;
