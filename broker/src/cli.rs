@@ -8,6 +8,13 @@ use pypelinin_common::config::ConfigFile;
 
 use crate::{Broker, BrokerSettings, StoreFactory, WorkerRegistry};
 
+/// The `[cluster]` table: settings every daemon shares.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+struct ClusterTable {
+    token: Option<String>,
+}
+
 /// Flags of a broker; they beat the settings file and the environment.
 #[derive(Debug, Clone, Default, Args)]
 pub struct BrokerArgs {
@@ -33,6 +40,9 @@ impl BrokerArgs {
     pub fn load(&self) -> anyhow::Result<BrokerSettings> {
         let file = ConfigFile::read_optional(self.config.as_deref())?;
         let mut settings: BrokerSettings = file.settings("broker")?;
+        if settings.token.is_none() {
+            settings.token = file.settings::<ClusterTable>("cluster")?.token;
+        }
         if let Some(api) = &self.api {
             settings.api.clone_from(api);
         }

@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pypelinin_common::ids::JobId;
-use pypelinin_common::protocol::request::JobFailed;
+use pypelinin_common::protocol::request::{JobFailed, RenewLeases};
 use pypelinin_common::protocol::{Event, JobAssignment, WireDuration};
 use pypelinin_common::transport::{wait_for_router, ApiClient, ClientOptions};
 use serde_json::{json, Value};
@@ -120,8 +120,15 @@ impl Broker {
             connect_timeout: secs(s.connect_timeout_secs, Duration::from_secs(5)),
             request_timeout: secs(s.request_timeout_secs, Duration::from_secs(10)),
         };
-        let Some((client, subscriber, configuration)) =
-            wait_for_router(&s.api, &s.broadcast, &[Event::NEW_JOB], options, &shutdown).await
+        let Some((client, subscriber, configuration)) = wait_for_router(
+            &s.api,
+            &s.broadcast,
+            &[Event::NEW_JOB],
+            options,
+            s.token.clone(),
+            &shutdown,
+        )
+        .await
         else {
             return Ok(());
         };
@@ -183,6 +190,8 @@ impl Loop {
         let mut monitor_tick =
             tokio::time::interval(monitoring.unwrap_or(Duration::from_secs(3600)));
         let mut monitor = monitoring::Monitor::new();
+        let mut renew =
+            tokio::time::interval(secs(settings.lease_renew_secs, Duration::from_secs(5)));
         let mut stopping: Option<Instant> = None;
         let mut backoff = Duration::from_millis(100);
         let grace = secs(settings.shutdown_grace_secs, Duration::from_secs(30));
@@ -236,6 +245,16 @@ impl Loop {
                     self.want_jobs = true;
                 }
                 _ = poll.tick() => self.want_jobs = true,
+                _ = renew.tick(), if !self.running.is_empty() => {
+                    // Heartbeat: without it the router hands our jobs to another broker.
+                    let leases = RenewLeases {
+                        job_ids: self.running.keys().cloned().collect(),
+                        pipeline_ids: Vec::new(),
+                    };
+                    if let Err(e) = self.client.renew_leases(leases).await {
+                        warn!(error = %e, "cannot renew job leases");
+                    }
+                }
                 _ = monitor_tick.tick(), if monitoring.is_some() => {
                     let record = monitor.record(self.concurrency, self.running.values().cloned().collect());
                     let store = self.store.clone();

@@ -26,6 +26,11 @@ pub struct BrokerSettings {
     pub connect_timeout_secs: f64,
     /// How long to wait for a reply from the router, in seconds.
     pub request_timeout_secs: f64,
+    /// How often to renew the leases of running jobs, in seconds (keep it well under the
+    /// router's `job_lease_secs`).
+    pub lease_renew_secs: f64,
+    /// The cluster token (`[cluster] token` or `PYPELININ_TOKEN`), when the router requires one.
+    pub token: Option<String>,
     /// Command workers (`[[broker.command_workers]]` tables).
     pub command_workers: Vec<CommandWorker>,
 }
@@ -41,6 +46,8 @@ impl Default for BrokerSettings {
             shutdown_grace_secs: 30.0,
             connect_timeout_secs: 5.0,
             request_timeout_secs: 10.0,
+            lease_renew_secs: 5.0,
+            token: None,
             command_workers: Vec::new(),
         }
     }

@@ -32,9 +32,12 @@ impl Cluster {
     /// A router on free ports.
     pub async fn start() -> Self {
         let store_dir = tempfile::tempdir().unwrap();
+        // One attempt per job: these tests are about what the broker reports; the router's
+        // retries have tests of their own.
         let settings = RouterSettings {
             api: EPHEMERAL.into(),
             broadcast: EPHEMERAL.into(),
+            max_attempts: 1,
             ..Default::default()
         };
         let router = Router::bind(settings, configuration(store_dir.path()))

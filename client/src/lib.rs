@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 pub use pypelinin_common::ids::{JobId, PipelineId};
 pub use pypelinin_common::pipeline::{save_dot, Job, Pipeline, PipelineError};
-use pypelinin_common::protocol::{Event, PipelineState};
+use pypelinin_common::protocol::{AnswerKind, Event, PipelineState, ReplyError};
 use pypelinin_common::transport::{ApiClient, ClientError, ClientOptions, Subscriber};
 use tracing::debug;
 
@@ -106,10 +106,12 @@ impl PipelineManager {
     /// # Errors
     /// [`Error::Router`] when the router cannot be reached within 5 s.
     pub async fn connect(api: &str, broadcast: &str) -> Result<Self, Error> {
-        Self::connect_with(api, broadcast, ClientOptions::default()).await
+        let token = std::env::var("PYPELININ_TOKEN").ok();
+        Self::connect_with(api, broadcast, ClientOptions::default(), token).await
     }
 
-    /// As [`PipelineManager::connect`], with explicit timeouts.
+    /// As [`PipelineManager::connect`] (which reads the cluster token from `PYPELININ_TOKEN`),
+    /// with explicit timeouts and token.
     ///
     /// # Errors
     /// [`Error::Router`] when the router cannot be reached.
@@ -117,10 +119,12 @@ impl PipelineManager {
         api: &str,
         broadcast: &str,
         options: ClientOptions,
+        token: Option<String>,
     ) -> Result<Self, Error> {
         let mut client = ApiClient::connect(api, options)
             .await
-            .map_err(ClientError::from)?;
+            .map_err(ClientError::from)?
+            .with_token(token);
         let mut events = Subscriber::connect(
             broadcast,
             &[Event::PIPELINE_FINISHED, Event::PIPELINE_FAILED],
@@ -142,12 +146,35 @@ impl PipelineManager {
 
     /// Submits `pipeline`; returns its id.
     ///
+    /// When the router's queue is full it waits and retries, and when the router does not
+    /// answer (a restart) it retries with the same request id, so the pipeline is added once.
+    /// Both for at most [`START_PATIENCE`].
+    ///
     /// # Errors
-    /// [`Error::Router`] when the router is unreachable or refuses the pipeline.
+    /// [`Error::Router`] when the router refuses the pipeline (`invalid pipeline`) or stays
+    /// unreachable or full.
     pub async fn start(&mut self, pipeline: &Pipeline) -> Result<PipelineId, Error> {
-        let id = self.client.add_pipeline(pipeline).await?;
-        self.pending.insert(id.clone(), Instant::now());
-        Ok(id)
+        let request_id = uuid_hex();
+        let deadline = Instant::now() + START_PATIENCE;
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            match self
+                .client
+                .add_pipeline_with_id(pipeline, Some(&request_id))
+                .await
+            {
+                Ok(id) => {
+                    self.pending.insert(id.clone(), Instant::now());
+                    return Ok(id);
+                }
+                Err(e) if (e.is_transient() || is_queue_full(&e)) && Instant::now() < deadline => {
+                    debug!(error = %e, "add pipeline will be retried");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     /// Pipelines started and not ended yet.
@@ -325,6 +352,18 @@ impl PipelineManager {
         }
         Ok(())
     }
+}
+
+/// How long [`PipelineManager::start`] keeps retrying while the router is full or unreachable.
+pub const START_PATIENCE: Duration = Duration::from_secs(300);
+
+fn is_queue_full(e: &ClientError) -> bool {
+    matches!(e, ClientError::Reply(ReplyError::Refused(a)) if a.answer == AnswerKind::QueueFull)
+}
+
+fn uuid_hex() -> String {
+    // A pipeline id is a fresh uuid4 already: reuse its generator for request ids.
+    PipelineId::generate().to_string()
 }
 
 fn into_result(id: &PipelineId, outcome: Outcome) -> Result<f64, Error> {

@@ -26,7 +26,7 @@ use crate::protocol::reply::{
 };
 use crate::protocol::request::{
     GetJob, JobFailed, JobFinished, JobStatusQuery, NewJob, NewPipeline, PipelineFailed,
-    PipelineFinished, PipelineStatusQuery, Probe,
+    PipelineFinished, PipelineStatusQuery, Probe, RenewLeases,
 };
 use crate::protocol::{
     Answer, AnswerKind, Event, JobAssignment, JobState, PipelineAssignment, PipelineStatus,
@@ -351,6 +351,7 @@ pub struct ApiClient {
     endpoint: String,
     options: ClientOptions,
     socket: Option<ReqSocket>,
+    token: Option<String>,
 }
 
 impl ApiClient {
@@ -360,7 +361,14 @@ impl ApiClient {
             endpoint: endpoint.into(),
             options,
             socket: None,
+            token: None,
         }
+    }
+
+    /// Sends `token` with every request (for a router that requires a cluster token).
+    pub fn with_token(mut self, token: Option<String>) -> Self {
+        self.token = token.filter(|t| !t.is_empty());
+        self
     }
 
     /// A client that is connected already.
@@ -456,7 +464,30 @@ impl ApiClient {
     /// # Errors
     /// As [`ApiClient::request_bytes`].
     pub async fn request(&mut self, request: &Request) -> Result<Bytes, TransportError> {
-        self.request_bytes(request.encode()).await
+        let body = match &self.token {
+            None => request.encode(),
+            Some(token) => {
+                let mut value = serde_json::to_value(request).unwrap_or_default();
+                if let Some(map) = value.as_object_mut() {
+                    map.insert(
+                        crate::protocol::request::CLUSTER_TOKEN.into(),
+                        token.clone().into(),
+                    );
+                }
+                serde_json::to_vec(&value).unwrap_or_default()
+            }
+        };
+        self.request_bytes(body).await
+    }
+
+    /// `renew leases` for jobs this client runs and pipelines it walks.
+    ///
+    /// # Errors
+    /// Transport failures, or an error answer.
+    pub async fn renew_leases(&mut self, leases: RenewLeases) -> Result<(), ClientError> {
+        let reply = self.request(&Request::RenewLeases(leases)).await?;
+        expect_answer(&reply, AnswerKind::LeasesRenewed)?;
+        Ok(())
     }
 
     /// `get configuration`.
@@ -523,9 +554,26 @@ impl ApiClient {
     /// # Errors
     /// Transport failures, or the router's refusal (`invalid pipeline`, ...).
     pub async fn add_pipeline(&mut self, pipeline: &Pipeline) -> Result<PipelineId, ClientError> {
+        self.add_pipeline_with_id(pipeline, None).await
+    }
+
+    /// `add pipeline` with a client request id: sending the same id again (after a lost reply)
+    /// gives the same pipeline instead of a second one.
+    ///
+    /// # Errors
+    /// Transport failures, or the router's refusal (`invalid pipeline`, `queue full`, ...).
+    pub async fn add_pipeline_with_id(
+        &mut self,
+        pipeline: &Pipeline,
+        request_id: Option<&str>,
+    ) -> Result<PipelineId, ClientError> {
+        let mut fields = serde_json::Map::new();
+        if let Some(id) = request_id {
+            fields.insert("request id".into(), id.into());
+        }
         let request = Request::AddPipeline(NewPipeline {
             pipeline: pipeline.to_legacy(),
-            fields: serde_json::Map::new(),
+            fields,
         });
         let reply = self.request(&request).await?;
         let answer = expect_answer(&reply, AnswerKind::PipelineAccepted)?;
@@ -628,13 +676,14 @@ pub async fn wait_for_router(
     broadcast: &str,
     prefixes: &[&str],
     options: ClientOptions,
+    token: Option<String>,
     shutdown: &tokio_util::sync::CancellationToken,
 ) -> Option<(
     ApiClient,
     Subscriber,
     serde_json::Map<String, serde_json::Value>,
 )> {
-    let mut client = ApiClient::new(api, options);
+    let mut client = ApiClient::new(api, options).with_token(token);
     let mut backoff = Duration::from_millis(100);
     let mut attempt = 0u32;
     loop {

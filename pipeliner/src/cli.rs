@@ -8,6 +8,13 @@ use pypelinin_common::config::ConfigFile;
 
 use crate::{Pipeliner, PipelinerSettings};
 
+/// The `[cluster]` table: settings every daemon shares.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+struct ClusterTable {
+    token: Option<String>,
+}
+
 /// Flags of a pipeliner; they beat the settings file and the environment.
 #[derive(Debug, Clone, Default, Args)]
 pub struct PipelinerArgs {
@@ -30,6 +37,9 @@ impl PipelinerArgs {
     pub fn load(&self) -> anyhow::Result<PipelinerSettings> {
         let file = ConfigFile::read_optional(self.config.as_deref())?;
         let mut settings: PipelinerSettings = file.settings("pipeliner")?;
+        if settings.token.is_none() {
+            settings.token = file.settings::<ClusterTable>("cluster")?.token;
+        }
         if let Some(api) = &self.api {
             settings.api.clone_from(api);
         }

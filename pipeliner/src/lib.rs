@@ -21,7 +21,7 @@ pub mod walks;
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use pypelinin_common::protocol::request::{NewJob, PipelineFailed};
+use pypelinin_common::protocol::request::{NewJob, PipelineFailed, RenewLeases};
 use pypelinin_common::protocol::{AnswerKind, Event, JobState, PipelineState, WireDuration};
 use pypelinin_common::transport::{
     wait_for_router, ApiClient, ClientError, ClientOptions, Subscriber,
@@ -64,8 +64,15 @@ impl Pipeliner {
             request_timeout: secs(s.request_timeout_secs, Duration::from_secs(10)),
         };
         let prefixes = [Event::NEW_PIPELINE, Event::JOB_FINISHED, Event::JOB_FAILED];
-        let Some((mut client, mut subscriber, _)) =
-            wait_for_router(&s.api, &s.broadcast, &prefixes, options, &shutdown).await
+        let Some((mut client, mut subscriber, _)) = wait_for_router(
+            &s.api,
+            &s.broadcast,
+            &prefixes,
+            options,
+            s.token.clone(),
+            &shutdown,
+        )
+        .await
         else {
             return;
         };
@@ -112,6 +119,7 @@ impl Loop {
         let grace = secs(s.shutdown_grace_secs, Duration::from_secs(30));
         let mut poll = tokio::time::interval(secs(s.poll_interval_secs, Duration::from_secs(5)));
         let mut resync = tokio::time::interval(resync_after);
+        let mut renew = tokio::time::interval(secs(s.lease_renew_secs, Duration::from_secs(5)));
         let mut stopping: Option<Instant> = None;
         let mut retry_at: Option<Instant> = None;
         let mut backoff = Duration::from_millis(100);
@@ -154,6 +162,13 @@ impl Loop {
                     }
                 },
                 _ = poll.tick() => self.want_pipelines = true,
+                _ = renew.tick(), if !self.walks.is_empty() => {
+                    // Heartbeat: without it the router hands our pipelines to another pipeliner.
+                    let leases = RenewLeases { job_ids: Vec::new(), pipeline_ids: self.walks.ids() };
+                    if let Err(e) = self.client.renew_leases(leases).await {
+                        warn!(error = %e, "cannot renew pipeline leases");
+                    }
+                }
                 _ = resync.tick() => {
                     if retry_at.is_none() && !self.resync(resync_after).await {
                         retry_at = Some(Instant::now() + backoff);

@@ -23,6 +23,11 @@ pub struct PipelinerSettings {
     pub connect_timeout_secs: f64,
     /// How long to wait for a reply from the router, in seconds.
     pub request_timeout_secs: f64,
+    /// How often to renew the leases of the pipelines it walks, in seconds (keep it well under
+    /// the router's `pipeline_lease_secs`).
+    pub lease_renew_secs: f64,
+    /// The cluster token (`[cluster] token` or `PYPELININ_TOKEN`), when the router requires one.
+    pub token: Option<String>,
 }
 
 impl Default for PipelinerSettings {
@@ -36,6 +41,8 @@ impl Default for PipelinerSettings {
             shutdown_grace_secs: 30.0,
             connect_timeout_secs: 5.0,
             request_timeout_secs: 10.0,
+            lease_renew_secs: 5.0,
+            token: None,
         }
     }
 }

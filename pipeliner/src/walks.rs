@@ -69,6 +69,11 @@ impl Walks {
         self.walks.is_empty()
     }
 
+    /// The pipelines being walked.
+    pub fn ids(&self) -> Vec<PipelineId> {
+        self.walks.keys().cloned().collect()
+    }
+
     /// Whether `pipeline_id` is being walked.
     pub fn contains(&self, pipeline_id: &PipelineId) -> bool {
         self.walks.contains_key(pipeline_id)

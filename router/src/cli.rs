@@ -23,6 +23,22 @@ pub struct RouterArgs {
     /// Broadcast endpoint to bind [default: tcp://127.0.0.1:5556].
     #[arg(long)]
     pub broadcast: Option<String>,
+    /// Folder of the durable record [default: $XDG_DATA_HOME/pypelinin/router, or
+    /// ~/.local/share/pypelinin/router].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Keep the queues in memory only: a crash loses them (for benchmarks of durability's cost).
+    #[arg(long)]
+    pub no_durability: bool,
+}
+
+/// The default folder of the router's durable record.
+pub fn default_data_dir() -> PathBuf {
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("pypelinin").join("router")
 }
 
 impl RouterArgs {
@@ -35,8 +51,32 @@ impl RouterArgs {
         &self,
         defaults: Map<String, Value>,
     ) -> anyhow::Result<(RouterSettings, Map<String, Value>)> {
+        self.load_with_data_dir(defaults, default_data_dir())
+    }
+
+    /// As [`RouterArgs::load`], with another default folder for the durable record.
+    ///
+    /// # Errors
+    /// When the file cannot be read or a setting is invalid.
+    pub fn load_with_data_dir(
+        &self,
+        defaults: Map<String, Value>,
+        default_data_dir: PathBuf,
+    ) -> anyhow::Result<(RouterSettings, Map<String, Value>)> {
         let file = ConfigFile::read_optional(self.config.as_deref())?;
         let mut settings: RouterSettings = file.settings("router")?;
+        if settings.token.is_none() {
+            let cluster: ClusterTable = file.settings("cluster")?;
+            settings.token = cluster.token;
+        }
+        if let Some(dir) = &self.data_dir {
+            settings.data_dir = Some(dir.clone());
+        }
+        if self.no_durability {
+            settings.data_dir = None;
+        } else if settings.data_dir.is_none() {
+            settings.data_dir = Some(default_data_dir);
+        }
         if let Some(api) = &self.api {
             settings.api.clone_from(api);
         }
@@ -44,9 +84,18 @@ impl RouterArgs {
             settings.broadcast.clone_from(broadcast);
         }
         let mut configuration = defaults;
-        configuration.extend(file.to_json_without(&["router"]));
+        // The router's own settings and the cluster secret are not served to clients.
+        configuration.extend(file.to_json_without(&["router", "cluster"]));
         Ok((settings, configuration))
     }
+}
+
+/// The `[cluster]` table: settings every daemon shares.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+pub struct ClusterTable {
+    /// The cluster token.
+    pub token: Option<String>,
 }
 
 /// The line a router prints on stdout once its sockets are bound; tests and scripts read it.
@@ -59,7 +108,23 @@ pub fn listening_line(api: &str, broadcast: &str) -> String {
 /// # Errors
 /// When the settings are invalid, an endpoint cannot be bound, or the router fails.
 pub async fn run(args: &RouterArgs, defaults: Map<String, Value>) -> anyhow::Result<()> {
-    let (settings, configuration) = args.load(defaults)?;
+    run_with_data_dir(args, defaults, default_data_dir()).await
+}
+
+/// As [`run`], with another default folder for the durable record.
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_with_data_dir(
+    args: &RouterArgs,
+    defaults: Map<String, Value>,
+    default_data_dir: PathBuf,
+) -> anyhow::Result<()> {
+    let (settings, configuration) = args.load_with_data_dir(defaults, default_data_dir)?;
+    match &settings.data_dir {
+        Some(dir) => info!(data_dir = %dir.display(), "durable record"),
+        None => tracing::warn!("durability is off: a crash loses the queues"),
+    }
     let (api, broadcast) = (settings.api.clone(), settings.broadcast.clone());
     let router = Router::bind(settings, configuration)
         .await

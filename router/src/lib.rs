@@ -7,6 +7,7 @@
 //! Layout:
 //! - [`Router`]: binds the sockets ([`Router::bind`]) and serves until shutdown ([`Router::run`]).
 //! - [`state`]: the queues and every transition a request makes on them (no I/O).
+//! - [`persist`]: the durable record (redb), written once per batch before its replies.
 //! - [`settings`]: the router's own settings.
 //! - [`cli`]: the command line shared by `pypelinin-router` and the example's `my_router`.
 //!
@@ -16,20 +17,22 @@
 //! with a timeout per reply so one client that stops reading cannot stall the others.
 
 pub mod cli;
+pub mod persist;
 pub mod settings;
 pub mod state;
 
 use std::time::Duration;
 
 use pypelinin_common::protocol::{
-    decode_request, Answer, AnswerKind, Event, Reply, Request, RequestError,
+    decode_request_with_token, Answer, AnswerKind, Event, Reply, Request, RequestError,
 };
 use pypelinin_common::transport::{ApiServer, Envelope, Publisher, Replier, TransportError};
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
+use persist::{Durable, PersistError};
 pub use settings::RouterSettings;
 use state::State;
 
@@ -43,6 +46,9 @@ pub enum Error {
     /// One of the router's tasks panicked.
     #[error("a router task failed")]
     Task(#[from] tokio::task::JoinError),
+    /// The durable record cannot be opened or written.
+    #[error(transparent)]
+    Persist(#[from] PersistError),
 }
 
 /// Requests handled together in one batch, at most.
@@ -53,7 +59,8 @@ pub struct Router {
     api: ApiServer,
     publisher: Publisher,
     settings: RouterSettings,
-    configuration: Map<String, Value>,
+    state: State,
+    durable: Option<Durable>,
 }
 
 impl Router {
@@ -62,17 +69,48 @@ impl Router {
     ///
     /// # Errors
     /// [`Error::Transport`] when an endpoint cannot be bound.
+    ///
+    /// With a `data_dir`, the state is restored from the durable record there, and every
+    /// change is written to it before it is acknowledged.
+    ///
+    /// # Errors
+    /// [`Error::Persist`] when the durable record cannot be opened (for instance another router
+    /// uses it).
     pub async fn bind(
         settings: RouterSettings,
         configuration: Map<String, Value>,
     ) -> Result<Self, Error> {
+        let policy = settings.policy();
+        let (state, durable) = match &settings.data_dir {
+            Some(dir) => {
+                let dir = dir.clone();
+                let (durable, loaded) =
+                    tokio::task::spawn_blocking(move || Durable::open(&dir)).await??;
+                info!(
+                    jobs = loaded.jobs.len(),
+                    pipelines = loaded.pipelines.len(),
+                    ended = loaded.ended.len(),
+                    "restored the durable record"
+                );
+                let state = State::restore(
+                    configuration,
+                    policy,
+                    loaded.jobs,
+                    loaded.pipelines,
+                    loaded.ended,
+                );
+                (state, Some(durable))
+            }
+            None => (State::new(configuration, policy), None),
+        };
         let api = ApiServer::bind(&settings.api).await?;
         let publisher = Publisher::bind(&settings.broadcast).await?;
         Ok(Self {
             api,
             publisher,
             settings,
-            configuration,
+            state,
+            durable,
         })
     }
 
@@ -97,9 +135,13 @@ impl Router {
             .split(self.settings.max_request_bytes, reply_timeout);
         let (request_tx, request_rx) = mpsc::channel::<(Envelope, Request)>(4 * BATCH);
         let (out_tx, out_rx) = mpsc::channel::<Outgoing>(64);
-        let retention = Duration::from_secs_f64(self.settings.retention_secs.max(0.0));
-        let state = State::new(self.configuration, retention);
-        let state_task = tokio::spawn(state_loop(state, request_rx, out_tx.clone()));
+        let state_task = tokio::spawn(state_loop(
+            self.state,
+            self.durable,
+            request_rx,
+            out_tx.clone(),
+        ));
+        let token = self.settings.token.clone().filter(|t| !t.is_empty());
         let outbox_task = tokio::spawn(outbox_loop(out_rx, replier, self.publisher));
 
         loop {
@@ -118,7 +160,12 @@ impl Router {
             let decoded = incoming
                 .body
                 .map_err(RequestError::Malformed)
-                .and_then(|body| decode_request(&body));
+                .and_then(|body| decode_request_with_token(&body));
+            let decoded = match decoded {
+                Ok((_, sent)) if token.is_some() && sent != token => Err(None),
+                Ok((request, _)) => Ok(request),
+                Err(e) => Err(Some(e)),
+            };
             match decoded {
                 Ok(request) => {
                     if request_tx.send((incoming.envelope, request)).await.is_err() {
@@ -126,8 +173,16 @@ impl Router {
                     }
                 }
                 Err(error) => {
-                    debug!(peer = %incoming.envelope.peer(), %error, "rejected request");
-                    let reply = error_reply(&error).encode();
+                    let reply = match error {
+                        Some(error) => {
+                            debug!(peer = %incoming.envelope.peer(), %error, "rejected request");
+                            error_reply(&error).encode()
+                        }
+                        None => {
+                            warn!(peer = %incoming.envelope.peer(), "request without the cluster token");
+                            Reply::from(Answer::new(AnswerKind::Unauthorized)).encode()
+                        }
+                    };
                     let batch = Outgoing {
                         replies: vec![(incoming.envelope, reply)],
                         events: Vec::new(),
@@ -141,10 +196,10 @@ impl Router {
         info!("router stopping");
         drop(request_tx);
         drop(out_tx);
-        state_task.await?;
+        let state_result = state_task.await?;
         outbox_task.await?;
         info!("router stopped");
-        Ok(())
+        state_result
     }
 }
 
@@ -165,27 +220,65 @@ struct Outgoing {
     events: Vec<Event>,
 }
 
+/// Milliseconds since the Unix epoch: the state's clock (it survives restarts).
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// How often leases, back-offs and retention are checked when no request comes.
+const TICK: Duration = Duration::from_millis(100);
+
 async fn state_loop(
     mut state: State,
+    durable: Option<Durable>,
     mut requests: mpsc::Receiver<(Envelope, Request)>,
     out: mpsc::Sender<Outgoing>,
-) {
+) -> Result<(), Error> {
+    let durable = durable.map(std::sync::Arc::new);
     let mut batch = Vec::with_capacity(BATCH);
-    while requests.recv_many(&mut batch, BATCH).await > 0 {
-        let now = std::time::Instant::now();
-        state.purge(now);
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            received = requests.recv_many(&mut batch, BATCH) => {
+                if received == 0 {
+                    return Ok(());
+                }
+            }
+            _ = tick.tick() => {}
+        }
+        let now = now_ms();
         let mut outgoing = Outgoing {
             replies: Vec::with_capacity(batch.len()),
             events: Vec::new(),
         };
+        state.tick(now, &mut outgoing.events);
         for (envelope, request) in batch.drain(..) {
             debug!(command = request.command(), peer = %envelope.peer(), "request");
             let reply = state.handle(request, now, &mut outgoing.events);
             outgoing.replies.push((envelope, reply.encode()));
         }
-        if out.send(outgoing).await.is_err() {
-            break;
+        let changes = state.take_changes();
+        if let Some(durable) = &durable {
+            // Group commit: one durable write for the whole batch, before any of its replies.
+            let writes = Durable::prepare(&state, &changes)?;
+            if !writes.is_empty() {
+                let durable = durable.clone();
+                let written = tokio::task::spawn_blocking(move || durable.write(&writes)).await?;
+                if let Err(e) = written {
+                    error!(error = %e, "cannot write the durable record; stopping without acknowledging");
+                    return Err(e.into());
+                }
+            }
         }
+        if (outgoing.replies.is_empty() && outgoing.events.is_empty())
+            || out.send(outgoing).await.is_ok()
+        {
+            continue;
+        }
+        return Ok(());
     }
 }
 

@@ -1,6 +1,11 @@
 //! The router's own settings (`[router]` table, `PYPELININ_*` environment, flags).
 
+use std::collections::HashMap;
+use std::path::PathBuf;
+
 use serde::Deserialize;
+
+use crate::state::Policy;
 
 /// Settings of the router daemon. Every field has a default.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -17,6 +22,39 @@ pub struct RouterSettings {
     /// How long the outcome of an ended pipeline stays available to `pipeline status`, in
     /// seconds.
     pub retention_secs: f64,
+    /// Where the durable record lives (`PYPELININ_DATA_DIR`); `None` keeps everything in
+    /// memory only (the binaries always set one unless told `--no-durability`).
+    pub data_dir: Option<PathBuf>,
+    /// Attempts of a job before it fails for good.
+    pub max_attempts: u32,
+    /// Per-worker attempts (`[router.attempts]`, e.g. `Flaky = 5`).
+    pub attempts: HashMap<String, u32>,
+    /// Wait before the first retry of a failed job, in milliseconds; doubles per attempt.
+    pub retry_backoff_ms: u64,
+    /// How long a job handed to a broker stays leased without a renewal, in seconds.
+    pub job_lease_secs: f64,
+    /// How long a pipeline handed to a pipeliner stays leased without a renewal, in seconds.
+    pub pipeline_lease_secs: f64,
+    /// Above this many queued pipelines, `add pipeline` answers `queue full`.
+    pub max_queued_pipelines: usize,
+    /// The cluster token every request must carry (`[cluster] token`, `PYPELININ_TOKEN`).
+    pub token: Option<String>,
+}
+
+impl RouterSettings {
+    /// The failure, lease and load policy these settings describe.
+    pub fn policy(&self) -> Policy {
+        let ms = |secs: f64| (secs.max(0.0) * 1000.0) as u64;
+        Policy {
+            max_attempts: self.max_attempts.max(1),
+            attempts_per_worker: self.attempts.clone(),
+            retry_backoff_ms: self.retry_backoff_ms,
+            job_lease_ms: ms(self.job_lease_secs).max(1),
+            pipeline_lease_ms: ms(self.pipeline_lease_secs).max(1),
+            retention_ms: ms(self.retention_secs),
+            max_queued_pipelines: self.max_queued_pipelines.max(1),
+        }
+    }
 }
 
 impl Default for RouterSettings {
@@ -27,6 +65,14 @@ impl Default for RouterSettings {
             max_request_bytes: 16 * 1024 * 1024,
             reply_timeout_ms: 1000,
             retention_secs: 300.0,
+            data_dir: None,
+            max_attempts: 3,
+            attempts: HashMap::new(),
+            retry_backoff_ms: 500,
+            job_lease_secs: 30.0,
+            pipeline_lease_secs: 30.0,
+            max_queued_pipelines: 100_000,
+            token: None,
         }
     }
 }

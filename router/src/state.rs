@@ -1,97 +1,269 @@
-//! The router's queues and records, and every transition a request makes on them.
+//! The router's queues and records, and every transition a request (or the passing of time)
+//! makes on them.
 //!
 //! One owner (the server's state task) applies requests one by one; each transition returns
-//! the reply and pushes the events to broadcast. Nothing here does I/O, and time comes in as an
-//! argument, so it is tested directly and persistence can record the same transitions.
+//! the reply and pushes the events to broadcast. Nothing here does I/O, and time comes in as
+//! an argument (wall-clock milliseconds, so leases and back-offs survive a restart). Every
+//! record a transition touches is marked dirty; the server persists the dirty records of a
+//! batch in one durable write before it sends the batch's replies.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::time::{Duration, Instant};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 
 use pypelinin_common::ids::{JobId, PipelineId};
 use pypelinin_common::pipeline::Pipeline;
 use pypelinin_common::protocol::request::{
     GetJob, JobFailed, JobFinished, NewJob, NewPipeline, PipelineFailed, PipelineFinished,
+    RenewLeases,
 };
 use pypelinin_common::protocol::{
     Answer, AnswerKind, Event, JobAssignment, JobState, PipelineAssignment, PipelineState,
     PipelineStatus, Reply, Request, SubmittedJob,
 };
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use tracing::debug;
+use tracing::{debug, warn};
 
-#[derive(Debug)]
-struct JobRecord {
-    worker: String,
-    fields: Map<String, Value>,
-    pipeline_id: Option<PipelineId>,
-    state: JobState,
+/// How the router treats failures, leases and load.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    /// Attempts of a job before it fails for good (a failure or an expired lease is one).
+    pub max_attempts: u32,
+    /// Per-worker overrides of `max_attempts`.
+    pub attempts_per_worker: HashMap<String, u32>,
+    /// Wait before the first retry; doubles with each attempt, up to 30 s.
+    pub retry_backoff_ms: u64,
+    /// How long a job handed to a broker stays leased without a renewal.
+    pub job_lease_ms: u64,
+    /// How long a pipeline handed to a pipeliner stays leased without a renewal.
+    pub pipeline_lease_ms: u64,
+    /// How long the outcome of an ended pipeline is kept.
+    pub retention_ms: u64,
+    /// Above this many queued pipelines, `add pipeline` answers `queue full`.
+    pub max_queued_pipelines: usize,
 }
 
-#[derive(Debug)]
-struct PipelineRecord {
-    pipeline: Value,
-    fields: Map<String, Value>,
-    state: PipelineState,
-    /// Jobs submitted for this pipeline, in order.
-    jobs: Vec<JobId>,
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 3,
+            attempts_per_worker: HashMap::new(),
+            retry_backoff_ms: 500,
+            job_lease_ms: 30_000,
+            pipeline_lease_ms: 30_000,
+            retention_ms: 300_000,
+            max_queued_pipelines: 100_000,
+        }
+    }
 }
 
-/// The router's state: FIFO queues of jobs (one per worker, ordered by a global sequence
-/// number so FIFO holds across workers) and of pipelines, the records of pending jobs and
-/// pipelines, and the outcomes of ended pipelines for a retention time.
-///
-/// A job's record lives from `add job` until it ends; a job of a pipeline keeps its record
-/// (finished or failed) until its pipeline ends, so a pipeliner can resume the pipeline. An
-/// ended pipeline keeps only its outcome, for `retention`. Memory follows the work in flight.
+/// A job as the router records it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// Position in the global FIFO order.
+    pub seq: u64,
+    /// Its worker.
+    pub worker: String,
+    /// `data` and the other keys `add job` sent.
+    pub fields: Map<String, Value>,
+    /// Its pipeline, while that pipeline is pending.
+    pub pipeline_id: Option<PipelineId>,
+    /// Where it stands.
+    pub state: JobState,
+    /// Attempts that failed or whose lease expired.
+    pub attempts: u32,
+    /// While running: when its lease ends (ms since the epoch).
+    pub lease_until: Option<u64>,
+    /// While queued after a failure: not before this time (ms since the epoch).
+    pub not_before: Option<u64>,
+    /// The last error.
+    pub error: Option<String>,
+}
+
+/// A pipeline as the router records it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PipelineRecord {
+    /// Position in the FIFO order.
+    pub seq: u64,
+    /// The serialized pipeline, as sent.
+    pub pipeline: Value,
+    /// The other keys `add pipeline` sent.
+    pub fields: Map<String, Value>,
+    /// Queued or running.
+    pub state: PipelineState,
+    /// Jobs submitted for it, in order.
+    pub jobs: Vec<JobId>,
+    /// While running: when its lease ends (ms since the epoch).
+    pub lease_until: Option<u64>,
+}
+
+/// The outcome of an ended pipeline, kept for the retention time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EndedRecord {
+    /// How it ended.
+    pub status: PipelineStatus,
+    /// When (ms since the epoch).
+    pub at: u64,
+    /// The client's request id of its `add pipeline`, if any.
+    pub request_id: Option<String>,
+}
+
+/// Keys whose records changed since the last [`State::take_changes`].
+#[derive(Debug, Default)]
+pub struct Changes {
+    /// Jobs added, changed or removed.
+    pub jobs: HashSet<JobId>,
+    /// Pipelines added, changed or removed.
+    pub pipelines: HashSet<PipelineId>,
+    /// Ended outcomes added or purged.
+    pub ended: HashSet<PipelineId>,
+}
+
+impl Changes {
+    /// Whether nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.jobs.is_empty() && self.pipelines.is_empty() && self.ended.is_empty()
+    }
+}
+
+/// The router's state. See the module documentation.
 #[derive(Debug)]
 pub struct State {
     configuration: Map<String, Value>,
+    policy: Policy,
     jobs: HashMap<JobId, JobRecord>,
-    job_queues: HashMap<String, VecDeque<(u64, JobId)>>,
+    job_queues: HashMap<String, BTreeMap<u64, JobId>>,
+    delayed: BTreeSet<(u64, JobId)>,
+    job_leases: BTreeSet<(u64, JobId)>,
     next_seq: u64,
     pipelines: HashMap<PipelineId, PipelineRecord>,
-    pipeline_queue: VecDeque<PipelineId>,
-    ended: HashMap<PipelineId, PipelineStatus>,
-    ended_order: VecDeque<(Instant, PipelineId)>,
-    retention: Duration,
+    pipeline_queue: BTreeMap<u64, PipelineId>,
+    pipeline_leases: BTreeSet<(u64, PipelineId)>,
+    request_ids: HashMap<String, PipelineId>,
+    ended: HashMap<PipelineId, EndedRecord>,
+    ended_order: VecDeque<(u64, PipelineId)>,
+    changes: Changes,
 }
 
 impl Default for State {
     fn default() -> Self {
-        Self::new(Map::new(), Duration::from_secs(300))
+        Self::new(Map::new(), Policy::default())
     }
 }
 
+/// The key of the client's idempotency token in `add pipeline`.
+const REQUEST_ID: &str = "request id";
+
 impl State {
-    /// Empty queues; `get configuration` answers `configuration`; ended pipelines are
-    /// remembered for `retention`.
-    pub fn new(configuration: Map<String, Value>, retention: Duration) -> Self {
+    /// Empty queues; `get configuration` answers `configuration`.
+    pub fn new(configuration: Map<String, Value>, policy: Policy) -> Self {
         Self {
             configuration,
+            policy,
             jobs: HashMap::new(),
             job_queues: HashMap::new(),
+            delayed: BTreeSet::new(),
+            job_leases: BTreeSet::new(),
             next_seq: 0,
             pipelines: HashMap::new(),
-            pipeline_queue: VecDeque::new(),
+            pipeline_queue: BTreeMap::new(),
+            pipeline_leases: BTreeSet::new(),
+            request_ids: HashMap::new(),
             ended: HashMap::new(),
             ended_order: VecDeque::new(),
-            retention,
+            changes: Changes::default(),
         }
     }
 
-    /// Applies `request` at time `now`, returning the reply and pushing the events it causes
-    /// onto `events`.
-    pub fn handle(&mut self, request: Request, now: Instant, events: &mut Vec<Event>) -> Reply {
+    /// A state rebuilt from persisted records (queues, leases and back-offs included).
+    pub fn restore(
+        configuration: Map<String, Value>,
+        policy: Policy,
+        jobs: Vec<(JobId, JobRecord)>,
+        pipelines: Vec<(PipelineId, PipelineRecord)>,
+        ended: Vec<(PipelineId, EndedRecord)>,
+    ) -> Self {
+        let mut s = Self::new(configuration, policy);
+        for (id, record) in jobs {
+            s.next_seq = s.next_seq.max(record.seq + 1);
+            match (record.state, record.not_before, record.lease_until) {
+                (JobState::Queued, Some(t), _) => {
+                    s.delayed.insert((t, id.clone()));
+                }
+                (JobState::Queued, None, _) => {
+                    s.job_queues
+                        .entry(record.worker.clone())
+                        .or_default()
+                        .insert(record.seq, id.clone());
+                }
+                (JobState::Running, _, Some(t)) => {
+                    s.job_leases.insert((t, id.clone()));
+                }
+                _ => {}
+            }
+            s.jobs.insert(id, record);
+        }
+        for (id, record) in pipelines {
+            s.next_seq = s.next_seq.max(record.seq + 1);
+            match (record.state, record.lease_until) {
+                (PipelineState::Queued, _) => {
+                    s.pipeline_queue.insert(record.seq, id.clone());
+                }
+                (PipelineState::Running, Some(t)) => {
+                    s.pipeline_leases.insert((t, id.clone()));
+                }
+                _ => {}
+            }
+            if let Some(r) = record.fields.get(REQUEST_ID).and_then(Value::as_str) {
+                s.request_ids.insert(r.to_owned(), id.clone());
+            }
+            s.pipelines.insert(id, record);
+        }
+        let mut ended: Vec<_> = ended.into_iter().collect();
+        ended.sort_by_key(|(_, e)| e.at);
+        for (id, record) in ended {
+            if let Some(r) = &record.request_id {
+                s.request_ids.insert(r.clone(), id.clone());
+            }
+            s.ended_order.push_back((record.at, id.clone()));
+            s.ended.insert(id, record);
+        }
+        s
+    }
+
+    /// The keys changed since the last call.
+    pub fn take_changes(&mut self) -> Changes {
+        std::mem::take(&mut self.changes)
+    }
+
+    /// A job's record.
+    pub fn job(&self, id: &JobId) -> Option<&JobRecord> {
+        self.jobs.get(id)
+    }
+
+    /// A pending pipeline's record.
+    pub fn pipeline(&self, id: &PipelineId) -> Option<&PipelineRecord> {
+        self.pipelines.get(id)
+    }
+
+    /// An ended pipeline's outcome.
+    pub fn ended(&self, id: &PipelineId) -> Option<&EndedRecord> {
+        self.ended.get(id)
+    }
+
+    /// Applies `request` at `now` (ms since the epoch), returning the reply and pushing the
+    /// events it causes onto `events`.
+    pub fn handle(&mut self, request: Request, now: u64, events: &mut Vec<Event>) -> Reply {
         match request {
             Request::GetConfiguration => Reply::Configuration(self.configuration.clone()),
             Request::AddJob(job) => self.add_job(job, events),
-            Request::GetJob(get) => Reply::Job(self.get_job(&get)),
+            Request::GetJob(get) => Reply::Job(self.get_job(&get, now)),
             Request::JobFinished(done) => self.job_finished(done, events),
-            Request::JobFailed(failed) => self.job_failed(failed, events),
+            Request::JobFailed(failed) => self.job_failed(failed, now, events),
             Request::AddPipeline(p) => self.add_pipeline(p, events),
-            Request::GetPipeline => Reply::Pipeline(self.get_pipeline()),
+            Request::GetPipeline => Reply::Pipeline(self.get_pipeline(now)),
             Request::PipelineFinished(done) => self.pipeline_finished(done, now, events),
             Request::PipelineFailed(failed) => self.pipeline_failed(failed, now, events),
+            Request::RenewLeases(renew) => self.renew_leases(renew, now),
             Request::JobStatus(q) => {
                 let jobs = q
                     .job_ids
@@ -115,7 +287,7 @@ impl State {
                         let status = self.pipeline_status(&id);
                         (id, status)
                     })
-                    .collect::<BTreeMap<_, _>>();
+                    .collect();
                 Answer {
                     pipelines: Some(pipelines),
                     ..Answer::new(AnswerKind::Status)
@@ -129,24 +301,72 @@ impl State {
         }
     }
 
-    /// Forgets the outcomes of pipelines that ended more than the retention time before `now`.
-    pub fn purge(&mut self, now: Instant) {
+    /// Lets time pass until `now`: expired leases put jobs and pipelines back in their queues,
+    /// jobs whose back-off is over are queued again, old outcomes are forgotten.
+    pub fn tick(&mut self, now: u64, events: &mut Vec<Event>) {
+        while let Some((t, id)) = self.job_leases.first().cloned() {
+            if t > now {
+                break;
+            }
+            self.job_leases.remove(&(t, id.clone()));
+            if let Some(record) = self.jobs.get_mut(&id) {
+                record.lease_until = None;
+                warn!(job_id = %id, worker = %record.worker, "job lease expired; the broker stopped renewing it");
+            }
+            self.attempt_failed(
+                &id,
+                "the job's lease expired (its broker stopped or hung)",
+                now,
+                events,
+            );
+        }
+        while let Some((t, id)) = self.delayed.first().cloned() {
+            if t > now {
+                break;
+            }
+            self.delayed.remove(&(t, id.clone()));
+            if let Some(record) = self.jobs.get_mut(&id) {
+                record.not_before = None;
+                self.job_queues
+                    .entry(record.worker.clone())
+                    .or_default()
+                    .insert(record.seq, id.clone());
+                self.changes.jobs.insert(id);
+                events.push(Event::NewJob);
+            }
+        }
+        while let Some((t, id)) = self.pipeline_leases.first().cloned() {
+            if t > now {
+                break;
+            }
+            self.pipeline_leases.remove(&(t, id.clone()));
+            if let Some(record) = self.pipelines.get_mut(&id) {
+                warn!(pipeline_id = %id, "pipeline lease expired; handing the pipeline to another pipeliner");
+                record.state = PipelineState::Queued;
+                record.lease_until = None;
+                self.pipeline_queue.insert(record.seq, id.clone());
+                self.changes.pipelines.insert(id);
+                events.push(Event::NewPipeline);
+            }
+        }
         while let Some((at, _)) = self.ended_order.front() {
-            if now.duration_since(*at) < self.retention {
+            if now.saturating_sub(*at) < self.policy.retention_ms {
                 break;
             }
             if let Some((_, id)) = self.ended_order.pop_front() {
-                self.ended.remove(&id);
+                if let Some(record) = self.ended.remove(&id) {
+                    if let Some(r) = record.request_id {
+                        self.request_ids.remove(&r);
+                    }
+                }
+                self.changes.ended.insert(id);
             }
         }
     }
 
-    /// Number of jobs waiting in queues.
+    /// Number of jobs waiting in queues (back-offs included).
     pub fn queued_jobs(&self) -> usize {
-        self.jobs
-            .values()
-            .filter(|j| j.state == JobState::Queued)
-            .count()
+        self.job_queues.values().map(BTreeMap::len).sum::<usize>() + self.delayed.len()
     }
 
     /// Number of job records (pending jobs, and ended jobs of pending pipelines).
@@ -170,8 +390,17 @@ impl State {
         }
         self.ended
             .get(id)
-            .cloned()
+            .map(|e| e.status.clone())
             .unwrap_or_else(|| PipelineStatus::of(PipelineState::Unknown))
+    }
+
+    fn max_attempts(&self, worker: &str) -> u32 {
+        self.policy
+            .attempts_per_worker
+            .get(worker)
+            .copied()
+            .unwrap_or(self.policy.max_attempts)
+            .max(1)
     }
 
     fn add_job(&mut self, job: NewJob, events: &mut Vec<Event>) -> Reply {
@@ -184,64 +413,59 @@ impl State {
         self.job_queues
             .entry(job.worker.clone())
             .or_default()
-            .push_back((seq, id.clone()));
+            .insert(seq, id.clone());
         // A job names its pipeline only while that pipeline is pending; otherwise it is a
         // job of its own.
         let pipeline_id = job.pipeline_id.filter(|p| self.pipelines.contains_key(p));
-        if let Some(record) = pipeline_id.as_ref().and_then(|p| self.pipelines.get_mut(p)) {
-            record.jobs.push(id.clone());
+        if let Some(p) = &pipeline_id {
+            if let Some(record) = self.pipelines.get_mut(p) {
+                record.jobs.push(id.clone());
+                self.changes.pipelines.insert(p.clone());
+            }
         }
         self.jobs.insert(
             id.clone(),
             JobRecord {
+                seq,
                 worker: job.worker,
                 fields: job.fields,
                 pipeline_id,
                 state: JobState::Queued,
+                attempts: 0,
+                lease_until: None,
+                not_before: None,
+                error: None,
             },
         );
+        self.changes.jobs.insert(id.clone());
         events.push(Event::NewJob);
         Answer::new(AnswerKind::JobAccepted).with_job_id(id).into()
     }
 
-    fn get_job(&mut self, get: &GetJob) -> Option<JobAssignment> {
-        // Drop ids at queue fronts that are no longer queued (ended before being taken).
-        let jobs = &self.jobs;
-        let is_queued = |id: &JobId| jobs.get(id).is_some_and(|r| r.state == JobState::Queued);
-        let mut best: Option<(u64, String)> = None;
-        let mut consider = |worker: &str, queue: &mut VecDeque<(u64, JobId)>| {
-            while queue.front().is_some_and(|(_, id)| !is_queued(id)) {
-                queue.pop_front();
-            }
-            if let Some(&(seq, _)) = queue.front() {
-                if best.as_ref().is_none_or(|(s, _)| seq < *s) {
-                    best = Some((seq, worker.to_owned()));
-                }
-            }
-        };
-        match &get.workers {
-            Some(workers) => {
-                for w in workers {
-                    if let Some(q) = self.job_queues.get_mut(w) {
-                        consider(w, q);
-                    }
-                }
-            }
-            None => {
-                for (w, q) in self.job_queues.iter_mut() {
-                    consider(w, q);
-                }
-            }
+    fn get_job(&mut self, get: &GetJob, now: u64) -> Option<JobAssignment> {
+        fn front<'a>((w, q): (&'a String, &'a BTreeMap<u64, JobId>)) -> Option<(u64, &'a String)> {
+            q.first_key_value().map(|(seq, _)| (*seq, w))
         }
-        self.job_queues.retain(|_, q| !q.is_empty());
-        let (_, worker) = best?;
+        let best = match &get.workers {
+            Some(workers) => workers
+                .iter()
+                .filter_map(|w| self.job_queues.get_key_value(w))
+                .filter_map(front)
+                .min(),
+            None => self.job_queues.iter().filter_map(front).min(),
+        };
+        let worker = best?.1.clone();
         let queue = self.job_queues.get_mut(&worker)?;
-        let (_, id) = queue.pop_front()?;
+        let (_, id) = queue.pop_first()?;
         if queue.is_empty() {
             self.job_queues.remove(&worker);
         }
+        let lease_until = now + self.policy.job_lease_ms;
         let record = self.jobs.get_mut(&id)?;
         record.state = JobState::Running;
+        record.lease_until = Some(lease_until);
+        self.job_leases.insert((lease_until, id.clone()));
+        self.changes.jobs.insert(id.clone());
         Some(JobAssignment {
             job_id: id,
             worker: record.worker.clone(),
@@ -250,108 +474,261 @@ impl State {
         })
     }
 
-    /// Ends a pending job: a job of a pending pipeline keeps its record with `state`, any
-    /// other job is forgotten. `None` when the job is not pending.
-    fn end_job(&mut self, id: &JobId, state: JobState) -> Option<String> {
-        let record = self.jobs.get_mut(id)?;
-        if matches!(record.state, JobState::Finished | JobState::Failed) {
-            return None;
+    /// Takes a pending job out of its queue, back-off or lease. False when it is not pending.
+    fn detach(&mut self, id: &JobId) -> bool {
+        let Some(record) = self.jobs.get_mut(id) else {
+            return false;
+        };
+        match record.state {
+            JobState::Queued => {
+                if let Some(t) = record.not_before.take() {
+                    self.delayed.remove(&(t, id.clone()));
+                } else if let Some(q) = self.job_queues.get_mut(&record.worker) {
+                    q.remove(&record.seq);
+                    if q.is_empty() {
+                        self.job_queues.remove(&record.worker);
+                    }
+                }
+                true
+            }
+            JobState::Running => {
+                if let Some(t) = record.lease_until.take() {
+                    self.job_leases.remove(&(t, id.clone()));
+                }
+                true
+            }
+            JobState::Finished | JobState::Failed | JobState::Unknown => false,
         }
-        let worker = record.worker.clone();
+    }
+
+    /// Ends a detached job with `state`: a job of a pending pipeline keeps its record, any
+    /// other job is forgotten.
+    fn end_job(&mut self, id: &JobId, state: JobState, error: Option<String>) {
+        self.changes.jobs.insert(id.clone());
+        let Some(record) = self.jobs.get_mut(id) else {
+            return;
+        };
         if record.pipeline_id.is_some() {
             record.state = state;
+            record.error = error;
         } else {
             self.jobs.remove(id);
         }
-        Some(worker)
+    }
+
+    /// One attempt of a detached job failed: queue it again after a back-off, or fail it
+    /// for good once it used its attempts.
+    fn attempt_failed(&mut self, id: &JobId, error: &str, now: u64, events: &mut Vec<Event>) {
+        let Some(record) = self.jobs.get_mut(id) else {
+            return;
+        };
+        record.attempts += 1;
+        record.error = Some(error.to_owned());
+        let attempts = record.attempts;
+        let worker = record.worker.clone();
+        let max = self.max_attempts(&worker);
+        if attempts >= max {
+            let error = if max > 1 {
+                format!("{error} (failed {attempts} of {max} attempts)")
+            } else {
+                error.to_owned()
+            };
+            events.push(Event::job_failed(id.clone(), &error));
+            self.end_job(id, JobState::Failed, Some(error));
+            return;
+        }
+        let backoff = self
+            .policy
+            .retry_backoff_ms
+            .saturating_mul(1 << (attempts - 1).min(16))
+            .min(30_000);
+        let ready = now + backoff;
+        if let Some(record) = self.jobs.get_mut(id) {
+            record.state = JobState::Queued;
+            record.not_before = Some(ready);
+        }
+        self.delayed.insert((ready, id.clone()));
+        self.changes.jobs.insert(id.clone());
+        debug!(job_id = %id, %worker, attempts, backoff_ms = backoff, "job will be retried");
     }
 
     fn job_finished(&mut self, done: JobFinished, events: &mut Vec<Event>) -> Reply {
-        if self.end_job(&done.job_id, JobState::Finished).is_none() {
+        // A late report of a job that ended already (re-run elsewhere, or reported twice) is
+        // answered as the legacy router did and changes nothing.
+        if !self.detach(&done.job_id) {
             return Answer::new(AnswerKind::UnknownJobId).into();
         }
+        self.end_job(&done.job_id, JobState::Finished, None);
         events.push(Event::job_finished(done.job_id, &done.duration));
         Answer::new(AnswerKind::GoodJob).into()
     }
 
-    fn job_failed(&mut self, failed: JobFailed, events: &mut Vec<Event>) -> Reply {
-        let Some(worker) = self.end_job(&failed.job_id, JobState::Failed) else {
+    fn job_failed(&mut self, failed: JobFailed, now: u64, events: &mut Vec<Event>) -> Reply {
+        // Only the run of a job counts: a stale report (the job was queued again meanwhile)
+        // must not use up an attempt.
+        let running = self
+            .jobs
+            .get(&failed.job_id)
+            .is_some_and(|r| r.state == JobState::Running);
+        if !running || !self.detach(&failed.job_id) {
             return Answer::new(AnswerKind::UnknownJobId).into();
+        }
+        let error = if failed.error.is_empty() {
+            "the job failed (no error text)".to_owned()
+        } else {
+            failed.error
         };
-        debug!(job_id = %failed.job_id, %worker, error = %failed.error, "job failed");
-        events.push(Event::job_failed(failed.job_id, &failed.error));
+        self.attempt_failed(&failed.job_id, &error, now, events);
         Answer::new(AnswerKind::FailureRecorded).into()
     }
 
+    fn renew_leases(&mut self, renew: RenewLeases, now: u64) -> Reply {
+        for id in renew.job_ids {
+            if let Some(record) = self.jobs.get_mut(&id) {
+                if let (JobState::Running, Some(old)) = (record.state, record.lease_until) {
+                    let new = now + self.policy.job_lease_ms;
+                    self.job_leases.remove(&(old, id.clone()));
+                    self.job_leases.insert((new, id.clone()));
+                    record.lease_until = Some(new);
+                    self.changes.jobs.insert(id);
+                }
+            }
+        }
+        for id in renew.pipeline_ids {
+            if let Some(record) = self.pipelines.get_mut(&id) {
+                if let (PipelineState::Running, Some(old)) = (record.state, record.lease_until) {
+                    let new = now + self.policy.pipeline_lease_ms;
+                    self.pipeline_leases.remove(&(old, id.clone()));
+                    self.pipeline_leases.insert((new, id.clone()));
+                    record.lease_until = Some(new);
+                    self.changes.pipelines.insert(id);
+                }
+            }
+        }
+        Answer::new(AnswerKind::LeasesRenewed).into()
+    }
+
     fn add_pipeline(&mut self, new: NewPipeline, events: &mut Vec<Event>) -> Reply {
+        let request_id = new
+            .fields
+            .get(REQUEST_ID)
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        if let Some(existing) = request_id.as_ref().and_then(|r| self.request_ids.get(r)) {
+            // The client retried a request whose answer it lost: same pipeline, same id.
+            return Answer::new(AnswerKind::PipelineAccepted)
+                .with_pipeline_id(existing.clone())
+                .into();
+        }
         if let Err(e) = Pipeline::from_legacy(&new.pipeline) {
             return Answer::error(AnswerKind::InvalidPipeline, e.to_string()).into();
         }
+        if self.pipeline_queue.len() >= self.policy.max_queued_pipelines {
+            return Answer::error(
+                AnswerKind::QueueFull,
+                format!(
+                    "{} pipelines are queued; retry later",
+                    self.pipeline_queue.len()
+                ),
+            )
+            .into();
+        }
         let id = PipelineId::generate();
-        self.pipeline_queue.push_back(id.clone());
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.pipeline_queue.insert(seq, id.clone());
+        if let Some(r) = request_id {
+            self.request_ids.insert(r, id.clone());
+        }
         self.pipelines.insert(
             id.clone(),
             PipelineRecord {
+                seq,
                 pipeline: new.pipeline,
                 fields: new.fields,
                 state: PipelineState::Queued,
                 jobs: Vec::new(),
+                lease_until: None,
             },
         );
+        self.changes.pipelines.insert(id.clone());
         events.push(Event::NewPipeline);
         Answer::new(AnswerKind::PipelineAccepted)
             .with_pipeline_id(id)
             .into()
     }
 
-    fn get_pipeline(&mut self) -> Option<PipelineAssignment> {
-        while let Some(id) = self.pipeline_queue.pop_front() {
-            let Some(record) = self.pipelines.get_mut(&id) else {
-                continue;
-            };
-            if record.state != PipelineState::Queued {
-                continue;
-            }
-            record.state = PipelineState::Running;
-            let submitted_jobs = record
-                .jobs
-                .iter()
-                .filter_map(|job_id| {
-                    self.jobs.get(job_id).map(|j| SubmittedJob {
-                        job_id: job_id.clone(),
-                        worker: j.worker.clone(),
-                        state: j.state,
-                    })
+    fn get_pipeline(&mut self, now: u64) -> Option<PipelineAssignment> {
+        let (_, id) = self.pipeline_queue.pop_first()?;
+        let lease_until = now + self.policy.pipeline_lease_ms;
+        let record = self.pipelines.get_mut(&id)?;
+        record.state = PipelineState::Running;
+        record.lease_until = Some(lease_until);
+        self.pipeline_leases.insert((lease_until, id.clone()));
+        self.changes.pipelines.insert(id.clone());
+        let submitted_jobs = record
+            .jobs
+            .iter()
+            .filter_map(|job_id| {
+                self.jobs.get(job_id).map(|j| SubmittedJob {
+                    job_id: job_id.clone(),
+                    worker: j.worker.clone(),
+                    state: j.state,
                 })
-                .collect();
-            return Some(PipelineAssignment {
-                pipeline_id: id,
-                pipeline: record.pipeline.clone(),
-                submitted_jobs,
-                fields: record.fields.clone(),
-            });
-        }
-        None
+            })
+            .collect();
+        Some(PipelineAssignment {
+            pipeline_id: id,
+            pipeline: record.pipeline.clone(),
+            submitted_jobs,
+            fields: record.fields.clone(),
+        })
     }
 
     /// Ends a pending pipeline: forgets it and its jobs, remembers `status` for the
     /// retention time. False when the pipeline is not pending.
-    fn end_pipeline(&mut self, id: &PipelineId, status: PipelineStatus, now: Instant) -> bool {
+    fn end_pipeline(&mut self, id: &PipelineId, status: PipelineStatus, now: u64) -> bool {
         let Some(record) = self.pipelines.remove(id) else {
             return false;
         };
-        for job in &record.jobs {
-            self.jobs.remove(job);
+        match record.state {
+            PipelineState::Queued => {
+                self.pipeline_queue.remove(&record.seq);
+            }
+            _ => {
+                if let Some(t) = record.lease_until {
+                    self.pipeline_leases.remove(&(t, id.clone()));
+                }
+            }
         }
-        self.ended.insert(id.clone(), status);
+        for job in &record.jobs {
+            self.detach(job);
+            self.jobs.remove(job);
+            self.changes.jobs.insert(job.clone());
+        }
+        let request_id = record
+            .fields
+            .get(REQUEST_ID)
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        self.ended.insert(
+            id.clone(),
+            EndedRecord {
+                status,
+                at: now,
+                request_id,
+            },
+        );
         self.ended_order.push_back((now, id.clone()));
+        self.changes.pipelines.insert(id.clone());
+        self.changes.ended.insert(id.clone());
         true
     }
 
     fn pipeline_finished(
         &mut self,
         done: PipelineFinished,
-        now: Instant,
+        now: u64,
         events: &mut Vec<Event>,
     ) -> Reply {
         let status = PipelineStatus {
@@ -368,7 +745,7 @@ impl State {
     fn pipeline_failed(
         &mut self,
         failed: PipelineFailed,
-        now: Instant,
+        now: u64,
         events: &mut Vec<Event>,
     ) -> Reply {
         let status = PipelineStatus {
@@ -398,14 +775,12 @@ mod tests {
     use pypelinin_common::protocol::WireDuration;
     use serde_json::json;
 
-    fn now() -> Instant {
-        Instant::now()
-    }
+    const T0: u64 = 1_000_000;
 
     fn add_in(state: &mut State, worker: &str, pipeline: Option<&PipelineId>) -> JobId {
         let mut job = NewJob::new(worker, json!({"w": worker}));
         job.pipeline_id = pipeline.cloned();
-        let reply = state.handle(Request::AddJob(job), now(), &mut vec![]);
+        let reply = state.handle(Request::AddJob(job), T0, &mut vec![]);
         let Reply::Answer(Answer {
             job_id: Some(id), ..
         }) = reply
@@ -419,62 +794,96 @@ mod tests {
         add_in(state, worker, None)
     }
 
-    fn get(state: &mut State, workers: Option<&[&str]>) -> Option<JobAssignment> {
+    fn get_at(state: &mut State, workers: Option<&[&str]>, now: u64) -> Option<JobAssignment> {
         let workers = workers.map(|w| w.iter().map(|s| s.to_string()).collect());
-        match state.handle(Request::GetJob(GetJob { workers }), now(), &mut vec![]) {
+        match state.handle(Request::GetJob(GetJob { workers }), now, &mut vec![]) {
             Reply::Job(j) => j,
             other => panic!("{other:?}"),
         }
     }
 
-    fn add_pipeline(state: &mut State) -> PipelineId {
-        let p = json!([
+    fn get(state: &mut State, workers: Option<&[&str]>) -> Option<JobAssignment> {
+        get_at(state, workers, T0)
+    }
+
+    fn pipeline_json() -> Value {
+        json!([
             ["graph", [[[["worker_name", "A"]], [["worker_name", "B"]]]]],
             ["data", null]
-        ]);
-        let reply = state.handle(
+        ])
+    }
+
+    fn add_pipeline(state: &mut State, fields: Map<String, Value>) -> Reply {
+        state.handle(
             Request::AddPipeline(NewPipeline {
-                pipeline: p,
-                fields: Map::new(),
+                pipeline: pipeline_json(),
+                fields,
             }),
-            now(),
+            T0,
             &mut vec![],
-        );
+        )
+    }
+
+    fn new_pipeline(state: &mut State) -> PipelineId {
         let Reply::Answer(Answer {
             pipeline_id: Some(id),
             ..
-        }) = reply
+        }) = add_pipeline(state, Map::new())
         else {
-            panic!("{reply:?}")
+            panic!()
         };
         id
     }
 
-    fn job_states(state: &mut State, ids: &[&JobId]) -> Vec<JobState> {
+    fn take_pipeline(state: &mut State, now: u64) -> Option<PipelineAssignment> {
+        match state.handle(Request::GetPipeline, now, &mut vec![]) {
+            Reply::Pipeline(p) => p,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn job_state(state: &mut State, id: &JobId) -> JobState {
         let q = JobStatusQuery {
-            job_ids: ids.iter().map(|i| (*i).clone()).collect(),
+            job_ids: vec![id.clone()],
         };
         let Reply::Answer(Answer {
             jobs: Some(jobs), ..
-        }) = state.handle(Request::JobStatus(q), now(), &mut vec![])
+        }) = state.handle(Request::JobStatus(q), T0, &mut vec![])
         else {
             panic!()
         };
-        ids.iter().map(|i| jobs[*i]).collect()
+        jobs[id]
     }
 
-    fn pipeline_state(state: &mut State, id: &PipelineId, at: Instant) -> PipelineStatus {
+    fn pipeline_state(state: &mut State, id: &PipelineId) -> PipelineStatus {
         let q = PipelineStatusQuery {
             pipeline_ids: vec![id.clone()],
         };
         let Reply::Answer(Answer {
             pipelines: Some(mut p),
             ..
-        }) = state.handle(Request::PipelineStatus(q), at, &mut vec![])
+        }) = state.handle(Request::PipelineStatus(q), T0, &mut vec![])
         else {
             panic!()
         };
         p.remove(id).unwrap()
+    }
+
+    fn fail(state: &mut State, id: &JobId, now: u64, events: &mut Vec<Event>) -> Reply {
+        let f = JobFailed {
+            job_id: id.clone(),
+            error: "boom".into(),
+            duration: None,
+        };
+        state.handle(Request::JobFailed(f), now, events)
+    }
+
+    fn finish(state: &mut State, id: &JobId, events: &mut Vec<Event>) -> Reply {
+        let done = JobFinished {
+            job_id: id.clone(),
+            duration: WireDuration::from_secs(1.5),
+        };
+        state.handle(Request::JobFinished(done), T0, events)
     }
 
     #[test]
@@ -512,88 +921,171 @@ mod tests {
         let mut s = State::default();
         let id = add(&mut s, "A");
         let mut events = vec![];
-        let done = || {
-            Request::JobFinished(JobFinished {
-                job_id: id.clone(),
-                duration: WireDuration::from_secs(1.5),
-            })
-        };
         assert_eq!(
-            s.handle(done(), now(), &mut events),
+            finish(&mut s, &id, &mut events),
             Answer::new(AnswerKind::GoodJob).into()
         );
         assert_eq!(
-            s.handle(done(), now(), &mut events),
+            finish(&mut s, &id, &mut events),
             Answer::new(AnswerKind::UnknownJobId).into()
         );
         assert_eq!(
             events,
             vec![Event::job_finished(id, &WireDuration::from_secs(1.5))]
         );
-        // A job finished before anyone took it is not handed out afterwards.
-        assert!(get(&mut s, None).is_none());
+        assert!(
+            get(&mut s, None).is_none(),
+            "a job finished before it was taken is not handed out"
+        );
         assert_eq!(s.job_records(), 0);
     }
 
     #[test]
-    fn jobs_of_a_pipeline_keep_their_state_until_the_pipeline_ends() {
+    fn a_failed_job_is_retried_with_backoff_then_failed_for_good() {
         let mut s = State::default();
-        let p = add_pipeline(&mut s);
-        let assigned = match s.handle(Request::GetPipeline, now(), &mut vec![]) {
-            Reply::Pipeline(Some(a)) => a,
-            other => panic!("{other:?}"),
-        };
-        assert!(assigned.submitted_jobs.is_empty());
-        let a = add_in(&mut s, "A", Some(&p));
-        let lone = add(&mut s, "A");
-        assert_eq!(
-            job_states(&mut s, &[&a, &lone]),
-            vec![JobState::Queued, JobState::Queued]
-        );
-        assert_eq!(get(&mut s, None).unwrap().pipeline_id, Some(p.clone()));
-        assert_eq!(job_states(&mut s, &[&a]), vec![JobState::Running]);
-        for id in [&a, &lone] {
-            s.handle(
-                Request::JobFinished(JobFinished {
-                    job_id: id.clone(),
-                    duration: WireDuration::from_secs(1.0),
-                }),
-                now(),
-                &mut vec![],
+        let id = add(&mut s, "A");
+        let mut events = vec![];
+        for attempt in 1..=2u64 {
+            get(&mut s, None).unwrap();
+            assert_eq!(
+                fail(&mut s, &id, T0, &mut events),
+                Answer::new(AnswerKind::FailureRecorded).into()
             );
+            assert_eq!(job_state(&mut s, &id), JobState::Queued);
+            assert!(get(&mut s, None).is_none(), "backing off");
+            let backoff = 500 * (1 << (attempt - 1));
+            s.tick(T0 + backoff - 1, &mut events);
+            assert!(get(&mut s, None).is_none());
+            s.tick(T0 + backoff, &mut events);
+            assert!(events.contains(&Event::NewJob));
+            events.clear();
         }
-        assert_eq!(
-            job_states(&mut s, &[&a, &lone]),
-            vec![JobState::Finished, JobState::Unknown]
+        get(&mut s, None).unwrap();
+        fail(&mut s, &id, T0, &mut events);
+        assert_eq!(events.len(), 1);
+        assert!(
+            matches!(&events[0], Event::JobFailed { error, .. } if error == "boom (failed 3 of 3 attempts)"),
+            "{events:?}"
         );
-        let t0 = now();
+        assert_eq!(
+            fail(&mut s, &id, T0, &mut events),
+            Answer::new(AnswerKind::UnknownJobId).into()
+        );
+    }
+
+    #[test]
+    fn attempts_are_configured_per_worker() {
+        let policy = Policy {
+            attempts_per_worker: HashMap::from([("Once".to_owned(), 1)]),
+            ..Policy::default()
+        };
+        let mut s = State::new(Map::new(), policy);
+        let id = add(&mut s, "Once");
+        get(&mut s, None).unwrap();
+        let mut events = vec![];
+        fail(&mut s, &id, T0, &mut events);
+        assert!(matches!(&events[..], [Event::JobFailed { error, .. }] if error == "boom"));
+    }
+
+    #[test]
+    fn an_expired_lease_requeues_the_job_and_a_renewed_one_does_not() {
+        let mut s = State::default();
+        let a = add(&mut s, "A");
+        let b = add(&mut s, "A");
+        get(&mut s, None).unwrap();
+        get(&mut s, None).unwrap();
+        let mut events = vec![];
+        let renew = RenewLeases {
+            job_ids: vec![b.clone()],
+            pipeline_ids: vec![],
+        };
+        assert_eq!(
+            s.handle(Request::RenewLeases(renew), T0 + 20_000, &mut events),
+            Answer::new(AnswerKind::LeasesRenewed).into()
+        );
+        s.tick(T0 + 30_000, &mut events);
+        assert_eq!(job_state(&mut s, &a), JobState::Queued, "a's lease expired");
+        assert_eq!(
+            job_state(&mut s, &b),
+            JobState::Running,
+            "b's lease was renewed"
+        );
+        assert_eq!(s.job(&a).unwrap().attempts, 1);
+        s.tick(T0 + 30_500, &mut events);
+        assert_eq!(
+            get_at(&mut s, None, T0 + 30_500).unwrap().job_id,
+            a,
+            "handed out again"
+        );
+        // The late report of the first holder still counts once; the second holder's is ignored.
+        assert_eq!(
+            finish(&mut s, &a, &mut events),
+            Answer::new(AnswerKind::GoodJob).into()
+        );
+        assert_eq!(
+            finish(&mut s, &a, &mut events),
+            Answer::new(AnswerKind::UnknownJobId).into()
+        );
+    }
+
+    #[test]
+    fn an_expired_pipeline_lease_hands_the_pipeline_out_again_with_its_jobs() {
+        let mut s = State::default();
+        let p = new_pipeline(&mut s);
+        assert!(take_pipeline(&mut s, T0).unwrap().submitted_jobs.is_empty());
+        let a = add_in(&mut s, "A", Some(&p));
+        finish(&mut s, &a, &mut vec![]);
+        assert!(take_pipeline(&mut s, T0).is_none());
+        let mut events = vec![];
+        s.tick(T0 + 30_000, &mut events);
+        assert_eq!(events, vec![Event::NewPipeline]);
+        let again = take_pipeline(&mut s, T0 + 30_000).unwrap();
+        assert_eq!(again.pipeline_id, p);
+        assert_eq!(
+            again.submitted_jobs,
+            vec![SubmittedJob {
+                job_id: a,
+                worker: "A".into(),
+                state: JobState::Finished
+            }]
+        );
+    }
+
+    #[test]
+    fn ended_pipelines_forget_their_jobs_and_are_remembered_for_the_retention_time() {
+        let mut s = State::default();
+        let p = new_pipeline(&mut s);
+        take_pipeline(&mut s, T0);
+        let a = add_in(&mut s, "A", Some(&p));
+        let queued = add_in(&mut s, "B", Some(&p));
+        finish(&mut s, &a, &mut vec![]);
+        assert_eq!(job_state(&mut s, &a), JobState::Finished);
         let done = PipelineFinished {
             pipeline_id: p.clone(),
             duration: WireDuration::from_secs(2.0),
         };
-        s.handle(Request::PipelineFinished(done), t0, &mut vec![]);
-        assert_eq!(job_states(&mut s, &[&a]), vec![JobState::Unknown]);
+        s.handle(Request::PipelineFinished(done), T0, &mut vec![]);
+        assert_eq!(
+            (job_state(&mut s, &a), job_state(&mut s, &queued)),
+            (JobState::Unknown, JobState::Unknown)
+        );
+        assert!(
+            get(&mut s, None).is_none(),
+            "the ended pipeline's queued job is gone"
+        );
         assert_eq!(s.job_records(), 0);
-        let status = pipeline_state(&mut s, &p, t0);
-        assert_eq!(
-            (status.state, status.duration),
-            (PipelineState::Finished, Some(WireDuration::from_secs(2.0)))
-        );
-        // Remembered for the retention time, then purged.
-        s.purge(t0 + Duration::from_secs(299));
-        assert_eq!(
-            pipeline_state(&mut s, &p, t0).state,
-            PipelineState::Finished
-        );
-        s.purge(t0 + Duration::from_secs(300));
-        assert_eq!(pipeline_state(&mut s, &p, t0).state, PipelineState::Unknown);
+        assert_eq!(pipeline_state(&mut s, &p).state, PipelineState::Finished);
+        s.tick(T0 + 299_999, &mut vec![]);
+        assert_eq!(pipeline_state(&mut s, &p).state, PipelineState::Finished);
+        s.tick(T0 + 300_000, &mut vec![]);
+        assert_eq!(pipeline_state(&mut s, &p).state, PipelineState::Unknown);
         assert_eq!(s.remembered_pipelines(), 0);
     }
 
     #[test]
     fn a_failed_pipeline_is_reported_with_its_job_and_error() {
         let mut s = State::default();
-        let p = add_pipeline(&mut s);
+        let p = new_pipeline(&mut s);
         let a = add_in(&mut s, "A", Some(&p));
         let mut events = vec![];
         let failed = PipelineFailed {
@@ -603,25 +1095,50 @@ mod tests {
             error: "boom".into(),
             duration: None,
         };
-        let reply = s.handle(Request::PipelineFailed(failed.clone()), now(), &mut events);
+        let reply = s.handle(Request::PipelineFailed(failed.clone()), T0, &mut events);
         assert_eq!(reply, Answer::new(AnswerKind::FailureRecorded).into());
         assert_eq!(
             events,
             vec![Event::pipeline_failed(p.clone(), a.clone(), "A", "boom")]
         );
-        let status = pipeline_state(&mut s, &p, now());
+        let status = pipeline_state(&mut s, &p);
         assert_eq!(
             (status.state, status.error.as_deref(), status.job_id),
             (PipelineState::Failed, Some("boom"), Some(a))
         );
         assert_eq!(
-            s.handle(Request::PipelineFailed(failed), now(), &mut vec![]),
+            s.handle(Request::PipelineFailed(failed), T0, &mut vec![]),
             Answer::new(AnswerKind::UnknownPipelineId).into()
         );
-        assert!(
-            get(&mut s, None).is_none(),
-            "the ended pipeline's queued job is dropped"
+    }
+
+    #[test]
+    fn a_full_queue_refuses_pipelines_until_one_is_taken() {
+        let mut s = State::new(
+            Map::new(),
+            Policy {
+                max_queued_pipelines: 2,
+                ..Policy::default()
+            },
         );
+        new_pipeline(&mut s);
+        new_pipeline(&mut s);
+        let Reply::Answer(a) = add_pipeline(&mut s, Map::new()) else {
+            panic!()
+        };
+        assert_eq!(a.answer, AnswerKind::QueueFull);
+        assert!(a.error.unwrap().contains("2 pipelines are queued"));
+        take_pipeline(&mut s, T0);
+        new_pipeline(&mut s);
+    }
+
+    #[test]
+    fn a_repeated_request_id_gives_the_same_pipeline() {
+        let mut s = State::default();
+        let fields: Map<String, Value> = json!({"request id": "r-1"}).as_object().cloned().unwrap();
+        let first = add_pipeline(&mut s, fields.clone());
+        assert_eq!(add_pipeline(&mut s, fields), first);
+        assert_eq!(s.pending_pipelines(), 1);
     }
 
     #[test]
@@ -642,12 +1159,54 @@ mod tests {
                 pipeline: cyclic,
                 fields: Map::new(),
             }),
-            now(),
+            T0,
             &mut vec![],
         );
         let Reply::Answer(a) = reply else { panic!() };
         assert_eq!(a.answer, AnswerKind::InvalidPipeline);
         assert!(a.error.unwrap().contains("cycle"));
         assert_eq!(s.pending_pipelines(), 0);
+    }
+
+    #[test]
+    fn restoring_the_records_gives_back_queues_leases_and_backoffs() {
+        let mut s = State::default();
+        let p = new_pipeline(&mut s);
+        let queued = add(&mut s, "A");
+        let running = add(&mut s, "B");
+        let retrying = add(&mut s, "C");
+        let later = add(&mut s, "A");
+        get(&mut s, Some(&["B"])).unwrap();
+        get(&mut s, Some(&["C"])).unwrap();
+        fail(&mut s, &retrying, T0, &mut vec![]);
+        let jobs = s.jobs.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let pipelines = s
+            .pipelines
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut r = State::restore(Map::new(), Policy::default(), jobs, pipelines, vec![]);
+        assert_eq!(get(&mut r, None).unwrap().job_id, queued);
+        assert_eq!(get(&mut r, None).unwrap().job_id, later);
+        assert!(get(&mut r, None).is_none());
+        let mut events = vec![];
+        finish(&mut r, &queued, &mut events);
+        finish(&mut r, &later, &mut events);
+        r.tick(T0 + 500, &mut events);
+        assert_eq!(get(&mut r, None).unwrap().job_id, retrying);
+        r.tick(T0 + 30_000, &mut events);
+        assert!(
+            get_at(&mut r, None, T0 + 30_000).is_none(),
+            "an expired lease counts as an attempt: back-off"
+        );
+        r.tick(T0 + 30_500, &mut events);
+        let again = get_at(&mut r, None, T0 + 30_500).unwrap();
+        assert_eq!(
+            again.job_id, running,
+            "its lease survived the restart, then expired"
+        );
+        assert_eq!(take_pipeline(&mut r, T0).unwrap().pipeline_id, p);
+        let next = add(&mut r, "Z");
+        assert!(r.job(&next).unwrap().seq > s.job(&later).unwrap().seq);
     }
 }

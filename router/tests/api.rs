@@ -1,5 +1,6 @@
 //! Every row of the protocol table, answered as the legacy router answered it.
 
+use pypelinin_router::RouterSettings;
 use serde_json::{json, Value};
 
 use crate::support::{is_id, TestRouter};
@@ -339,8 +340,12 @@ async fn invalid_pipelines_are_refused_with_the_reason() {
 }
 
 #[tokio::test]
-async fn job_failed_is_acknowledged_broadcast_and_ends_the_job() {
-    let router = TestRouter::start().await;
+async fn job_failed_on_the_last_attempt_is_broadcast_and_ends_the_job() {
+    let settings = RouterSettings {
+        max_attempts: 1,
+        ..RouterSettings::default()
+    };
+    let router = TestRouter::start_settings(serde_json::Map::new(), settings).await;
     let mut sub = router.live_sub().await;
     let mut c = router.client().await;
     let id = router
@@ -524,4 +529,51 @@ async fn shutdown_is_clean() {
     let mut c = router.client().await;
     router.ask(&mut c, json!({"command": "get job"})).await;
     router.stop().await;
+}
+
+#[tokio::test]
+async fn a_failed_job_is_retried_after_a_backoff_then_failed_with_its_attempts() {
+    let settings = RouterSettings {
+        max_attempts: 2,
+        retry_backoff_ms: 50,
+        ..RouterSettings::default()
+    };
+    let router = TestRouter::start_settings(serde_json::Map::new(), settings).await;
+    let mut sub = router.live_sub().await;
+    let mut c = router.client().await;
+    let id = router
+        .ask(&mut c, json!({"command": "add job", "worker": "A"}))
+        .await["job id"]
+        .clone();
+    assert_eq!(sub.expect("new job").await, "new job");
+    assert_eq!(
+        router.ask(&mut c, json!({"command": "get job"})).await["job id"],
+        id
+    );
+    let failed = json!({"command": "job failed", "job id": id, "error": "flaky"});
+    assert_eq!(
+        router.ask(&mut c, failed.clone()).await,
+        json!({"answer": "failure recorded"})
+    );
+    // The retry is announced like a new job once its back-off is over.
+    assert_eq!(sub.expect("the retry's new job").await, "new job");
+    assert_eq!(
+        router.ask(&mut c, json!({"command": "get job"})).await["job id"],
+        id
+    );
+    assert_eq!(
+        router.ask(&mut c, failed.clone()).await,
+        json!({"answer": "failure recorded"})
+    );
+    assert_eq!(
+        sub.expect("job failed").await,
+        format!(
+            "job failed: {} error: flaky (failed 2 of 2 attempts)",
+            id.as_str().unwrap()
+        )
+    );
+    assert_eq!(
+        router.ask(&mut c, failed).await,
+        json!({"answer": "unknown job id"})
+    );
 }

@@ -26,10 +26,18 @@ impl TestRouter {
     }
 
     pub async fn start_with(configuration: Map<String, Value>) -> Self {
+        Self::start_settings(configuration, RouterSettings::default()).await
+    }
+
+    /// A router with `settings` (its endpoints replaced by free ports).
+    pub async fn start_settings(
+        configuration: Map<String, Value>,
+        settings: RouterSettings,
+    ) -> Self {
         let settings = RouterSettings {
             api: EPHEMERAL.into(),
             broadcast: EPHEMERAL.into(),
-            ..RouterSettings::default()
+            ..settings
         };
         let router = Router::bind(settings, configuration)
             .await

@@ -28,4 +28,4 @@ pub use reply::{
     Answer, AnswerKind, JobAssignment, JobState, PipelineAssignment, PipelineState, PipelineStatus,
     Reply, ReplyError, SubmittedJob,
 };
-pub use request::{decode_request, Request, RequestError};
+pub use request::{decode_request, decode_request_with_token, Request, RequestError};

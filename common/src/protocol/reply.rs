@@ -30,6 +30,15 @@ pub enum AnswerKind {
     /// The answer to `job status` / `pipeline status`.
     #[serde(rename = "status")]
     Status,
+    /// `renew leases` was applied.
+    #[serde(rename = "leases renewed")]
+    LeasesRenewed,
+    /// `add pipeline` refused: too many pipelines are queued; retry later.
+    #[serde(rename = "queue full")]
+    QueueFull,
+    /// The router requires a cluster token and the request had none, or a wrong one.
+    #[serde(rename = "unauthorized")]
+    Unauthorized,
     /// The job id is not pending.
     #[serde(rename = "unknown job id")]
     UnknownJobId,
@@ -64,6 +73,7 @@ impl AnswerKind {
                 | AnswerKind::FailureRecorded
                 | AnswerKind::ProbeSent
                 | AnswerKind::Status
+                | AnswerKind::LeasesRenewed
         )
     }
 }

@@ -44,6 +44,9 @@ pub enum Request {
     /// Extension: reports that a pipeline cannot finish because one of its jobs failed.
     #[serde(rename = "pipeline failed")]
     PipelineFailed(PipelineFailed),
+    /// Extension: renews the leases of jobs a broker runs and pipelines a pipeliner walks.
+    #[serde(rename = "renew leases")]
+    RenewLeases(RenewLeases),
     /// Extension: asks where jobs stand (to re-sync after missed broadcasts).
     #[serde(rename = "job status")]
     JobStatus(JobStatusQuery),
@@ -68,6 +71,7 @@ impl Request {
         "get pipeline",
         "pipeline finished",
         "pipeline failed",
+        "renew leases",
         "job status",
         "pipeline status",
         "probe",
@@ -85,6 +89,7 @@ impl Request {
             Request::GetPipeline => "get pipeline",
             Request::PipelineFinished(_) => "pipeline finished",
             Request::PipelineFailed(_) => "pipeline failed",
+            Request::RenewLeases(_) => "renew leases",
             Request::JobStatus(_) => "job status",
             Request::PipelineStatus(_) => "pipeline status",
             Request::Probe(_) => "probe",
@@ -206,6 +211,21 @@ pub struct PipelineFailed {
     pub duration: Option<WireDuration>,
 }
 
+/// `renew leases`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RenewLeases {
+    /// Jobs the sender runs.
+    #[serde(rename = "job ids", default, skip_serializing_if = "Vec::is_empty")]
+    pub job_ids: Vec<JobId>,
+    /// Pipelines the sender walks.
+    #[serde(
+        rename = "pipeline ids",
+        default,
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub pipeline_ids: Vec<PipelineId>,
+}
+
 /// `job status`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobStatusQuery {
@@ -246,6 +266,23 @@ pub enum RequestError {
     Syntax(String),
 }
 
+/// The key of the cluster token in a request.
+pub const CLUSTER_TOKEN: &str = "cluster token";
+
+/// Decodes one request frame, also returning the [`CLUSTER_TOKEN`] it carried (removed from
+/// the request), for routers that require a cluster token.
+///
+/// # Errors
+/// As [`decode_request`].
+pub fn decode_request_with_token(bytes: &[u8]) -> Result<(Request, Option<String>), RequestError> {
+    let mut map = decode_object(bytes)?;
+    let token = match map.remove(CLUSTER_TOKEN) {
+        Some(Value::String(t)) => Some(t),
+        _ => None,
+    };
+    Ok((dispatch(map)?, token))
+}
+
 /// Decodes one request frame.
 ///
 /// # Errors
@@ -254,15 +291,23 @@ pub enum RequestError {
 /// [`RequestError::UnknownCommand`] when it is not a known command name;
 /// [`RequestError::Syntax`] when a known command lacks a key or has one of the wrong type.
 pub fn decode_request(bytes: &[u8]) -> Result<Request, RequestError> {
+    dispatch(decode_object(bytes)?)
+}
+
+fn decode_object(bytes: &[u8]) -> Result<Map<String, Value>, RequestError> {
     let text = std::str::from_utf8(bytes)
         .map_err(|e| RequestError::Malformed(format!("request is not UTF-8: {e}")))?;
     let value: Value = serde_json::from_str(text)
         .map_err(|e| RequestError::Malformed(format!("request is not JSON: {e}")))?;
-    let Value::Object(map) = value else {
-        return Err(RequestError::Malformed(
+    match value {
+        Value::Object(map) => Ok(map),
+        _ => Err(RequestError::Malformed(
             "request must be a JSON object".into(),
-        ));
-    };
+        )),
+    }
+}
+
+fn dispatch(map: Map<String, Value>) -> Result<Request, RequestError> {
     match map.get("command") {
         None => return Err(RequestError::UndefinedCommand),
         Some(Value::String(c)) if Request::COMMANDS.contains(&c.as_str()) => {}
@@ -340,6 +385,19 @@ mod tests {
         let err =
             decode(json!({"command": "job finished", "job id": 5, "duration": 1})).unwrap_err();
         assert!(matches!(err, RequestError::Syntax(_)));
+    }
+
+    #[test]
+    fn the_token_is_taken_out_of_the_request() {
+        let (req, token) =
+            decode_request_with_token(br#"{"command": "get job", "cluster token": "s3cret"}"#)
+                .unwrap();
+        assert_eq!(
+            (req, token.as_deref()),
+            (Request::GetJob(GetJob::default()), Some("s3cret"))
+        );
+        let (_, token) = decode_request_with_token(br#"{"command": "get job"}"#).unwrap();
+        assert_eq!(token, None);
     }
 
     #[test]

@@ -7,7 +7,8 @@ use clap::Parser;
 use pypelinin_example::cluster;
 use pypelinin_router::cli::RouterArgs;
 
-/// The example's router: a FileStore in <home>/store, monitoring in <home>/monitoring.log.
+/// The example's router: a FileStore in <home>/store, monitoring in <home>/monitoring.log,
+/// its durable record in <home>/router-data.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
@@ -33,7 +34,9 @@ async fn main() -> ExitCode {
     if cli.no_store {
         configuration.insert("store".into(), serde_json::json!({"type": "none"}));
     }
-    match pypelinin_router::cli::run(&cli.router, configuration).await {
+    // The example keeps its durable record beside its store.
+    let data_dir = home.join("router-data");
+    match pypelinin_router::cli::run_with_data_dir(&cli.router, configuration, data_dir).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
