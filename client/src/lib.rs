@@ -283,7 +283,14 @@ impl PipelineManager {
                 self.record(event.map_err(ClientError::from)?);
                 Ok(())
             }
-            Err(_) => self.resync().await,
+            Err(_) => match self.resync().await {
+                // The router is restarting: its answers will come; keep waiting.
+                Err(Error::Router(e)) if e.is_transient() => {
+                    debug!(error = %e, "cannot re-sync now; will retry");
+                    Ok(())
+                }
+                other => other,
+            },
         }
     }
 

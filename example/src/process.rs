@@ -110,6 +110,13 @@ impl Daemon {
         }
     }
 
+    /// Kills it with SIGKILL (a crash) and waits until it is gone, so its ports and files are
+    /// free.
+    pub fn kill(&mut self) -> Option<ExitStatus> {
+        let _ignored = self.child.kill();
+        self.child.wait().ok()
+    }
+
     /// Stops it: SIGTERM, then SIGKILL if it has not exited within `grace`. Returns its exit
     /// status.
     pub fn stop(&mut self, grace: Duration) -> Option<ExitStatus> {

@@ -259,3 +259,41 @@ fn every_binary_has_help() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_with_a_token_runs_and_refuses_strangers() {
+    use pypelinin_common::transport::{ApiClient, ClientOptions};
+    let cluster = Cluster::start_with_config(
+        "[cluster]\ntoken = \"t0k3n\"\n",
+        &["--no-store"],
+        1,
+        &["--noop-workers", "2"],
+        1,
+    );
+    let mut stranger = ApiClient::connect(cluster.api.clone(), ClientOptions::default())
+        .await
+        .unwrap();
+    let refused = stranger.get_job(None).await.unwrap_err();
+    assert!(refused.to_string().contains("Unauthorized"), "{refused}");
+    let mut m = within(
+        WAIT,
+        "client connect",
+        PipelineManager::connect_with(
+            &cluster.api,
+            &cluster.broadcast,
+            ClientOptions::default(),
+            Some("t0k3n".into()),
+        ),
+    )
+    .await
+    .unwrap();
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        ids.push(m.start(&noop_pipeline(i)).await.unwrap());
+    }
+    let outcomes = m
+        .wait_all(&ids, WAIT)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+    assert!(outcomes.iter().all(|o| matches!(o, Outcome::Finished(_))));
+}

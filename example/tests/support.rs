@@ -36,31 +36,31 @@ impl Cluster {
         broker_args: &[&str],
         pipeliners: usize,
     ) -> Self {
+        Self::start_with_config("", router_args, brokers, broker_args, pipeliners)
+    }
+
+    /// As [`Cluster::start`], with `config` (TOML) passed to every process as `--config`.
+    pub fn start_with_config(
+        config: &str,
+        router_args: &[&str],
+        brokers: usize,
+        broker_args: &[&str],
+        pipeliners: usize,
+    ) -> Self {
         let home = tempfile::tempdir().unwrap();
-        let home_arg = home.path().display().to_string();
-        let mut a = args(&[
-            "--api",
-            "tcp://127.0.0.1:0",
-            "--broadcast",
-            "tcp://127.0.0.1:0",
-            "--home",
-            &home_arg,
-        ]);
-        a.extend(args(router_args));
-        let mut router = Daemon::spawn(
-            "my_router",
-            &bin("my_router"),
-            &a,
-            Some(&home.path().join("router.log")),
-        )
-        .unwrap();
-        let (api, broadcast) = router.read_endpoints().unwrap();
+        std::fs::write(home.path().join("cluster.toml"), config).unwrap();
         let mut cluster = Self {
             home,
-            api,
-            broadcast,
-            daemons: vec![router],
+            api: String::new(),
+            broadcast: String::new(),
+            daemons: Vec::new(),
         };
+        let mut router =
+            cluster.spawn_router("tcp://127.0.0.1:0", "tcp://127.0.0.1:0", router_args);
+        let (api, broadcast) = router.read_endpoints().unwrap();
+        cluster.api = api;
+        cluster.broadcast = broadcast;
+        cluster.daemons.push(router);
         for _ in 0..brokers {
             cluster.add("my_broker", broker_args);
         }
@@ -70,8 +70,54 @@ impl Cluster {
         cluster
     }
 
+    fn config_arg(&self) -> String {
+        self.home.path().join("cluster.toml").display().to_string()
+    }
+
+    fn spawn_router(&self, api: &str, broadcast: &str, extra: &[&str]) -> Daemon {
+        let home_arg = self.home.path().display().to_string();
+        let config = self.config_arg();
+        let mut a = args(&[
+            "--api",
+            api,
+            "--broadcast",
+            broadcast,
+            "--home",
+            &home_arg,
+            "--config",
+            &config,
+        ]);
+        a.extend(args(extra));
+        let log = self
+            .home
+            .path()
+            .join(format!("router-{}.log", self.daemons.len()));
+        Daemon::spawn("my_router", &bin("my_router"), &a, Some(&log)).unwrap()
+    }
+
+    /// Starts a router again on the same endpoints and data (after the first was killed).
+    pub fn restart_router(&mut self, extra: &[&str]) {
+        let (api, broadcast) = (self.api.clone(), self.broadcast.clone());
+        let mut router = self.spawn_router(&api, &broadcast, extra);
+        router.read_endpoints().unwrap();
+        self.daemons.push(router);
+    }
+
+    /// The process `index` (in start order: the router is 0).
+    pub fn daemon(&mut self, index: usize) -> &mut Daemon {
+        &mut self.daemons[index]
+    }
+
     pub fn add(&mut self, name: &str, extra: &[&str]) {
-        let mut a = args(&["--api", &self.api, "--broadcast", &self.broadcast]);
+        let config = self.config_arg();
+        let mut a = args(&[
+            "--api",
+            &self.api,
+            "--broadcast",
+            &self.broadcast,
+            "--config",
+            &config,
+        ]);
         a.extend(args(extra));
         let log = self
             .home

@@ -33,6 +33,9 @@ use tracing::{debug, info, warn};
 pub use settings::PipelinerSettings;
 use walks::{Action, Walks};
 
+/// Pipelines taken in one turn of the loop, at most.
+const FETCH_TURN: usize = 64;
+
 /// Status queries ask about this many jobs at most.
 const STATUS_CHUNK: usize = 1000;
 
@@ -146,6 +149,15 @@ impl Loop {
             if stopping.is_some() && self.walks.is_empty() && self.actions.is_empty() {
                 info!("pipeliner stopped: every pipeline it held ended");
                 return;
+            }
+            // More pipelines to take after a bounded turn: come straight back after one pass
+            // through the events and timers below.
+            if retry_at.is_none()
+                && stopping.is_none()
+                && self.want_pipelines
+                && self.walks.len() < self.max_pipelines
+            {
+                retry_at = Some(Instant::now());
             }
             tokio::select! {
                 () = shutdown.cancelled(), if stopping.is_none() => {}
@@ -264,7 +276,10 @@ impl Loop {
     /// Takes pipelines while the router has some and we have room; false when the router could
     /// not be reached.
     async fn fetch_pipelines(&mut self) -> bool {
-        while self.want_pipelines && self.walks.len() < self.max_pipelines {
+        // A bounded turn, so the loop gets back to renewing leases and reading events.
+        let mut turn = 0;
+        while self.want_pipelines && self.walks.len() < self.max_pipelines && turn < FETCH_TURN {
+            turn += 1;
             match self.client.get_pipeline().await {
                 Ok(Some(assignment)) => {
                     debug!(pipeline_id = %assignment.pipeline_id, "pipeline taken");

@@ -84,8 +84,8 @@ impl RouterArgs {
             settings.broadcast.clone_from(broadcast);
         }
         let mut configuration = defaults;
-        // The router's own settings and the cluster secret are not served to clients.
-        configuration.extend(file.to_json_without(&["router", "cluster"]));
+        // Daemon settings and the cluster secret are not served to clients.
+        configuration.extend(file.to_json_without(&["router", "broker", "pipeliner", "cluster"]));
         Ok((settings, configuration))
     }
 }

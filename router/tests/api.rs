@@ -577,3 +577,41 @@ async fn a_failed_job_is_retried_after_a_backoff_then_failed_with_its_attempts()
         json!({"answer": "unknown job id"})
     );
 }
+
+#[tokio::test]
+async fn with_a_cluster_token_requests_without_it_are_unauthorized_and_change_nothing() {
+    use pypelinin_common::transport::{ApiClient, ClientOptions};
+    let settings = RouterSettings {
+        token: Some("s3cret".into()),
+        ..RouterSettings::default()
+    };
+    let router = TestRouter::start_settings(serde_json::Map::new(), settings).await;
+    let mut anonymous = router.client().await;
+    for request in [
+        json!({"command": "add job", "worker": "A"}),
+        json!({"command": "add job", "worker": "A", "cluster token": "wrong"}),
+        json!({"command": "get configuration"}),
+    ] {
+        assert_eq!(
+            router.ask(&mut anonymous, request).await,
+            json!({"answer": "unauthorized"})
+        );
+    }
+    let mut member = ApiClient::connect(router.api.clone(), ClientOptions::default())
+        .await
+        .unwrap()
+        .with_token(Some("s3cret".into()));
+    assert_eq!(
+        member.get_job(None).await.unwrap(),
+        None,
+        "nothing was added by the refused requests"
+    );
+    let id = member
+        .add_job(pypelinin_common::protocol::request::NewJob::new(
+            "A",
+            json!(null),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(member.get_job(None).await.unwrap().unwrap().job_id, id);
+}

@@ -7,26 +7,37 @@ use std::process::{Child, Command, Stdio};
 
 use crate::support::WAIT;
 
-/// A child process killed (by PID) and reaped when dropped.
-struct Daemon(Child);
+/// A child process killed (by PID) and reaped when dropped, its data folder removed.
+struct Daemon(Child, std::path::PathBuf);
 
 impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+        let _ = std::fs::remove_dir_all(&self.1);
     }
 }
 
+/// A data folder of its own for each router these tests start.
+fn data_dir() -> std::path::PathBuf {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    std::env::temp_dir().join(format!("pypelinin-router-data-{}-{n}", std::process::id()))
+}
+
 fn spawn_router(args: &[&str]) -> (Daemon, String, String) {
+    let data = data_dir();
     let mut child = Command::new(env!("CARGO_BIN_EXE_pypelinin-router"))
         .args(args)
+        .arg("--data-dir")
+        .arg(&data)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("router starts");
     let stdout = child.stdout.take().unwrap();
-    let daemon = Daemon(child);
+    let daemon = Daemon(child, data);
     let mut line = String::new();
     BufReader::new(stdout)
         .read_line(&mut line)
@@ -124,6 +135,7 @@ fn binary_exits_non_zero_with_a_clear_message_on_bad_settings() {
             "tcp://256.0.0.1:1",
             "--broadcast",
             "tcp://127.0.0.1:0",
+            "--no-durability",
         ])
         .output()
         .unwrap();

@@ -1,0 +1,364 @@
+//! Fault injection with real processes, killed or stopped by PID: whatever daemon crashes,
+//! every accepted pipeline ends exactly once and no saved result is lost.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use pypelinin_client::{Error, Outcome, Pipeline, PipelineId, PipelineManager};
+use pypelinin_common::protocol::Event;
+use pypelinin_common::testing::within;
+use pypelinin_common::transport::{ApiClient, ClientOptions, Subscriber};
+use serde_json::json;
+
+use crate::support::{Cluster, WAIT};
+
+/// Short leases and fast renewals, so the tests see expiries within seconds (with room for a
+/// loaded CI machine).
+fn config(extra: &str) -> String {
+    format!(
+        r#"
+[router]
+job_lease_secs = 2.0
+pipeline_lease_secs = 2.0
+retry_backoff_ms = 100
+
+[broker]
+lease_renew_secs = 0.25
+poll_interval_secs = 1.0
+
+[pipeliner]
+lease_renew_secs = 0.25
+resync_after_secs = 0.5
+poll_interval_secs = 1.0
+{extra}"#
+    )
+}
+
+/// A command worker that notes each run in `<dir>/<name>.runs` and then takes `secs`.
+fn slow_worker(dir: &Path, name: &str, secs: f64) -> String {
+    let runs = dir.join(format!("{name}.runs"));
+    format!(
+        r#"
+[[broker.command_workers]]
+name = "{name}"
+command = ["sh", "-c", "echo run >> '{}'; sleep {secs}; echo '{{}}'"]
+timeout_secs = 30
+"#,
+        runs.display()
+    )
+}
+
+fn runs(dir: &Path, name: &str) -> usize {
+    std::fs::read_to_string(dir.join(format!("{name}.runs"))).map_or(0, |t| t.lines().count())
+}
+
+async fn manager(cluster: &Cluster) -> PipelineManager {
+    within(
+        WAIT,
+        "client connect",
+        PipelineManager::connect(&cluster.api, &cluster.broadcast),
+    )
+    .await
+    .unwrap()
+}
+
+/// A live subscriber counting `pipeline finished`/`failed` broadcasts per pipeline.
+async fn ends_counter(cluster: &Cluster) -> Subscriber {
+    let mut sub = Subscriber::connect(
+        &cluster.broadcast,
+        &[Event::PIPELINE_FINISHED, Event::PIPELINE_FAILED],
+        WAIT,
+    )
+    .await
+    .unwrap();
+    let mut c = ApiClient::connect(cluster.api.clone(), ClientOptions::default())
+        .await
+        .unwrap();
+    sub.wait_live(&mut c, WAIT).await.unwrap();
+    sub
+}
+
+/// Reads every end broadcast that arrives within `quiet` of the last one.
+async fn count_ends(sub: &mut Subscriber, quiet: Duration) -> HashMap<PipelineId, usize> {
+    let mut ends: HashMap<PipelineId, usize> = HashMap::new();
+    while let Ok(Ok(event)) = tokio::time::timeout(quiet, sub.recv()).await {
+        match event {
+            Event::PipelineFinished { pipeline_id, .. }
+            | Event::PipelineFailed { pipeline_id, .. } => {
+                *ends.entry(pipeline_id).or_default() += 1;
+            }
+            _ => {}
+        }
+    }
+    ends
+}
+
+fn noop_pipeline(i: usize) -> Pipeline {
+    Pipeline::builder()
+        .edge("Noop0", "Noop1")
+        .data(json!({"filename": format!("p{i}")}))
+        .build()
+        .unwrap()
+}
+
+fn single(worker: &str, i: usize) -> Pipeline {
+    Pipeline::builder()
+        .job(worker)
+        .data(json!({"filename": format!("{worker}-{i}")}))
+        .build()
+        .unwrap()
+}
+
+/// Waits (bounded) until `check` holds; a file has no event to wait for.
+async fn until(what: &str, mut check: impl FnMut() -> bool) {
+    within(WAIT, what, async {
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        while !check() {
+            tick.tick().await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_killed_mid_job_has_its_job_run_by_another_broker() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start_with_config(
+        &config(&slow_worker(dir.path(), "Slow", 1.0)),
+        &[],
+        1,
+        &["--concurrency", "1"],
+        1,
+    );
+    let mut m = manager(&cluster).await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(m.start(&single("Slow", i)).await.unwrap());
+    }
+    until("the first broker to start a job", || {
+        runs(dir.path(), "Slow") >= 1
+    })
+    .await;
+    cluster.daemon(1).signal(Signal::SIGKILL);
+    cluster.add("my_broker", &["--concurrency", "1"]);
+    let outcomes = m
+        .wait_all(&ids, WAIT)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+    assert!(
+        outcomes.iter().all(|o| matches!(o, Outcome::Finished(_))),
+        "{outcomes:?}"
+    );
+    assert!(runs(dir.path(), "Slow") >= 4, "the killed job ran again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeliner_killed_mid_run_has_its_pipelines_finished_by_another_none_twice() {
+    let mut cluster =
+        Cluster::start_with_config(&config(""), &["--no-store"], 2, &["--noop-workers", "2"], 1);
+    let mut ends = ends_counter(&cluster).await;
+    let mut m = manager(&cluster).await;
+    let mut ids = Vec::new();
+    for i in 0..300 {
+        ids.push(m.start(&noop_pipeline(i)).await.unwrap());
+    }
+    // Kill the pipeliner while it walks pipelines.
+    let first = m.wait_any(WAIT).await.unwrap();
+    assert!(first.is_some());
+    cluster.daemon(3).signal(Signal::SIGKILL);
+    cluster.add("my_pipeliner", &[]);
+    let outcomes = m.wait_all(&ids[..], WAIT).await;
+    // wait_all hands out outcomes not taken yet; the first one was taken by wait_any.
+    let outcomes = outcomes.unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+    assert!(outcomes.iter().all(|o| matches!(o, Outcome::Finished(_))));
+    let ends = count_ends(&mut ends, Duration::from_secs(2)).await;
+    assert_eq!(ends.len(), 300, "every pipeline ended");
+    assert!(ends.values().all(|&n| n == 1), "a pipeline ended twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_killed_mid_run_and_restarted_loses_nothing() {
+    let count: usize = std::env::var("PYPELININ_FAULT_PIPELINES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000);
+    let mut cluster = Cluster::start_with_config(
+        &config(""),
+        &[],
+        2,
+        &["--noop-workers", "2", "--concurrency", "4"],
+        1,
+    );
+    let mut ends = ends_counter(&cluster).await;
+    let mut m = manager(&cluster).await;
+    let mut ids = Vec::new();
+    for i in 0..count {
+        ids.push(m.start(&noop_pipeline(i)).await.unwrap());
+    }
+    let mut seen = HashMap::new();
+    let (id, outcome) = m.wait_any(WAIT).await.unwrap().expect("a pipeline ended");
+    seen.insert(id, outcome);
+    cluster.daemon(0).kill();
+    cluster.restart_router(&[]);
+    let deadline = Instant::now() + WAIT;
+    while seen.len() < count {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match m.wait_any(left).await {
+            Ok(Some((id, outcome))) => {
+                assert!(
+                    seen.insert(id.clone(), outcome).is_none(),
+                    "{id} ended twice for the client"
+                );
+            }
+            Ok(None) => panic!(
+                "{} of {count} pipelines ended\n{}",
+                seen.len(),
+                cluster.logs()
+            ),
+            Err(e) => panic!("{e}\n{}", cluster.logs()),
+        }
+    }
+    assert!(
+        seen.values().all(|o| matches!(o, Outcome::Finished(_))),
+        "{:?}",
+        seen.values().find(|o| !matches!(o, Outcome::Finished(_)))
+    );
+    // Every result is in the store.
+    for i in 0..count {
+        let doc =
+            std::fs::read_to_string(cluster.store().join(format!("p{i}.json"))).unwrap_or_default();
+        assert!(doc.contains("_result-from-Noop1"), "p{i} has no result");
+    }
+    // Broadcasts: each pipeline ended at most once (some ends fell in the router's downtime).
+    let ends = count_ends(&mut ends, Duration::from_secs(1)).await;
+    assert!(ends.values().all(|&n| n == 1), "a pipeline ended twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_always_failing_worker_fails_its_pipeline_after_exactly_the_configured_attempts() {
+    let dir = tempfile::tempdir().unwrap();
+    let runs_file = dir.path().join("Fail.runs");
+    let fail = format!(
+        r#"
+[[broker.command_workers]]
+name = "Fail"
+command = ["sh", "-c", "echo run >> '{}'; echo 'the disk is on fire' >&2; exit 1"]
+"#,
+        runs_file.display()
+    );
+    let cluster = Cluster::start_with_config(&config(&fail), &[], 1, &["--noop-workers", "2"], 1);
+    let mut m = manager(&cluster).await;
+    let bad = m.start(&single("Fail", 0)).await.unwrap();
+    let mut good = Vec::new();
+    for i in 0..20 {
+        good.push(m.start(&noop_pipeline(i)).await.unwrap());
+    }
+    match m.wait(&bad).await {
+        Err(Error::Failed(f)) => {
+            assert_eq!(f.worker, "Fail");
+            assert!(
+                f.error.contains("the disk is on fire")
+                    && f.error.contains("failed 3 of 3 attempts"),
+                "{}",
+                f.error
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        runs(dir.path(), "Fail"),
+        3,
+        "exactly the configured attempts"
+    );
+    let outcomes = m.wait_all(&good, WAIT).await.unwrap();
+    assert!(
+        outcomes.iter().all(|o| matches!(o, Outcome::Finished(_))),
+        "other pipelines are unaffected"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_stopped_past_its_lease_has_its_late_result_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start_with_config(
+        &config(&slow_worker(dir.path(), "Slow", 1.5)),
+        &[],
+        1,
+        &["--concurrency", "1"],
+        1,
+    );
+    let mut ends = ends_counter(&cluster).await;
+    let mut m = manager(&cluster).await;
+    let id = m.start(&single("Slow", 0)).await.unwrap();
+    until("the first broker to start the job", || {
+        runs(dir.path(), "Slow") >= 1
+    })
+    .await;
+    cluster.daemon(1).signal(Signal::SIGSTOP);
+    cluster.add("my_broker", &["--concurrency", "1"]);
+    let secs = m
+        .wait(&id)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+    assert!(secs > 0.0);
+    assert_eq!(
+        runs(dir.path(), "Slow"),
+        2,
+        "the job ran again on the second broker"
+    );
+    // Wake the first broker: it reports its late result, which changes nothing.
+    cluster.daemon(1).signal(Signal::SIGCONT);
+    let ends = count_ends(&mut ends, Duration::from_secs(3)).await;
+    assert_eq!(ends.get(&id), Some(&1), "the pipeline ended once");
+    let mut c = ApiClient::connect(cluster.api.clone(), ClientOptions::default())
+        .await
+        .unwrap();
+    let status = c.pipeline_status(vec![id.clone()]).await.unwrap();
+    assert_eq!(
+        status[&id].state,
+        pypelinin_common::protocol::PipelineState::Finished
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_malformed_requests_does_not_stop_a_run() {
+    let cluster =
+        Cluster::start_with_config(&config(""), &["--no-store"], 2, &["--noop-workers", "2"], 1);
+    let mut m = manager(&cluster).await;
+    let mut flooders = Vec::new();
+    for f in 0..4 {
+        let api = cluster.api.clone();
+        flooders.push(tokio::spawn(async move {
+            let mut c = ApiClient::connect(api, ClientOptions::default())
+                .await
+                .unwrap();
+            let garbage: [&[u8]; 6] = [
+                b"\xff\xfe",
+                b"",
+                b"{",
+                b"[1,2,3]",
+                br#"{"command": 5}"#,
+                br#"{"command": "job finished"}"#,
+            ];
+            for i in 0..500 {
+                let reply = c
+                    .request_bytes(garbage[(i + f) % garbage.len()].to_vec())
+                    .await
+                    .expect("every request is answered");
+                let v: serde_json::Value = serde_json::from_slice(&reply).unwrap();
+                assert!(v["answer"].is_string(), "{v}");
+            }
+        }));
+    }
+    let mut ids = Vec::new();
+    for i in 0..200 {
+        ids.push(m.start(&noop_pipeline(i)).await.unwrap());
+    }
+    for f in flooders {
+        f.await.unwrap();
+    }
+    let outcomes = m.wait_all(&ids, WAIT).await.unwrap();
+    assert!(outcomes.iter().all(|o| matches!(o, Outcome::Finished(_))));
+}
