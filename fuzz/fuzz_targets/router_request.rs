@@ -1,0 +1,45 @@
+//! Fuzzes the router's request handling: decoding a frame (UTF-8, JSON, command, fields,
+//! cluster token) and applying it to a long-lived state, as the router does, including the
+//! passing of time (leases, back-offs, retention). Any panic is a bug.
+#![no_main]
+
+use std::cell::RefCell;
+
+use libfuzzer_sys::fuzz_target;
+use pypelinin_common::protocol::decode_request_with_token;
+use pypelinin_router::state::{Policy, State};
+
+/// The state is kept across inputs (so sequences of requests meet), and started afresh every
+/// this many inputs, so its records do not grow past libFuzzer's memory limit.
+const RESET_EVERY: u64 = 10_000;
+
+thread_local! {
+    static STATE: RefCell<(State, u64, u64)> = RefCell::new(fresh());
+}
+
+fn fresh() -> (State, u64, u64) {
+    (State::new(Default::default(), Policy::default()), 1_000_000, 0)
+}
+
+fuzz_target!(|data: &[u8]| {
+    STATE.with(|cell| {
+        let mut guard = cell.borrow_mut();
+        guard.2 += 1;
+        if guard.2 % RESET_EVERY == 0 {
+            *guard = fresh();
+        }
+        let (state, now, _) = &mut *guard;
+        let mut events = Vec::new();
+        // Each input moves time on a little, so leases and back-offs expire now and then.
+        *now += u64::from(data.first().copied().unwrap_or(0)) * 100;
+        state.tick(*now, &mut events);
+        if let Ok((request, _token)) = decode_request_with_token(data) {
+            let reply = state.handle(request, *now, &mut events);
+            let _ = reply.encode();
+        }
+        for event in &events {
+            let _ = event.to_string();
+        }
+        let _ = state.take_changes();
+    });
+});
