@@ -1,0 +1,321 @@
+//! `bench`: a cluster benchmark.
+//!
+//! Starts a real cluster (router, brokers, pipeliners as separate processes of our binaries,
+//! on free loopback ports, in a temporary data folder), submits N pipelines of no-op jobs from
+//! one client with a bounded in-flight window, waits for all, measures sequential single
+//! pipelines for latency, stops everything, and prints a table followed, as its last line, by
+//! one JSON object. `--router-clients K` instead measures the router alone: K clients sending
+//! small requests.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Parser, ValueEnum};
+use pypelinin_client::{Outcome, Pipeline, PipelineManager};
+use pypelinin_common::transport::{ApiClient, ClientOptions};
+use pypelinin_example::process::{ensure_binaries, sibling, Daemon};
+use pypelinin_example::workers::noop_name;
+use serde_json::json;
+
+/// Benchmarks a whole pypelinin cluster on this machine.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Pipelines to push through for the throughput figure.
+    #[arg(long, default_value_t = 2000)]
+    pipelines: usize,
+    /// Broker processes.
+    #[arg(long, default_value_t = 1)]
+    brokers: usize,
+    /// Pipeliner processes.
+    #[arg(long, default_value_t = 1)]
+    pipeliners: usize,
+    /// Jobs each broker runs at once.
+    #[arg(long, default_value_t = 2)]
+    concurrency: usize,
+    /// Jobs per pipeline.
+    #[arg(long, default_value_t = 2)]
+    jobs_per_pipeline: usize,
+    /// Shape of the pipeline.
+    #[arg(long, value_enum, default_value_t = Shape::Chain)]
+    shape: Shape,
+    /// Bytes of payload in each pipeline's data.
+    #[arg(long, default_value_t = 0)]
+    payload_bytes: usize,
+    /// Sequential single pipelines for the latency percentiles.
+    #[arg(long, default_value_t = 200)]
+    latency_samples: usize,
+    /// Pipelines in flight at once, at most.
+    #[arg(long, default_value_t = 1000)]
+    window: usize,
+    /// Keep the router's queues in memory only (to show what durability costs).
+    #[arg(long)]
+    no_durability: bool,
+    /// Give up after this many seconds (exit non-zero, saying what was left).
+    #[arg(long, default_value_t = 600.0)]
+    timeout: f64,
+    /// Measure the router alone with K concurrent clients sending small requests.
+    #[arg(long)]
+    router_clients: Option<usize>,
+    /// Seconds of the router micro-benchmark.
+    #[arg(long, default_value_t = 5.0)]
+    router_secs: f64,
+}
+
+/// The shape of a benchmark pipeline.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Shape {
+    /// Noop0 → Noop1 → ... → NoopN-1.
+    Chain,
+    /// Noop0 → (Noop1 ... NoopN-2) → NoopN-1.
+    Fan,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(&cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench failed: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn pipeline(cli: &Cli, i: usize, payload: &str) -> anyhow::Result<Pipeline> {
+    let n = cli.jobs_per_pipeline.max(1);
+    let mut b = Pipeline::builder();
+    match (cli.shape, n) {
+        (_, 1) => b = b.job(noop_name(0)),
+        (Shape::Chain, _) | (Shape::Fan, 2) => {
+            for j in 0..n - 1 {
+                b = b.edge(noop_name(j), noop_name(j + 1));
+            }
+        }
+        (Shape::Fan, _) => {
+            for j in 1..n - 1 {
+                b = b.edge(noop_name(0), noop_name(j)).edge(noop_name(j), noop_name(n - 1));
+            }
+        }
+    }
+    let mut data = json!({"filename": format!("p{i}")});
+    if !payload.is_empty() {
+        data["payload"] = json!(payload);
+    }
+    Ok(b.data(data).build()?)
+}
+
+/// Peak resident memory of a process in MB (VmHWM; sysinfo has no peak figure).
+fn peak_rss_mb(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+struct Cluster {
+    router: Daemon,
+    brokers: Vec<Daemon>,
+    pipeliners: Vec<Daemon>,
+    api: String,
+    broadcast: String,
+}
+
+fn start_cluster(cli: &Cli, home: &Path) -> anyhow::Result<Cluster> {
+    let home_arg = home.display().to_string();
+    let mut router_args = vec![
+        "--api", "tcp://127.0.0.1:0", "--broadcast", "tcp://127.0.0.1:0", "--home", &home_arg, "--no-store",
+        "--monitoring-interval", "3600",
+    ];
+    if cli.no_durability {
+        router_args.push("--no-durability");
+    }
+    let args = |a: &[&str]| a.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    let mut router = Daemon::spawn("my_router", &sibling("my_router")?, &args(&router_args), Some(&home.join("router.log")))?;
+    let (api, broadcast) = router.read_endpoints()?;
+    let workers = cli.jobs_per_pipeline.max(1).to_string();
+    let concurrency = cli.concurrency.to_string();
+    let mut brokers = Vec::new();
+    for i in 0..cli.brokers {
+        brokers.push(Daemon::spawn(
+            "my_broker",
+            &sibling("my_broker")?,
+            &args(&["--api", &api, "--broadcast", &broadcast, "--noop-workers", &workers, "--concurrency", &concurrency]),
+            Some(&home.join(format!("broker-{i}.log"))),
+        )?);
+    }
+    let mut pipeliners = Vec::new();
+    for i in 0..cli.pipeliners {
+        pipeliners.push(Daemon::spawn(
+            "my_pipeliner",
+            &sibling("my_pipeliner")?,
+            &args(&["--api", &api, "--broadcast", &broadcast]),
+            Some(&home.join(format!("pipeliner-{i}.log"))),
+        )?);
+    }
+    Ok(Cluster { router, brokers, pipeliners, api, broadcast })
+}
+
+async fn run(cli: &Cli) -> anyhow::Result<()> {
+    ensure_binaries(&["my_router", "my_broker", "my_pipeliner"])?;
+    let home = std::env::temp_dir().join(format!("pypelinin-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&home)?;
+    let result = async {
+        let mut cluster = start_cluster(cli, &home)?;
+        let outcome = match cli.router_clients {
+            Some(k) => router_bench(cli, &cluster, k).await,
+            None => cluster_bench(cli, &mut cluster).await,
+        };
+        for d in cluster.pipeliners.iter_mut().chain(cluster.brokers.iter_mut()) {
+            d.stop(Duration::from_secs(10));
+        }
+        cluster.router.stop(Duration::from_secs(10));
+        outcome
+    }
+    .await;
+    let _ = std::fs::remove_dir_all(&home);
+    result
+}
+
+async fn router_bench(cli: &Cli, cluster: &Cluster, clients: usize) -> anyhow::Result<()> {
+    let duration = Duration::from_secs_f64(cli.router_secs.max(0.1));
+    let mut tasks = Vec::new();
+    for _ in 0..clients.max(1) {
+        let api = cluster.api.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut c = ApiClient::connect(api, ClientOptions::default()).await?;
+            let end = Instant::now() + duration;
+            let mut n = 0u64;
+            while Instant::now() < end {
+                // A small request the router answers from its queues: no job for this worker.
+                c.get_job(Some(vec!["Nobody".into()])).await?;
+                n += 1;
+            }
+            Ok::<u64, anyhow::Error>(n)
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await??;
+    }
+    let rate = total as f64 / duration.as_secs_f64();
+    println!("router micro-benchmark: {clients} clients, {total} requests in {:.1} s", duration.as_secs_f64());
+    println!("{rate:.0} requests/s");
+    println!("{}", json!({"router_clients": clients, "requests": total, "requests_per_s": rate.round(), "durable": !cli.no_durability}));
+    Ok(())
+}
+
+async fn cluster_bench(cli: &Cli, cluster: &mut Cluster) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs_f64(cli.timeout);
+    let mut m = PipelineManager::connect(&cluster.api, &cluster.broadcast)
+        .await
+        .context("cannot reach the benchmark's router")?;
+    let payload = "x".repeat(cli.payload_bytes);
+
+    // Throughput: N pipelines, at most `window` in flight.
+    let started = Instant::now();
+    let mut sent = 0;
+    let mut done = 0;
+    let mut failed = 0;
+    let mut in_flight: HashMap<pypelinin_client::PipelineId, ()> = HashMap::new();
+    while done < cli.pipelines {
+        while sent < cli.pipelines && in_flight.len() < cli.window.max(1) {
+            let id = m.start(&pipeline(cli, sent, &payload)?).await?;
+            in_flight.insert(id, ());
+            sent += 1;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        match m.wait_any(left).await? {
+            Some((id, outcome)) => {
+                in_flight.remove(&id);
+                done += 1;
+                if !matches!(outcome, Outcome::Finished(_)) {
+                    failed += 1;
+                }
+            }
+            None => bail!(
+                "timed out after {} s: {done} of {} pipelines ended, {} still running",
+                cli.timeout,
+                cli.pipelines,
+                in_flight.len()
+            ),
+        }
+    }
+    let wall = started.elapsed().as_secs_f64();
+    if failed > 0 {
+        bail!("{failed} pipelines failed; see the logs");
+    }
+
+    // Latency: sequential single pipelines.
+    let mut latencies = Vec::with_capacity(cli.latency_samples);
+    for i in 0..cli.latency_samples {
+        if Instant::now() >= deadline {
+            bail!("timed out during the latency samples ({i} of {})", cli.latency_samples);
+        }
+        let t = Instant::now();
+        let id = m.start(&pipeline(cli, cli.pipelines + i, &payload)?).await?;
+        m.wait(&id).await?;
+        latencies.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    latencies.sort_by(f64::total_cmp);
+
+    let router_rss = peak_rss_mb(cluster.router.pid());
+    let broker_rss = cluster.brokers.iter().map(|d| peak_rss_mb(d.pid())).fold(0.0, f64::max);
+    let pipeliner_rss = cluster.pipeliners.iter().map(|d| peak_rss_mb(d.pid())).fold(0.0, f64::max);
+    let jobs = cli.pipelines * cli.jobs_per_pipeline.max(1);
+    let (p50, p99) = (percentile(&latencies, 0.5), percentile(&latencies, 0.99));
+    println!("pypelinin cluster benchmark");
+    println!("  pipelines           {}", cli.pipelines);
+    println!("  jobs                {jobs} ({} per pipeline, {:?})", cli.jobs_per_pipeline, cli.shape);
+    println!("  brokers x conc.     {} x {}", cli.brokers, cli.concurrency);
+    println!("  pipeliners          {}", cli.pipeliners);
+    println!("  payload             {} B", cli.payload_bytes);
+    println!("  durable             {}", !cli.no_durability);
+    println!("  wall                {wall:.2} s");
+    println!("  pipelines/s         {:.0}", cli.pipelines as f64 / wall);
+    println!("  jobs/s              {:.0}", jobs as f64 / wall);
+    println!("  latency p50 / p99   {p50:.2} / {p99:.2} ms ({} samples)", latencies.len());
+    println!("  peak RSS (MB)       router {router_rss:.1}, broker {broker_rss:.1}, pipeliner {pipeliner_rss:.1}");
+    println!(
+        "{}",
+        json!({
+            "pipelines": cli.pipelines,
+            "jobs": jobs,
+            "wall_s": (wall * 1000.0).round() / 1000.0,
+            "pipelines_per_s": (cli.pipelines as f64 / wall).round(),
+            "jobs_per_s": (jobs as f64 / wall).round(),
+            "latency_p50_ms": (p50 * 1000.0).round() / 1000.0,
+            "latency_p99_ms": (p99 * 1000.0).round() / 1000.0,
+            "router_peak_rss_mb": (router_rss * 10.0).round() / 10.0,
+            "broker_peak_rss_mb": (broker_rss * 10.0).round() / 10.0,
+            "pipeliner_peak_rss_mb": (pipeliner_rss * 10.0).round() / 10.0,
+            "durable": !cli.no_durability,
+            "brokers": cli.brokers,
+            "pipeliners": cli.pipeliners,
+            "concurrency": cli.concurrency,
+            "jobs_per_pipeline": cli.jobs_per_pipeline,
+            "payload_bytes": cli.payload_bytes,
+        })
+    );
+    Ok(())
+}
