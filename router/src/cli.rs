@@ -120,6 +120,8 @@ pub async fn run_with_data_dir(
     defaults: Map<String, Value>,
     default_data_dir: PathBuf,
 ) -> anyhow::Result<()> {
+    // Listen for Ctrl-C/SIGTERM first: a signal during start-up then stops the router cleanly.
+    let shutdown: CancellationToken = pypelinin_common::shutdown::token_on_signal();
     let (settings, configuration) = args.load_with_data_dir(defaults, default_data_dir)?;
     match &settings.data_dir {
         Some(dir) => info!(data_dir = %dir.display(), "durable record"),
@@ -138,7 +140,6 @@ pub async fn run_with_data_dir(
         "{}",
         listening_line(router.api_endpoint(), router.broadcast_endpoint())
     );
-    let shutdown: CancellationToken = pypelinin_common::shutdown::token_on_signal();
     router.run(shutdown).await?;
     Ok(())
 }

@@ -104,7 +104,9 @@ fn pipeline(cli: &Cli, i: usize, payload: &str) -> anyhow::Result<Pipeline> {
         }
         (Shape::Fan, _) => {
             for j in 1..n - 1 {
-                b = b.edge(noop_name(0), noop_name(j)).edge(noop_name(j), noop_name(n - 1));
+                b = b
+                    .edge(noop_name(0), noop_name(j))
+                    .edge(noop_name(j), noop_name(n - 1));
             }
         }
     }
@@ -144,14 +146,26 @@ struct Cluster {
 fn start_cluster(cli: &Cli, home: &Path) -> anyhow::Result<Cluster> {
     let home_arg = home.display().to_string();
     let mut router_args = vec![
-        "--api", "tcp://127.0.0.1:0", "--broadcast", "tcp://127.0.0.1:0", "--home", &home_arg, "--no-store",
-        "--monitoring-interval", "3600",
+        "--api",
+        "tcp://127.0.0.1:0",
+        "--broadcast",
+        "tcp://127.0.0.1:0",
+        "--home",
+        &home_arg,
+        "--no-store",
+        "--monitoring-interval",
+        "3600",
     ];
     if cli.no_durability {
         router_args.push("--no-durability");
     }
     let args = |a: &[&str]| a.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
-    let mut router = Daemon::spawn("my_router", &sibling("my_router")?, &args(&router_args), Some(&home.join("router.log")))?;
+    let mut router = Daemon::spawn(
+        "my_router",
+        &sibling("my_router")?,
+        &args(&router_args),
+        Some(&home.join("router.log")),
+    )?;
     let (api, broadcast) = router.read_endpoints()?;
     let workers = cli.jobs_per_pipeline.max(1).to_string();
     let concurrency = cli.concurrency.to_string();
@@ -160,7 +174,16 @@ fn start_cluster(cli: &Cli, home: &Path) -> anyhow::Result<Cluster> {
         brokers.push(Daemon::spawn(
             "my_broker",
             &sibling("my_broker")?,
-            &args(&["--api", &api, "--broadcast", &broadcast, "--noop-workers", &workers, "--concurrency", &concurrency]),
+            &args(&[
+                "--api",
+                &api,
+                "--broadcast",
+                &broadcast,
+                "--noop-workers",
+                &workers,
+                "--concurrency",
+                &concurrency,
+            ]),
             Some(&home.join(format!("broker-{i}.log"))),
         )?);
     }
@@ -173,7 +196,13 @@ fn start_cluster(cli: &Cli, home: &Path) -> anyhow::Result<Cluster> {
             Some(&home.join(format!("pipeliner-{i}.log"))),
         )?);
     }
-    Ok(Cluster { router, brokers, pipeliners, api, broadcast })
+    Ok(Cluster {
+        router,
+        brokers,
+        pipeliners,
+        api,
+        broadcast,
+    })
 }
 
 async fn run(cli: &Cli) -> anyhow::Result<()> {
@@ -186,7 +215,11 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
             Some(k) => router_bench(cli, &cluster, k).await,
             None => cluster_bench(cli, &mut cluster).await,
         };
-        for d in cluster.pipeliners.iter_mut().chain(cluster.brokers.iter_mut()) {
+        for d in cluster
+            .pipeliners
+            .iter_mut()
+            .chain(cluster.brokers.iter_mut())
+        {
             d.stop(Duration::from_secs(10));
         }
         cluster.router.stop(Duration::from_secs(10));
@@ -219,9 +252,15 @@ async fn router_bench(cli: &Cli, cluster: &Cluster, clients: usize) -> anyhow::R
         total += t.await??;
     }
     let rate = total as f64 / duration.as_secs_f64();
-    println!("router micro-benchmark: {clients} clients, {total} requests in {:.1} s", duration.as_secs_f64());
+    println!(
+        "router micro-benchmark: {clients} clients, {total} requests in {:.1} s",
+        duration.as_secs_f64()
+    );
     println!("{rate:.0} requests/s");
-    println!("{}", json!({"router_clients": clients, "requests": total, "requests_per_s": rate.round(), "durable": !cli.no_durability}));
+    println!(
+        "{}",
+        json!({"router_clients": clients, "requests": total, "requests_per_s": rate.round(), "durable": !cli.no_durability})
+    );
     Ok(())
 }
 
@@ -270,31 +309,53 @@ async fn cluster_bench(cli: &Cli, cluster: &mut Cluster) -> anyhow::Result<()> {
     let mut latencies = Vec::with_capacity(cli.latency_samples);
     for i in 0..cli.latency_samples {
         if Instant::now() >= deadline {
-            bail!("timed out during the latency samples ({i} of {})", cli.latency_samples);
+            bail!(
+                "timed out during the latency samples ({i} of {})",
+                cli.latency_samples
+            );
         }
         let t = Instant::now();
-        let id = m.start(&pipeline(cli, cli.pipelines + i, &payload)?).await?;
+        let id = m
+            .start(&pipeline(cli, cli.pipelines + i, &payload)?)
+            .await?;
         m.wait(&id).await?;
         latencies.push(t.elapsed().as_secs_f64() * 1000.0);
     }
     latencies.sort_by(f64::total_cmp);
 
     let router_rss = peak_rss_mb(cluster.router.pid());
-    let broker_rss = cluster.brokers.iter().map(|d| peak_rss_mb(d.pid())).fold(0.0, f64::max);
-    let pipeliner_rss = cluster.pipeliners.iter().map(|d| peak_rss_mb(d.pid())).fold(0.0, f64::max);
+    let broker_rss = cluster
+        .brokers
+        .iter()
+        .map(|d| peak_rss_mb(d.pid()))
+        .fold(0.0, f64::max);
+    let pipeliner_rss = cluster
+        .pipeliners
+        .iter()
+        .map(|d| peak_rss_mb(d.pid()))
+        .fold(0.0, f64::max);
     let jobs = cli.pipelines * cli.jobs_per_pipeline.max(1);
     let (p50, p99) = (percentile(&latencies, 0.5), percentile(&latencies, 0.99));
     println!("pypelinin cluster benchmark");
     println!("  pipelines           {}", cli.pipelines);
-    println!("  jobs                {jobs} ({} per pipeline, {:?})", cli.jobs_per_pipeline, cli.shape);
-    println!("  brokers x conc.     {} x {}", cli.brokers, cli.concurrency);
+    println!(
+        "  jobs                {jobs} ({} per pipeline, {:?})",
+        cli.jobs_per_pipeline, cli.shape
+    );
+    println!(
+        "  brokers x conc.     {} x {}",
+        cli.brokers, cli.concurrency
+    );
     println!("  pipeliners          {}", cli.pipeliners);
     println!("  payload             {} B", cli.payload_bytes);
     println!("  durable             {}", !cli.no_durability);
     println!("  wall                {wall:.2} s");
     println!("  pipelines/s         {:.0}", cli.pipelines as f64 / wall);
     println!("  jobs/s              {:.0}", jobs as f64 / wall);
-    println!("  latency p50 / p99   {p50:.2} / {p99:.2} ms ({} samples)", latencies.len());
+    println!(
+        "  latency p50 / p99   {p50:.2} / {p99:.2} ms ({} samples)",
+        latencies.len()
+    );
     println!("  peak RSS (MB)       router {router_rss:.1}, broker {broker_rss:.1}, pipeliner {pipeliner_rss:.1}");
     println!(
         "{}",
