@@ -190,23 +190,12 @@ pub(crate) async fn run_command(
         Ok(other) => Err(format!(
             "command {:?} printed {} instead of a JSON object; stderr: {tail}",
             command.command,
-            type_of(&other)
+            pypelinin_common::pipeline::json_type_name(&other)
         )),
         Err(e) => Err(format!(
             "command {:?} did not print a JSON object ({e}); stderr: {tail}",
             command.command
         )),
-    }
-}
-
-fn type_of(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "an object",
     }
 }
 

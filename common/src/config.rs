@@ -93,6 +93,19 @@ impl ConfigFile {
         }
     }
 
+    /// The cluster token: `[cluster] token` of the file, else `PYPELININ_TOKEN`.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] when the `[cluster]` table does not fit.
+    pub fn cluster_token(&self) -> Result<Option<String>, ConfigError> {
+        #[derive(Default, serde::Deserialize)]
+        #[serde(default)]
+        struct Cluster {
+            token: Option<String>,
+        }
+        Ok(self.settings::<Cluster>("cluster")?.token)
+    }
+
     /// The settings of `section`: defaults, then that table of the file, then `PYPELININ_*`.
     ///
     /// # Errors
@@ -208,6 +221,23 @@ api = "tcp://127.0.0.1:7000"
         assert!(file
             .settings_with_env::<Settings>("router", Some(bad))
             .is_err());
+    }
+
+    #[test]
+    fn the_cluster_token_comes_from_the_cluster_table() {
+        let file = ConfigFile::parse("[cluster]\ntoken = \"abc\"\n").unwrap();
+        assert_eq!(file.cluster_token().unwrap().as_deref(), Some("abc"));
+        assert_eq!(
+            ConfigFile::parse("")
+                .unwrap()
+                .settings_with_env::<std::collections::BTreeMap<String, String>>(
+                    "cluster",
+                    Some(HashMap::new())
+                )
+                .unwrap()
+                .get("token"),
+            None
+        );
     }
 
     #[test]

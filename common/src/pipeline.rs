@@ -416,7 +416,7 @@ impl PipelineBuilder {
         let data = match self.data {
             None | Some(Value::Null) => None,
             Some(Value::Object(m)) => Some(m),
-            Some(other) => return Err(PipelineError::DataNotObject(type_name(&other).into())),
+            Some(other) => return Err(PipelineError::DataNotObject(json_type_name(&other).into())),
         };
         let mut graph = DiGraph::with_capacity(self.jobs.len(), self.edge_indices.len());
         let nodes: Vec<NodeIndex> = self
@@ -531,7 +531,8 @@ fn dot_quote(s: &str) -> String {
     out
 }
 
-fn type_name(v: &Value) -> &'static str {
+/// How a JSON value's type reads in an error message ("a number", "an object", ...).
+pub fn json_type_name(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

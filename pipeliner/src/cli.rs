@@ -8,13 +8,6 @@ use pypelinin_common::config::ConfigFile;
 
 use crate::{Pipeliner, PipelinerSettings};
 
-/// The `[cluster]` table: settings every daemon shares.
-#[derive(Debug, Default, serde::Deserialize)]
-#[serde(default)]
-struct ClusterTable {
-    token: Option<String>,
-}
-
 /// Flags of a pipeliner; they beat the settings file and the environment.
 #[derive(Debug, Clone, Default, Args)]
 pub struct PipelinerArgs {
@@ -38,7 +31,7 @@ impl PipelinerArgs {
         let file = ConfigFile::read_optional(self.config.as_deref())?;
         let mut settings: PipelinerSettings = file.settings("pipeliner")?;
         if settings.token.is_none() {
-            settings.token = file.settings::<ClusterTable>("cluster")?.token;
+            settings.token = file.cluster_token()?;
         }
         if let Some(api) = &self.api {
             settings.api.clone_from(api);

@@ -66,8 +66,7 @@ impl RouterArgs {
         let file = ConfigFile::read_optional(self.config.as_deref())?;
         let mut settings: RouterSettings = file.settings("router")?;
         if settings.token.is_none() {
-            let cluster: ClusterTable = file.settings("cluster")?;
-            settings.token = cluster.token;
+            settings.token = file.cluster_token()?;
         }
         if let Some(dir) = &self.data_dir {
             settings.data_dir = Some(dir.clone());
@@ -88,14 +87,6 @@ impl RouterArgs {
         configuration.extend(file.to_json_without(&["router", "broker", "pipeliner", "cluster"]));
         Ok((settings, configuration))
     }
-}
-
-/// The `[cluster]` table: settings every daemon shares.
-#[derive(Debug, Default, serde::Deserialize)]
-#[serde(default)]
-pub struct ClusterTable {
-    /// The cluster token.
-    pub token: Option<String>,
 }
 
 /// The line a router prints on stdout once its sockets are bound; tests and scripts read it.
