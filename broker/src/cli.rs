@@ -1,25 +1,17 @@
 //! The command line of a broker binary: `my_broker` is a few lines over [`run`].
 
-use std::path::PathBuf;
-
 use anyhow::Context;
 use clap::Args;
-use pypelinin_common::config::ConfigFile;
+use pypelinin_common::config::DaemonArgs;
 
 use crate::{Broker, BrokerSettings, StoreFactory, WorkerRegistry};
 
 /// Flags of a broker; they beat the settings file and the environment.
 #[derive(Debug, Clone, Default, Args)]
 pub struct BrokerArgs {
-    /// TOML settings file; the broker reads its [broker] table.
-    #[arg(long, env = "PYPELININ_CONFIG")]
-    pub config: Option<PathBuf>,
-    /// The router's API endpoint [default: tcp://127.0.0.1:5555].
-    #[arg(long)]
-    pub api: Option<String>,
-    /// The router's broadcast endpoint [default: tcp://127.0.0.1:5556].
-    #[arg(long)]
-    pub broadcast: Option<String>,
+    /// Settings file and the router's endpoints.
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
     /// Jobs run at once [default: the number of CPU cores].
     #[arg(long)]
     pub concurrency: Option<usize>,
@@ -31,17 +23,7 @@ impl BrokerArgs {
     /// # Errors
     /// When the file cannot be read or a setting is invalid.
     pub fn load(&self) -> anyhow::Result<BrokerSettings> {
-        let file = ConfigFile::read_optional(self.config.as_deref())?;
-        let mut settings: BrokerSettings = file.settings("broker")?;
-        if settings.token.is_none() {
-            settings.token = file.cluster_token()?;
-        }
-        if let Some(api) = &self.api {
-            settings.api.clone_from(api);
-        }
-        if let Some(broadcast) = &self.broadcast {
-            settings.broadcast.clone_from(broadcast);
-        }
+        let (mut settings, _): (BrokerSettings, _) = self.daemon.load("broker")?;
         if let Some(c) = self.concurrency {
             settings.concurrency = c;
         }

@@ -72,3 +72,17 @@ impl BrokerSettings {
         }
     }
 }
+
+impl pypelinin_common::config::DaemonSettings for BrokerSettings {
+    fn api_mut(&mut self) -> &mut String {
+        &mut self.api
+    }
+
+    fn broadcast_mut(&mut self) -> &mut String {
+        &mut self.broadcast
+    }
+
+    fn token_mut(&mut self) -> &mut Option<String> {
+        &mut self.token
+    }
+}

@@ -9,6 +9,56 @@ use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
 
+/// Flags every daemon takes: its settings file and the router's two endpoints. Daemons
+/// flatten it into their own flags (`#[command(flatten)]`).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct DaemonArgs {
+    /// TOML settings file: the daemon reads its own table ([router], [broker], [pipeliner])
+    /// and [cluster].
+    #[arg(long, env = "PYPELININ_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// The router's API endpoint: the router binds it, the others connect to it
+    /// [default: tcp://127.0.0.1:5555].
+    #[arg(long)]
+    pub api: Option<String>,
+    /// The router's broadcast endpoint: the router binds it, the others connect to it
+    /// [default: tcp://127.0.0.1:5556].
+    #[arg(long)]
+    pub broadcast: Option<String>,
+}
+
+/// The settings every daemon has: the router's endpoints and the cluster token.
+pub trait DaemonSettings: DeserializeOwned {
+    /// The API endpoint.
+    fn api_mut(&mut self) -> &mut String;
+    /// The broadcast endpoint.
+    fn broadcast_mut(&mut self) -> &mut String;
+    /// The cluster token.
+    fn token_mut(&mut self) -> &mut Option<String>;
+}
+
+impl DaemonArgs {
+    /// The daemon's settings: defaults, its `section` of the file, `PYPELININ_*`, the cluster
+    /// token of `[cluster]` when none is set, then these flags. Also returns the file.
+    ///
+    /// # Errors
+    /// When the file cannot be read or a setting is invalid.
+    pub fn load<T: DaemonSettings>(&self, section: &str) -> Result<(T, ConfigFile), ConfigError> {
+        let file = ConfigFile::read_optional(self.config.as_deref())?;
+        let mut settings: T = file.settings(section)?;
+        if settings.token_mut().is_none() {
+            *settings.token_mut() = file.cluster_token()?;
+        }
+        if let Some(api) = &self.api {
+            settings.api_mut().clone_from(api);
+        }
+        if let Some(broadcast) = &self.broadcast {
+            settings.broadcast_mut().clone_from(broadcast);
+        }
+        Ok((settings, file))
+    }
+}
+
 /// A settings file or value that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

@@ -1,25 +1,17 @@
 //! The pipeliner's command line, shared by `pypelinin-pipeliner` and the example's
 //! `my_pipeliner`.
 
-use std::path::PathBuf;
-
 use clap::Args;
-use pypelinin_common::config::ConfigFile;
+use pypelinin_common::config::DaemonArgs;
 
 use crate::{Pipeliner, PipelinerSettings};
 
 /// Flags of a pipeliner; they beat the settings file and the environment.
 #[derive(Debug, Clone, Default, Args)]
 pub struct PipelinerArgs {
-    /// TOML settings file; the pipeliner reads its [pipeliner] table.
-    #[arg(long, env = "PYPELININ_CONFIG")]
-    pub config: Option<PathBuf>,
-    /// The router's API endpoint [default: tcp://127.0.0.1:5555].
-    #[arg(long)]
-    pub api: Option<String>,
-    /// The router's broadcast endpoint [default: tcp://127.0.0.1:5556].
-    #[arg(long)]
-    pub broadcast: Option<String>,
+    /// Settings file and the router's endpoints.
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
 }
 
 impl PipelinerArgs {
@@ -28,17 +20,7 @@ impl PipelinerArgs {
     /// # Errors
     /// When the file cannot be read or a setting is invalid.
     pub fn load(&self) -> anyhow::Result<PipelinerSettings> {
-        let file = ConfigFile::read_optional(self.config.as_deref())?;
-        let mut settings: PipelinerSettings = file.settings("pipeliner")?;
-        if settings.token.is_none() {
-            settings.token = file.cluster_token()?;
-        }
-        if let Some(api) = &self.api {
-            settings.api.clone_from(api);
-        }
-        if let Some(broadcast) = &self.broadcast {
-            settings.broadcast.clone_from(broadcast);
-        }
+        let (settings, _) = self.daemon.load("pipeliner")?;
         Ok(settings)
     }
 }

@@ -46,3 +46,17 @@ impl Default for PipelinerSettings {
         }
     }
 }
+
+impl pypelinin_common::config::DaemonSettings for PipelinerSettings {
+    fn api_mut(&mut self) -> &mut String {
+        &mut self.api
+    }
+
+    fn broadcast_mut(&mut self) -> &mut String {
+        &mut self.broadcast
+    }
+
+    fn token_mut(&mut self) -> &mut Option<String> {
+        &mut self.token
+    }
+}

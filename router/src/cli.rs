@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
-use pypelinin_common::config::ConfigFile;
+use pypelinin_common::config::DaemonArgs;
 use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -14,15 +14,9 @@ use crate::{Router, RouterSettings};
 /// Flags of the router; they beat the settings file and the environment.
 #[derive(Debug, Clone, Default, Args)]
 pub struct RouterArgs {
-    /// TOML file: the cluster configuration brokers fetch, plus a [router] table of settings.
-    #[arg(long, env = "PYPELININ_CONFIG")]
-    pub config: Option<PathBuf>,
-    /// API endpoint to bind [default: tcp://127.0.0.1:5555].
-    #[arg(long)]
-    pub api: Option<String>,
-    /// Broadcast endpoint to bind [default: tcp://127.0.0.1:5556].
-    #[arg(long)]
-    pub broadcast: Option<String>,
+    /// Settings file and endpoints (the router binds them).
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
     /// Folder of the durable record [default: $XDG_DATA_HOME/pypelinin/router, or
     /// ~/.local/share/pypelinin/router].
     #[arg(long)]
@@ -63,11 +57,7 @@ impl RouterArgs {
         defaults: Map<String, Value>,
         default_data_dir: PathBuf,
     ) -> anyhow::Result<(RouterSettings, Map<String, Value>)> {
-        let file = ConfigFile::read_optional(self.config.as_deref())?;
-        let mut settings: RouterSettings = file.settings("router")?;
-        if settings.token.is_none() {
-            settings.token = file.cluster_token()?;
-        }
+        let (mut settings, file): (RouterSettings, _) = self.daemon.load("router")?;
         if let Some(dir) = &self.data_dir {
             settings.data_dir = Some(dir.clone());
         }
@@ -75,12 +65,6 @@ impl RouterArgs {
             settings.data_dir = None;
         } else if settings.data_dir.is_none() {
             settings.data_dir = Some(default_data_dir);
-        }
-        if let Some(api) = &self.api {
-            settings.api.clone_from(api);
-        }
-        if let Some(broadcast) = &self.broadcast {
-            settings.broadcast.clone_from(broadcast);
         }
         let mut configuration = defaults;
         // Daemon settings and the cluster secret are not served to clients.

@@ -76,3 +76,17 @@ impl Default for RouterSettings {
         }
     }
 }
+
+impl pypelinin_common::config::DaemonSettings for RouterSettings {
+    fn api_mut(&mut self) -> &mut String {
+        &mut self.api
+    }
+
+    fn broadcast_mut(&mut self) -> &mut String {
+        &mut self.broadcast
+    }
+
+    fn token_mut(&mut self) -> &mut Option<String> {
+        &mut self.token
+    }
+}

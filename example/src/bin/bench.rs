@@ -22,7 +22,7 @@ use serde_json::json;
 
 /// Benchmarks a whole pypelinin cluster on this machine.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version)]
 struct Cli {
     /// Pipelines to push through for the throughput figure.
     #[arg(long, default_value_t = 2000)]

@@ -8,7 +8,7 @@ use pypelinin_broker::cli::BrokerArgs;
 /// The example's broker: Downloader, GetTextAndWords, GetLinks, Summarize and the Python
 /// TextStats worker, with the FileStore of the cluster configuration.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version)]
 struct Cli {
     #[command(flatten)]
     broker: BrokerArgs,

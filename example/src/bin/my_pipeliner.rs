@@ -7,7 +7,7 @@ use pypelinin_pipeliner::cli::PipelinerArgs;
 
 /// The example's pipeliner: walks the pipelines' DAGs and submits their jobs.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version)]
 struct Cli {
     #[command(flatten)]
     pipeliner: PipelinerArgs,

@@ -10,7 +10,7 @@ use pypelinin_router::cli::RouterArgs;
 /// The example's router: a FileStore in <home>/store, monitoring in <home>/monitoring.log,
 /// its durable record in <home>/router-data.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version)]
 struct Cli {
     #[command(flatten)]
     router: RouterArgs,

@@ -14,7 +14,7 @@ use pypelinin_example::{cluster, corpus};
 /// Sends the example's pipelines (Downloader → GetTextAndWords, GetLinks → Summarize, and
 /// TextStats) for the bundled corpus, and waits for them.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version)]
 struct Cli {
     /// The router's API endpoint.
     #[arg(long, default_value = pypelinin_common::DEFAULT_API)]
