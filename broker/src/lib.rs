@@ -43,7 +43,7 @@ pub use settings::BrokerSettings;
 pub use store::{FileStore, JobInfo, Store};
 pub use worker::{CommandWorker, JsonObject, TypedWorker, Worker, WorkerRegistry};
 
-use settings::secs;
+use pypelinin_common::config::secs;
 use worker::BoxError;
 
 /// Builds the store from the cluster configuration the broker fetched from the router.

@@ -1,7 +1,5 @@
 //! The broker's settings (`[broker]` table, `PYPELININ_*` environment, flags).
 
-use std::time::Duration;
-
 use serde::Deserialize;
 
 use crate::worker::CommandWorker;
@@ -50,15 +48,6 @@ impl Default for BrokerSettings {
             token: None,
             command_workers: Vec::new(),
         }
-    }
-}
-
-/// Seconds as a duration; non-positive or non-finite values give `fallback`.
-pub(crate) fn secs(value: f64, fallback: Duration) -> Duration {
-    if value.is_finite() && value > 0.0 {
-        Duration::from_secs_f64(value)
-    } else {
-        fallback
     }
 }
 

@@ -59,6 +59,15 @@ impl DaemonArgs {
     }
 }
 
+/// A setting in seconds as a duration; a non-positive or non-finite value gives `fallback`.
+pub fn secs(value: f64, fallback: std::time::Duration) -> std::time::Duration {
+    if value.is_finite() && value > 0.0 {
+        std::time::Duration::from_secs_f64(value)
+    } else {
+        fallback
+    }
+}
+
 /// A settings file or value that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

@@ -8,17 +8,7 @@ use pypelinin_common::testing::within;
 use pypelinin_example::corpus;
 use serde_json::{json, Value};
 
-use crate::support::{args, bin, Cluster, WAIT};
-
-async fn manager(cluster: &Cluster) -> PipelineManager {
-    within(
-        WAIT,
-        "client connect",
-        PipelineManager::connect(&cluster.api, &cluster.broadcast),
-    )
-    .await
-    .unwrap()
-}
+use crate::support::{args, bin, manager, Cluster, WAIT};
 
 fn noop_pipeline(i: usize) -> Pipeline {
     Pipeline::builder()

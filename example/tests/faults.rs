@@ -6,13 +6,13 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use pypelinin_client::{Error, Outcome, Pipeline, PipelineId, PipelineManager};
+use pypelinin_client::{Error, Outcome, Pipeline, PipelineId};
 use pypelinin_common::protocol::Event;
 use pypelinin_common::testing::within;
 use pypelinin_common::transport::{ApiClient, ClientOptions, Subscriber};
 use serde_json::json;
 
-use crate::support::{Cluster, WAIT};
+use crate::support::{manager, Cluster, WAIT};
 
 /// Short leases and fast renewals, so the tests see expiries within seconds (with room for a
 /// loaded CI machine).
@@ -52,16 +52,6 @@ timeout_secs = 30
 
 fn runs(dir: &Path, name: &str) -> usize {
     std::fs::read_to_string(dir.join(format!("{name}.runs"))).map_or(0, |t| t.lines().count())
-}
-
-async fn manager(cluster: &Cluster) -> PipelineManager {
-    within(
-        WAIT,
-        "client connect",
-        PipelineManager::connect(&cluster.api, &cluster.broadcast),
-    )
-    .await
-    .unwrap()
 }
 
 /// A live subscriber counting `pipeline finished`/`failed` broadcasts per pipeline.

@@ -148,3 +148,14 @@ fn tail(p: &Path) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(20)..].join("\n")
 }
+
+/// A client of the cluster, connected within the bounded wait.
+pub async fn manager(cluster: &Cluster) -> pypelinin_client::PipelineManager {
+    pypelinin_common::testing::within(
+        WAIT,
+        "client connect",
+        pypelinin_client::PipelineManager::connect(&cluster.api, &cluster.broadcast),
+    )
+    .await
+    .unwrap()
+}

@@ -21,6 +21,7 @@ pub mod walks;
 use std::collections::VecDeque;
 use std::time::Duration;
 
+use pypelinin_common::config::secs;
 use pypelinin_common::protocol::request::{NewJob, PipelineFailed, RenewLeases};
 use pypelinin_common::protocol::{AnswerKind, Event, JobState, PipelineState, WireDuration};
 use pypelinin_common::transport::{
@@ -42,14 +43,6 @@ const STATUS_CHUNK: usize = 1000;
 /// A pipeliner ready to [`run`](Pipeliner::run).
 pub struct Pipeliner {
     settings: PipelinerSettings,
-}
-
-fn secs(value: f64, fallback: Duration) -> Duration {
-    if value.is_finite() && value > 0.0 {
-        Duration::from_secs_f64(value)
-    } else {
-        fallback
-    }
 }
 
 impl Pipeliner {
