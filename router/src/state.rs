@@ -16,10 +16,11 @@ use pypelinin_common::protocol::request::{
     RenewLeases,
 };
 use pypelinin_common::protocol::{
-    Answer, AnswerKind, Event, JobAssignment, JobState, PipelineAssignment, PipelineState,
+    Answer, AnswerKind, Batch, Event, JobAssignment, JobState, PipelineHandout, PipelineState,
     PipelineStatus, Reply, Request, SubmittedJob,
 };
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use tracing::{debug, warn};
 
@@ -80,12 +81,12 @@ pub struct JobRecord {
 }
 
 /// A pipeline as the router records it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PipelineRecord {
     /// Position in the FIFO order.
     pub seq: u64,
-    /// The serialized pipeline, as sent.
-    pub pipeline: Value,
+    /// The serialized pipeline, as sent (JSON text: stored and handed out without re-encoding).
+    pub pipeline: Box<RawValue>,
     /// The other keys `add pipeline` sent.
     pub fields: Map<String, Value>,
     /// Queued or running.
@@ -297,6 +298,28 @@ impl State {
             Request::Probe(probe) => {
                 events.push(Event::Probe { token: probe.token });
                 Answer::new(AnswerKind::ProbeSent).into()
+            }
+            Request::Batch(batch) => {
+                if batch.requests.len() > Batch::MAX_REQUESTS {
+                    return Answer::error(
+                        AnswerKind::SyntaxError,
+                        format!(
+                            "a batch holds at most {} requests, this one {}",
+                            Batch::MAX_REQUESTS,
+                            batch.requests.len()
+                        ),
+                    )
+                    .into();
+                }
+                let replies = batch
+                    .decode()
+                    .into_iter()
+                    .map(|item| match item {
+                        Ok(request) => self.handle(request, now, events),
+                        Err(error) => Reply::for_error(&error),
+                    })
+                    .collect();
+                Reply::Batch(replies)
             }
         }
     }
@@ -623,6 +646,13 @@ impl State {
         if let Err(e) = Pipeline::from_legacy(&new.pipeline) {
             return Answer::error(AnswerKind::InvalidPipeline, e.to_string()).into();
         }
+        let Ok(pipeline) = serde_json::value::to_raw_value(&new.pipeline) else {
+            return Answer::error(
+                AnswerKind::InvalidPipeline,
+                "the pipeline cannot be encoded",
+            )
+            .into();
+        };
         if self.pipeline_queue.len() >= self.policy.max_queued_pipelines {
             return Answer::error(
                 AnswerKind::QueueFull,
@@ -644,7 +674,7 @@ impl State {
             id.clone(),
             PipelineRecord {
                 seq,
-                pipeline: new.pipeline,
+                pipeline,
                 fields: new.fields,
                 state: PipelineState::Queued,
                 jobs: Vec::new(),
@@ -658,7 +688,7 @@ impl State {
             .into()
     }
 
-    fn get_pipeline(&mut self, now: u64) -> Option<PipelineAssignment> {
+    fn get_pipeline(&mut self, now: u64) -> Option<PipelineHandout> {
         let (_, id) = self.pipeline_queue.pop_first()?;
         let lease_until = now + self.policy.pipeline_lease_ms;
         let record = self.pipelines.get_mut(&id)?;
@@ -677,7 +707,7 @@ impl State {
                 })
             })
             .collect();
-        Some(PipelineAssignment {
+        Some(PipelineHandout {
             pipeline_id: id,
             pipeline: record.pipeline.clone(),
             submitted_jobs,
@@ -835,9 +865,14 @@ mod tests {
         id
     }
 
-    fn take_pipeline(state: &mut State, now: u64) -> Option<PipelineAssignment> {
+    fn take_pipeline(
+        state: &mut State,
+        now: u64,
+    ) -> Option<pypelinin_common::protocol::PipelineAssignment> {
         match state.handle(Request::GetPipeline, now, &mut vec![]) {
-            Reply::Pipeline(p) => p,
+            reply @ Reply::Pipeline(_) => {
+                pypelinin_common::protocol::reply::decode_pipeline_reply(&reply.encode()).unwrap()
+            }
             other => panic!("{other:?}"),
         }
     }
@@ -1208,5 +1243,142 @@ mod tests {
         assert_eq!(take_pipeline(&mut r, T0).unwrap().pipeline_id, p);
         let next = add(&mut r, "Z");
         assert!(r.job(&next).unwrap().seq > s.job(&later).unwrap().seq);
+    }
+
+    fn batch(state: &mut State, requests: &[Request], events: &mut Vec<Event>) -> Vec<Reply> {
+        let mut batch = Batch::of(requests);
+        batch.requests.push(json!({"command": "no such command"}));
+        match state.handle(Request::Batch(batch), T0, events) {
+            Reply::Batch(mut replies) => {
+                assert_eq!(
+                    replies.pop(),
+                    Some(Reply::for_error(
+                        &pypelinin_common::protocol::RequestError::UnknownCommand
+                    ))
+                );
+                replies
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_batch_is_its_requests_in_order() {
+        let mut state = State::default();
+        let mut events = vec![];
+        let add = |w: &str| Request::AddJob(NewJob::new(w, json!({"w": w})));
+        let get = Request::GetJob(GetJob::default());
+        let replies = batch(
+            &mut state,
+            &[add("A"), add("B"), get.clone(), get.clone(), get.clone()],
+            &mut events,
+        );
+        assert_eq!(replies.len(), 5);
+        let Reply::Answer(Answer {
+            job_id: Some(a), ..
+        }) = &replies[0]
+        else {
+            panic!("{replies:?}")
+        };
+        let jobs: Vec<_> = replies[2..]
+            .iter()
+            .map(|r| match r {
+                Reply::Job(j) => j.as_ref().map(|j| j.worker.clone()),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(jobs, [Some("A".into()), Some("B".into()), None]);
+        assert_eq!(events, [Event::NewJob, Event::NewJob]);
+        // A later batch reports on jobs of an earlier one; a second report is refused.
+        let done = Request::JobFinished(JobFinished {
+            job_id: a.clone(),
+            duration: WireDuration::from_secs(0.1),
+        });
+        let replies = batch(&mut state, &[done.clone(), done], &mut events);
+        let answers: Vec<_> = replies
+            .iter()
+            .map(|r| match r {
+                Reply::Answer(a) => a.answer,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(answers, [AnswerKind::GoodJob, AnswerKind::UnknownJobId]);
+        assert_eq!(job_state(&mut state, a), JobState::Unknown);
+    }
+
+    #[test]
+    fn oversized_batches_are_refused_whole() {
+        let mut state = State::default();
+        let requests = vec![json!({"command": "add job", "worker": "A"}); Batch::MAX_REQUESTS + 1];
+        let reply = state.handle(Request::Batch(Batch { requests }), T0, &mut vec![]);
+        assert!(
+            matches!(&reply, Reply::Answer(a) if a.answer == AnswerKind::SyntaxError),
+            "{reply:?}"
+        );
+        assert_eq!(state.queued_jobs(), 0);
+    }
+
+    /// One step of a client of the queues: add a job of a worker, or take one (of any worker,
+    /// or of one worker).
+    #[derive(Debug, Clone)]
+    enum Step {
+        Add(u8),
+        Take(Option<u8>),
+    }
+
+    fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+        use proptest::prelude::*;
+        prop_oneof![
+            (0u8..3).prop_map(Step::Add),
+            proptest::option::of(0u8..3).prop_map(Step::Take),
+        ]
+    }
+
+    fn request(step: &Step, n: usize) -> Request {
+        match step {
+            Step::Add(w) => Request::AddJob(NewJob::new(format!("W{w}"), json!(n))),
+            Step::Take(w) => Request::GetJob(GetJob {
+                workers: w.map(|w| vec![format!("W{w}")]),
+            }),
+        }
+    }
+
+    /// What a reply tells, without the random ids.
+    fn gist(reply: &Reply) -> String {
+        match reply {
+            Reply::Answer(a) => format!("{:?}", a.answer),
+            Reply::Job(j) => format!("{:?}", j.as_ref().map(|j| (&j.worker, j.data()))),
+            other => format!("{other:?}"),
+        }
+    }
+
+    proptest::proptest! {
+        /// Batching changes nothing but the number of round trips: every job is handed out
+        /// once, in the same FIFO order, and every reply is the one of the lone request.
+        #[test]
+        fn batches_answer_as_requests_one_by_one(
+            steps in proptest::collection::vec(step(), 0..60),
+            cuts in proptest::collection::vec(1usize..8, 1..20),
+        ) {
+            let requests: Vec<_> = steps.iter().enumerate().map(|(n, s)| request(s, n)).collect();
+            let mut alone = State::default();
+            let expected: Vec<_> = requests
+                .iter()
+                .map(|r| gist(&alone.handle(r.clone(), T0, &mut vec![])))
+                .collect();
+            let mut batched = State::default();
+            let mut got = Vec::new();
+            let mut rest = &requests[..];
+            for cut in cuts.iter().cycle() {
+                if rest.is_empty() {
+                    break;
+                }
+                let (now, later) = rest.split_at((*cut).min(rest.len()));
+                got.extend(batch(&mut batched, now, &mut vec![]).iter().map(gist));
+                rest = later;
+            }
+            proptest::prop_assert_eq!(got, expected);
+            proptest::prop_assert_eq!(batched.queued_jobs(), alone.queued_jobs());
+        }
     }
 }

@@ -25,7 +25,7 @@ pub mod request;
 pub use duration::WireDuration;
 pub use event::{Event, EventParseError};
 pub use reply::{
-    Answer, AnswerKind, JobAssignment, JobState, PipelineAssignment, PipelineState, PipelineStatus,
-    Reply, ReplyError, SubmittedJob,
+    Answer, AnswerKind, JobAssignment, JobState, PipelineAssignment, PipelineHandout,
+    PipelineState, PipelineStatus, Reply, ReplyError, SubmittedJob,
 };
-pub use request::{decode_request, decode_request_with_token, Request, RequestError};
+pub use request::{decode_request, decode_request_with_token, Batch, Request, RequestError};

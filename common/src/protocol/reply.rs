@@ -4,9 +4,11 @@ use std::collections::BTreeMap;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use super::duration::WireDuration;
+use super::request::RequestError;
 use crate::ids::{JobId, PipelineId};
 
 /// The `"answer"` of a reply, in the legacy spelling.
@@ -259,6 +261,36 @@ pub struct PipelineAssignment {
     pub fields: Map<String, Value>,
 }
 
+/// `get pipeline` as the router sends it: a [`PipelineAssignment`] whose pipeline is still the
+/// JSON text `add pipeline` sent, so handing it out copies bytes instead of re-encoding a tree.
+#[derive(Debug, Clone, Serialize)]
+pub struct PipelineHandout {
+    /// The pipeline's id.
+    #[serde(rename = "pipeline id")]
+    pub pipeline_id: PipelineId,
+    /// The pipeline in the legacy serialized format, as JSON text.
+    pub pipeline: Box<RawValue>,
+    /// As [`PipelineAssignment::submitted_jobs`].
+    #[serde(
+        rename = "submitted jobs",
+        default,
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub submitted_jobs: Vec<SubmittedJob>,
+    /// Any other keys `add pipeline` sent.
+    #[serde(flatten)]
+    pub fields: Map<String, Value>,
+}
+
+impl PartialEq for PipelineHandout {
+    fn eq(&self, other: &Self) -> bool {
+        self.pipeline_id == other.pipeline_id
+            && self.pipeline.get() == other.pipeline.get()
+            && self.submitted_jobs == other.submitted_jobs
+            && self.fields == other.fields
+    }
+}
+
 /// A job of a pipeline that was submitted already, and where it stands.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SubmittedJob {
@@ -281,7 +313,9 @@ pub enum Reply {
     /// `get job`: a job, or `{"worker": null}`.
     Job(Option<JobAssignment>),
     /// `get pipeline`: a pipeline, or `{"pipeline": null}`.
-    Pipeline(Option<PipelineAssignment>),
+    Pipeline(Option<PipelineHandout>),
+    /// `batch`: `{"answer": "batch", "replies": [...]}`, one reply per request.
+    Batch(Vec<Reply>),
 }
 
 impl From<Answer> for Reply {
@@ -291,10 +325,32 @@ impl From<Answer> for Reply {
 }
 
 impl Reply {
+    /// The answer to a request that could not be decoded.
+    pub fn for_error(error: &RequestError) -> Self {
+        let answer = match error {
+            RequestError::Malformed(e) => Answer::error(AnswerKind::MalformedRequest, e.clone()),
+            RequestError::UndefinedCommand => Answer::new(AnswerKind::UndefinedCommand),
+            RequestError::UnknownCommand => Answer::new(AnswerKind::UnknownCommand),
+            RequestError::Syntax(e) => Answer::error(AnswerKind::SyntaxError, e.clone()),
+        };
+        answer.into()
+    }
+
     /// The reply as one JSON frame.
     pub fn encode(&self) -> Vec<u8> {
         // Serializing these types cannot fail: every map key is a string.
         let bytes = match self {
+            Reply::Batch(replies) => {
+                let mut out = br#"{"answer":"batch","replies":["#.to_vec();
+                for (i, reply) in replies.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    out.extend_from_slice(&reply.encode());
+                }
+                out.extend_from_slice(b"]}");
+                Ok(out)
+            }
             Reply::Answer(a) => serde_json::to_vec(a),
             Reply::Configuration(c) => serde_json::to_vec(c),
             Reply::Job(Some(j)) => serde_json::to_vec(j),
@@ -328,7 +384,33 @@ pub fn decode_reply<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ReplyError> 
     decode_reply_value(value)
 }
 
-fn decode_reply_value<T: DeserializeOwned>(value: Value) -> Result<T, ReplyError> {
+/// Reads the reply to a `batch`: one reply per request, in order (read each with the `_value`
+/// decoders).
+///
+/// # Errors
+/// [`ReplyError::Refused`] when the router refused the batch as a whole (`unauthorized`, `syntax
+/// error`), [`ReplyError::Unexpected`] for bytes that are no batch reply.
+pub fn decode_batch_reply(bytes: &[u8]) -> Result<Vec<Value>, ReplyError> {
+    let mut value: Value = serde_json::from_slice(bytes)
+        .map_err(|e| ReplyError::Unexpected(format!("{e}: {}", String::from_utf8_lossy(bytes))))?;
+    if value.get("answer").and_then(Value::as_str) == Some("batch") {
+        if let Some(Value::Array(replies)) = value.get_mut("replies").map(Value::take) {
+            return Ok(replies);
+        }
+    }
+    match serde_json::from_value::<Answer>(value.clone()) {
+        Ok(a) => Err(ReplyError::Refused(Box::new(a))),
+        Err(_) => Err(ReplyError::Unexpected(format!(
+            "not a batch reply: {value}"
+        ))),
+    }
+}
+
+/// As [`decode_reply`], for a reply already parsed (an item of a batch reply).
+///
+/// # Errors
+/// As [`decode_reply`].
+pub fn decode_reply_value<T: DeserializeOwned>(value: Value) -> Result<T, ReplyError> {
     match serde_json::from_value::<T>(value.clone()) {
         Ok(t) => Ok(t),
         Err(e) => match serde_json::from_value::<Answer>(value.clone()) {
@@ -345,6 +427,14 @@ fn decode_reply_value<T: DeserializeOwned>(value: Value) -> Result<T, ReplyError
 pub fn decode_job_reply(bytes: &[u8]) -> Result<Option<JobAssignment>, ReplyError> {
     let value: Value = serde_json::from_slice(bytes)
         .map_err(|e| ReplyError::Unexpected(format!("{e}: {}", String::from_utf8_lossy(bytes))))?;
+    decode_job_reply_value(value)
+}
+
+/// As [`decode_job_reply`], for a reply already parsed.
+///
+/// # Errors
+/// As [`decode_reply`].
+pub fn decode_job_reply_value(value: Value) -> Result<Option<JobAssignment>, ReplyError> {
     if value.get("worker").is_some_and(Value::is_null) {
         return Ok(None);
     }
@@ -358,6 +448,14 @@ pub fn decode_job_reply(bytes: &[u8]) -> Result<Option<JobAssignment>, ReplyErro
 pub fn decode_pipeline_reply(bytes: &[u8]) -> Result<Option<PipelineAssignment>, ReplyError> {
     let value: Value = serde_json::from_slice(bytes)
         .map_err(|e| ReplyError::Unexpected(format!("{e}: {}", String::from_utf8_lossy(bytes))))?;
+    decode_pipeline_reply_value(value)
+}
+
+/// As [`decode_pipeline_reply`], for a reply already parsed.
+///
+/// # Errors
+/// As [`decode_reply`].
+pub fn decode_pipeline_reply_value(value: Value) -> Result<Option<PipelineAssignment>, ReplyError> {
     if value.get("pipeline").is_some_and(Value::is_null) {
         return Ok(None);
     }
@@ -369,7 +467,18 @@ pub fn decode_pipeline_reply(bytes: &[u8]) -> Result<Option<PipelineAssignment>,
 /// # Errors
 /// [`ReplyError::Refused`] when the answer is another one.
 pub fn expect_answer(bytes: &[u8], expected: AnswerKind) -> Result<Answer, ReplyError> {
-    let answer: Answer = decode_reply(bytes)?;
+    check_answer(decode_reply(bytes)?, expected)
+}
+
+/// As [`expect_answer`], for a reply already parsed.
+///
+/// # Errors
+/// As [`expect_answer`].
+pub fn expect_answer_value(value: Value, expected: AnswerKind) -> Result<Answer, ReplyError> {
+    check_answer(decode_reply_value(value)?, expected)
+}
+
+fn check_answer(answer: Answer, expected: AnswerKind) -> Result<Answer, ReplyError> {
     if answer.answer == expected {
         Ok(answer)
     } else {
@@ -428,6 +537,42 @@ mod tests {
         assert!(err.to_string().contains("UnknownJobId"), "{err}");
         assert!(matches!(
             decode_job_reply(b"nonsense"),
+            Err(ReplyError::Unexpected(_))
+        ));
+    }
+
+    #[test]
+    fn batch_replies_nest_each_reply_as_it_would_be_alone() {
+        let reply = Reply::Batch(vec![
+            Reply::Job(None),
+            Answer::new(AnswerKind::GoodJob).into(),
+            Reply::for_error(&RequestError::UnknownCommand),
+        ]);
+        let bytes = reply.encode();
+        let v: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(
+            v,
+            json!({"answer": "batch", "replies": [
+                {"worker": null}, {"answer": "good job!"}, {"answer": "unknown command"}
+            ]})
+        );
+        let items = decode_batch_reply(&bytes).unwrap();
+        assert_eq!(decode_job_reply_value(items[0].clone()), Ok(None));
+        assert!(expect_answer_value(items[1].clone(), AnswerKind::GoodJob).is_ok());
+        assert!(matches!(
+            expect_answer_value(items[2].clone(), AnswerKind::GoodJob),
+            Err(ReplyError::Refused(a)) if a.answer == AnswerKind::UnknownCommand
+        ));
+        assert_eq!(
+            Reply::Batch(Vec::new()).encode(),
+            br#"{"answer":"batch","replies":[]}"#
+        );
+        assert!(matches!(
+            decode_batch_reply(br#"{"answer": "unauthorized"}"#),
+            Err(ReplyError::Refused(a)) if a.answer == AnswerKind::Unauthorized
+        ));
+        assert!(matches!(
+            decode_batch_reply(br#"{"worker": null}"#),
             Err(ReplyError::Unexpected(_))
         ));
     }

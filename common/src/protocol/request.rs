@@ -57,6 +57,12 @@ pub enum Request {
     /// its subscription is live.
     #[serde(rename = "probe")]
     Probe(Probe),
+    /// Extension: several requests in one round trip. The router handles them in order, with
+    /// nothing in between, and writes their changes in one durable write; it answers
+    /// `{"answer": "batch", "replies": [...]}`, one reply per request, each what the request
+    /// alone would have got.
+    #[serde(rename = "batch")]
+    Batch(Batch),
 }
 
 impl Request {
@@ -75,6 +81,7 @@ impl Request {
         "job status",
         "pipeline status",
         "probe",
+        "batch",
     ];
 
     /// The command name as sent on the wire.
@@ -93,6 +100,7 @@ impl Request {
             Request::JobStatus(_) => "job status",
             Request::PipelineStatus(_) => "pipeline status",
             Request::Probe(_) => "probe",
+            Request::Batch(_) => "batch",
         }
     }
 
@@ -247,6 +255,48 @@ pub struct PipelineStatusQuery {
 pub struct Probe {
     /// Echoed in the `probe: <token>` broadcast.
     pub token: String,
+}
+
+/// `batch`: the requests, each a complete request object (batches do not nest).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Batch {
+    /// The requests, in the order the router handles them.
+    pub requests: Vec<Value>,
+}
+
+impl Batch {
+    /// Requests in one batch, at most; a larger batch is refused with `syntax error`.
+    pub const MAX_REQUESTS: usize = 10_000;
+
+    /// A batch of `requests`.
+    pub fn of<'a>(requests: impl IntoIterator<Item = &'a Request>) -> Self {
+        Self {
+            // Serializing a request cannot fail: every map key is a string.
+            requests: requests
+                .into_iter()
+                .map(|r| serde_json::to_value(r).unwrap_or_default())
+                .collect(),
+        }
+    }
+
+    /// Decodes each request on its own, so one bad request is answered with its error and the
+    /// others still run. A nested batch is a syntax error.
+    pub fn decode(self) -> Vec<Result<Request, RequestError>> {
+        self.requests
+            .into_iter()
+            .map(|value| match value {
+                Value::Object(map) => match dispatch(map)? {
+                    Request::Batch(_) => Err(RequestError::Syntax(
+                        "a batch cannot contain a batch".into(),
+                    )),
+                    request => Ok(request),
+                },
+                _ => Err(RequestError::Malformed(
+                    "each request of a batch must be a JSON object".into(),
+                )),
+            })
+            .collect()
+    }
 }
 
 /// Why a request could not be decoded; each maps to one legacy error answer.
@@ -469,10 +519,41 @@ mod tests {
             Request::PipelineStatus(PipelineStatusQuery {
                 pipeline_ids: vec!["p".into()],
             }),
+            Request::Batch(Batch::of(&[Request::GetPipeline])),
         ];
         for req in requests {
             assert_eq!(decode_request(&req.encode()).unwrap(), req);
             assert!(Request::COMMANDS.contains(&req.command()));
         }
+    }
+
+    #[test]
+    fn batch_items_decode_one_by_one() {
+        let batch = decode(json!({"command": "batch", "requests": [
+            {"command": "get job"},
+            {"command": "nope"},
+            {"no command": 1},
+            {"command": "job finished"},
+            [1, 2],
+            {"command": "batch", "requests": []},
+            {"command": "get pipeline"},
+        ]}))
+        .unwrap();
+        let Request::Batch(batch) = batch else {
+            panic!("not a batch: {batch:?}");
+        };
+        let items = batch.decode();
+        assert_eq!(items.len(), 7);
+        assert_eq!(items[0], Ok(Request::GetJob(GetJob::default())));
+        assert_eq!(items[1], Err(RequestError::UnknownCommand));
+        assert_eq!(items[2], Err(RequestError::UndefinedCommand));
+        assert!(matches!(items[3], Err(RequestError::Syntax(_))));
+        assert!(matches!(items[4], Err(RequestError::Malformed(_))));
+        assert!(matches!(&items[5], Err(RequestError::Syntax(e)) if e.contains("batch")));
+        assert_eq!(items[6], Ok(Request::GetPipeline));
+        assert!(matches!(
+            decode(json!({"command": "batch"})),
+            Err(RequestError::Syntax(_))
+        ));
     }
 }
