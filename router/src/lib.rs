@@ -30,9 +30,9 @@ use pypelinin_common::transport::{ApiServer, Envelope, Publisher, Replier, Trans
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, info, trace, warn};
 
-use persist::{Durable, PersistError};
+use persist::{Durable, Index, PersistError, Writes};
 pub use settings::RouterSettings;
 use state::State;
 
@@ -60,7 +60,7 @@ pub struct Router {
     publisher: Publisher,
     settings: RouterSettings,
     state: State,
-    durable: Option<Durable>,
+    durable: Option<(Durable, Index)>,
 }
 
 impl Router {
@@ -99,7 +99,7 @@ impl Router {
                     loaded.pipelines,
                     loaded.ended,
                 );
-                (state, Some(durable))
+                (state, Some((durable, loaded.index)))
             }
             None => (State::new(configuration, policy), None),
         };
@@ -135,12 +135,13 @@ impl Router {
             .split(self.settings.max_request_bytes, reply_timeout);
         let (request_tx, request_rx) = mpsc::channel::<(Envelope, Request)>(4 * BATCH);
         let (out_tx, out_rx) = mpsc::channel::<Outgoing>(64);
-        let state_task = tokio::spawn(state_loop(
-            self.state,
-            self.durable,
-            request_rx,
-            out_tx.clone(),
-        ));
+        let (commit_tx, commit_rx) = mpsc::channel::<Handled>(COMMIT_QUEUE);
+        let (durable, index) = match self.durable {
+            Some((durable, index)) => (Some(std::sync::Arc::new(durable)), Some(index)),
+            None => (None, None),
+        };
+        let state_task = tokio::spawn(state_loop(self.state, index, request_rx, commit_tx));
+        let commit_task = tokio::spawn(commit_loop(durable, commit_rx, out_tx.clone()));
         let token = self.settings.token.clone().filter(|t| !t.is_empty());
         let outbox_task = tokio::spawn(outbox_loop(out_rx, replier, self.publisher));
 
@@ -176,7 +177,7 @@ impl Router {
                     let reply = match error {
                         Some(error) => {
                             debug!(peer = %incoming.envelope.peer(), %error, "rejected request");
-                            error_reply(&error).encode()
+                            Reply::for_error(&error).encode()
                         }
                         None => {
                             warn!(peer = %incoming.envelope.peer(), "request without the cluster token");
@@ -197,21 +198,11 @@ impl Router {
         drop(request_tx);
         drop(out_tx);
         let state_result = state_task.await?;
+        let commit_result = commit_task.await?;
         outbox_task.await?;
         info!("router stopped");
-        state_result
+        state_result.and(commit_result)
     }
-}
-
-/// The answer to a request that could not be decoded.
-fn error_reply(error: &RequestError) -> Reply {
-    let answer = match error {
-        RequestError::Malformed(e) => Answer::error(AnswerKind::MalformedRequest, e.clone()),
-        RequestError::UndefinedCommand => Answer::new(AnswerKind::UndefinedCommand),
-        RequestError::UnknownCommand => Answer::new(AnswerKind::UnknownCommand),
-        RequestError::Syntax(e) => Answer::error(AnswerKind::SyntaxError, e.clone()),
-    };
-    answer.into()
 }
 
 /// Replies and broadcasts of one batch, sent in that order.
@@ -230,13 +221,27 @@ fn now_ms() -> u64 {
 /// How often leases, back-offs and retention are checked when no request comes.
 const TICK: Duration = Duration::from_millis(100);
 
+/// A batch the state task handled: the rows it changed and what to send once they are on disk.
+struct Handled {
+    writes: Option<Writes>,
+    outgoing: Outgoing,
+}
+
+/// Handled batches waiting for the durable write, at most: the state task handles the next
+/// batches while one is written (the two overlap), and waits when the disk falls this far
+/// behind.
+const COMMIT_QUEUE: usize = 8;
+
+/// Handled batches written in one transaction, at most.
+const COMMIT_GROUP: usize = 64;
+
+/// Applies requests in batches; hands each batch's changed rows and replies to the committer.
 async fn state_loop(
     mut state: State,
-    durable: Option<Durable>,
+    mut index: Option<Index>,
     mut requests: mpsc::Receiver<(Envelope, Request)>,
-    out: mpsc::Sender<Outgoing>,
+    commits: mpsc::Sender<Handled>,
 ) -> Result<(), Error> {
-    let durable = durable.map(std::sync::Arc::new);
     let mut batch = Vec::with_capacity(BATCH);
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -256,30 +261,81 @@ async fn state_loop(
         };
         state.tick(now, &mut outgoing.events);
         for (envelope, request) in batch.drain(..) {
-            debug!(command = request.command(), peer = %envelope.peer(), "request");
+            trace!(command = request.command(), peer = %envelope.peer(), "request");
             let reply = state.handle(request, now, &mut outgoing.events);
             outgoing.replies.push((envelope, reply.encode()));
         }
+        coalesce_wake_ups(&mut outgoing.events);
         let changes = state.take_changes();
+        let writes = match &mut index {
+            Some(index) => Some(Durable::prepare(index, &state, &changes)?),
+            None => None,
+        };
+        let nothing = outgoing.replies.is_empty()
+            && outgoing.events.is_empty()
+            && writes.as_ref().is_none_or(Writes::is_empty);
+        if nothing {
+            continue;
+        }
+        if commits.send(Handled { writes, outgoing }).await.is_err() {
+            // The committer stopped on a failed write; it reports the error.
+            return Ok(());
+        }
+    }
+}
+
+/// Group commit: writes the rows of every handled batch waiting (one transaction), and only
+/// then lets their replies and broadcasts go, in order.
+async fn commit_loop(
+    durable: Option<std::sync::Arc<Durable>>,
+    mut handled: mpsc::Receiver<Handled>,
+    out: mpsc::Sender<Outgoing>,
+) -> Result<(), Error> {
+    let mut group = Vec::with_capacity(COMMIT_GROUP);
+    while handled.recv_many(&mut group, COMMIT_GROUP).await > 0 {
         if let Some(durable) = &durable {
-            // Group commit: one durable write for the whole batch, before any of its replies.
-            let writes = Durable::prepare(&state, &changes)?;
+            let writes: Vec<Writes> = group
+                .iter_mut()
+                .filter_map(|h| h.writes.take())
+                .filter(|w| !w.is_empty())
+                .collect();
             if !writes.is_empty() {
                 let durable = durable.clone();
-                let written = tokio::task::spawn_blocking(move || durable.write(&writes)).await?;
+                let (batches, rows) = (writes.len(), writes.iter().map(Writes::len).sum::<usize>());
+                let started = std::time::Instant::now();
+                let written =
+                    tokio::task::spawn_blocking(move || durable.write_all(&writes)).await?;
+                debug!(
+                    batches,
+                    rows,
+                    micros = started.elapsed().as_micros() as u64,
+                    "group commit"
+                );
                 if let Err(e) = written {
                     error!(error = %e, "cannot write the durable record; stopping without acknowledging");
                     return Err(e.into());
                 }
             }
         }
-        if (outgoing.replies.is_empty() && outgoing.events.is_empty())
-            || out.send(outgoing).await.is_ok()
-        {
-            continue;
+        for h in group.drain(..) {
+            if out.send(h.outgoing).await.is_err() {
+                return Ok(());
+            }
         }
-        return Ok(());
     }
+    Ok(())
+}
+
+/// Keeps one `new job` and one `new pipeline` per batch: they only wake brokers and pipeliners,
+/// which then ask until the queue is empty (the legacy ones too), so more of them within one
+/// batch would only cost every subscriber a wake-up.
+fn coalesce_wake_ups(events: &mut Vec<Event>) {
+    let (mut new_job, mut new_pipeline) = (false, false);
+    events.retain(|event| match event {
+        Event::NewJob => !std::mem::replace(&mut new_job, true),
+        Event::NewPipeline => !std::mem::replace(&mut new_pipeline, true),
+        _ => true,
+    });
 }
 
 async fn outbox_loop(

@@ -3,6 +3,7 @@
 //! changed in one transaction (group commit) and sends the batch's replies only after it is
 //! on disk; at start the router restores its state from it.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use pypelinin_common::ids::{JobId, PipelineId};
@@ -10,9 +11,12 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::state::{Changes, EndedRecord, JobRecord, PipelineRecord, State};
 
-const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
-const PIPELINES: TableDefinition<&str, &[u8]> = TableDefinition::new("pipelines");
-const ENDED: TableDefinition<&str, &[u8]> = TableDefinition::new("ended");
+// Rows are keyed by sequence number, not by id: new rows land at the end of each B-tree and
+// old ones leave from its start (queues are FIFO), so a commit touches a few pages instead of
+// one page per row (random uuid keys made commits 5-9x slower). The value holds the id.
+const JOBS: TableDefinition<u64, &[u8]> = TableDefinition::new("jobs.by-seq");
+const PIPELINES: TableDefinition<u64, &[u8]> = TableDefinition::new("pipelines.by-seq");
+const ENDED: TableDefinition<u64, &[u8]> = TableDefinition::new("ended.by-seq");
 
 /// A failure of the durable record.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +49,25 @@ pub struct Loaded {
     pub pipelines: Vec<(PipelineId, PipelineRecord)>,
     /// Outcomes of ended pipelines.
     pub ended: Vec<(PipelineId, EndedRecord)>,
+    /// Where each record is stored, for the writes that follow.
+    pub index: Index,
+}
+
+/// A stored row: the record and its id.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Row<I, T> {
+    id: I,
+    record: T,
+}
+
+/// The key of every stored record, so a change rewrites or deletes the right row. Owned by
+/// the state task.
+#[derive(Debug, Default)]
+pub struct Index {
+    jobs: HashMap<JobId, u64>,
+    pipelines: HashMap<PipelineId, u64>,
+    ended: HashMap<PipelineId, u64>,
+    next_ended: u64,
 }
 
 /// The durable record.
@@ -75,33 +98,54 @@ impl Durable {
         }
         txn.commit().map_err(io)?;
         let txn = db.begin_read().map_err(io)?;
+        let mut index = Index::default();
+        let jobs = read_all(&txn.open_table(JOBS).map_err(io)?, &mut index.jobs)?;
+        let pipelines = read_all(
+            &txn.open_table(PIPELINES).map_err(io)?,
+            &mut index.pipelines,
+        )?;
+        let ended = read_all(&txn.open_table(ENDED).map_err(io)?, &mut index.ended)?;
+        index.next_ended = index.ended.values().max().map_or(0, |k| k + 1);
         let loaded = Loaded {
-            jobs: read_all(&txn.open_table(JOBS).map_err(io)?)?,
-            pipelines: read_all(&txn.open_table(PIPELINES).map_err(io)?)?,
-            ended: read_all(&txn.open_table(ENDED).map_err(io)?)?,
+            jobs,
+            pipelines,
+            ended,
+            index,
         };
         Ok((Self { db }, loaded))
     }
 
     /// The writes that store the records `changes` names as they are in `state` (absent
-    /// ones are deleted). Cheap: done on the state task, while [`Durable::write`] runs on a
-    /// blocking thread.
+    /// ones are deleted; a record added and removed since the last write costs nothing).
+    /// Cheap: done on the state task, while [`Durable::write`] runs on a blocking thread.
     ///
     /// # Errors
     /// [`PersistError::Io`] when a record cannot be encoded.
-    pub fn prepare(state: &State, changes: &Changes) -> Result<Writes, PersistError> {
+    pub fn prepare(
+        index: &mut Index,
+        state: &State,
+        changes: &Changes,
+    ) -> Result<Writes, PersistError> {
         let mut writes = Writes::default();
         for id in &changes.jobs {
-            let value = state.job(id).map(encode).transpose()?;
-            writes.jobs.push((id.to_string(), value));
+            let row = state.job(id).map(|r| (r.seq, r));
+            writes.jobs.extend(keyed(&mut index.jobs, id, row)?);
         }
         for id in &changes.pipelines {
-            let value = state.pipeline(id).map(encode).transpose()?;
-            writes.pipelines.push((id.to_string(), value));
+            let row = state.pipeline(id).map(|r| (r.seq, r));
+            writes
+                .pipelines
+                .extend(keyed(&mut index.pipelines, id, row)?);
         }
         for id in &changes.ended {
-            let value = state.ended(id).map(encode).transpose()?;
-            writes.ended.push((id.to_string(), value));
+            let row = state.ended(id).map(|r| {
+                let key = index.ended.get(id).copied().unwrap_or_else(|| {
+                    index.next_ended += 1;
+                    index.next_ended - 1
+                });
+                (key, r)
+            });
+            writes.ended.extend(keyed(&mut index.ended, id, row)?);
         }
         Ok(writes)
     }
@@ -111,20 +155,29 @@ impl Durable {
     /// # Errors
     /// [`PersistError::Io`] when the write fails.
     pub fn write(&self, writes: &Writes) -> Result<(), PersistError> {
-        if writes.is_empty() {
+        self.write_all(std::slice::from_ref(writes))
+    }
+
+    /// Applies several batches of writes, in order, in one transaction and returns once it is
+    /// on disk.
+    ///
+    /// # Errors
+    /// [`PersistError::Io`] when the write fails.
+    pub fn write_all(&self, batches: &[Writes]) -> Result<(), PersistError> {
+        if batches.iter().all(Writes::is_empty) {
             return Ok(());
         }
         let txn = self.db.begin_write().map_err(io)?;
-        for (table, rows) in [
-            (JOBS, &writes.jobs),
-            (PIPELINES, &writes.pipelines),
-            (ENDED, &writes.ended),
+        for (definition, rows) in [
+            (JOBS, batches.iter().map(|w| &w.jobs).collect::<Vec<_>>()),
+            (PIPELINES, batches.iter().map(|w| &w.pipelines).collect()),
+            (ENDED, batches.iter().map(|w| &w.ended).collect()),
         ] {
-            let mut table = txn.open_table(table).map_err(io)?;
-            for (key, value) in rows {
+            let mut table = txn.open_table(definition).map_err(io)?;
+            for (key, value) in rows.into_iter().flatten() {
                 match value {
-                    Some(v) => table.insert(key.as_str(), v.as_slice()).map_err(io)?,
-                    None => table.remove(key.as_str()).map_err(io)?,
+                    Some(v) => table.insert(key, v.as_slice()).map_err(io)?,
+                    None => table.remove(key).map_err(io)?,
                 };
             }
         }
@@ -132,18 +185,47 @@ impl Durable {
     }
 }
 
-/// Rows to write: key and encoded record, or `None` to delete.
+/// The row to write for record `id` (`row`: its key and record, `None` when it is gone),
+/// keeping `index` up to date; nothing for a record that was never stored and is gone.
+fn keyed<I, T>(
+    index: &mut HashMap<I, u64>,
+    id: &I,
+    row: Option<(u64, &T)>,
+) -> Result<Option<RowWrite>, PersistError>
+where
+    I: Clone + Eq + std::hash::Hash + serde::Serialize,
+    T: serde::Serialize,
+{
+    match row {
+        Some((key, record)) => {
+            index.insert(id.clone(), key);
+            let value = encode(&Row { id, record })?;
+            Ok(Some((key, Some(value))))
+        }
+        None => Ok(index.remove(id).map(|key| (key, None))),
+    }
+}
+
+/// A row to write: its key and encoded value, or `None` to delete it.
+type RowWrite = (u64, Option<Vec<u8>>);
+
+/// Rows to write.
 #[derive(Debug, Default)]
 pub struct Writes {
-    jobs: Vec<(String, Option<Vec<u8>>)>,
-    pipelines: Vec<(String, Option<Vec<u8>>)>,
-    ended: Vec<(String, Option<Vec<u8>>)>,
+    jobs: Vec<RowWrite>,
+    pipelines: Vec<RowWrite>,
+    ended: Vec<RowWrite>,
 }
 
 impl Writes {
     /// Whether there is nothing to write.
     pub fn is_empty(&self) -> bool {
-        self.jobs.is_empty() && self.pipelines.is_empty() && self.ended.is_empty()
+        self.len() == 0
+    }
+
+    /// Rows to write or delete.
+    pub fn len(&self) -> usize {
+        self.jobs.len() + self.pipelines.len() + self.ended.len()
     }
 }
 
@@ -152,18 +234,20 @@ fn encode<T: serde::Serialize>(record: &T) -> Result<Vec<u8>, PersistError> {
 }
 
 fn read_all<K, T>(
-    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    table: &impl ReadableTable<u64, &'static [u8]>,
+    index: &mut HashMap<K, u64>,
 ) -> Result<Vec<(K, T)>, PersistError>
 where
-    K: From<String>,
+    K: Clone + Eq + std::hash::Hash + serde::de::DeserializeOwned,
     T: serde::de::DeserializeOwned,
 {
     let mut out = Vec::new();
     for entry in table.iter().map_err(io)? {
         let (key, value) = entry.map_err(io)?;
-        let record = serde_json::from_slice(value.value())
-            .map_err(|e| PersistError::Corrupt(format!("{}: {e}", key.value())))?;
-        out.push((K::from(key.value().to_owned()), record));
+        let row: Row<K, T> = serde_json::from_slice(value.value())
+            .map_err(|e| PersistError::Corrupt(format!("row {}: {e}", key.value())))?;
+        index.insert(row.id.clone(), key.value());
+        out.push((row.id, row.record));
     }
     Ok(out)
 }
