@@ -15,6 +15,9 @@ pub struct BrokerArgs {
     /// Jobs run at once [default: the number of CPU cores].
     #[arg(long)]
     pub concurrency: Option<usize>,
+    /// Jobs taken ahead of free slots while jobs are short [default: 64].
+    #[arg(long)]
+    pub prefetch: Option<usize>,
 }
 
 impl BrokerArgs {
@@ -26,6 +29,9 @@ impl BrokerArgs {
         let (mut settings, _): (BrokerSettings, _) = self.daemon.load("broker")?;
         if let Some(c) = self.concurrency {
             settings.concurrency = c;
+        }
+        if let Some(p) = self.prefetch {
+            settings.prefetch = Some(p);
         }
         Ok(settings)
     }

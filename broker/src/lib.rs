@@ -25,12 +25,13 @@ pub mod store;
 pub mod worker;
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pypelinin_common::ids::JobId;
-use pypelinin_common::protocol::request::{JobFailed, RenewLeases};
-use pypelinin_common::protocol::{Event, JobAssignment, WireDuration};
+use pypelinin_common::protocol::reply::{decode_job_reply_value, decode_reply_value};
+use pypelinin_common::protocol::request::{GetJob, JobFailed, JobFinished, RenewLeases};
+use pypelinin_common::protocol::{Answer, Event, JobAssignment, Request, WireDuration};
 use pypelinin_common::transport::{wait_for_router, ApiClient, ClientOptions};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, Semaphore};
@@ -140,15 +141,18 @@ impl Broker {
             .filter(|v| v.is_finite() && *v > 0.0)
             .map(Duration::from_secs_f64);
         let concurrency = s.effective_concurrency();
-        info!(workers = ?self.registry.names(), concurrency, "broker running");
+        info!(workers = ?self.registry.names(), concurrency, prefetch = s.effective_prefetch(), "broker running");
         let mut state = Loop {
             client,
             registry: self.registry.clone(),
             store,
             semaphore: Arc::new(Semaphore::new(concurrency)),
             concurrency,
+            capacity: concurrency + s.effective_prefetch(),
+            mean_job_secs: 0.0,
             job_timeout: secs(s.job_timeout_secs, Duration::from_secs(600)),
-            running: HashMap::new(),
+            held: HashMap::new(),
+            taken: Arc::new(Mutex::new(VecDeque::new())),
             reports: VecDeque::new(),
             want_jobs: true,
             retry_at: None,
@@ -158,6 +162,12 @@ impl Broker {
     }
 }
 
+/// Above this mean job duration (seconds), a broker takes no job ahead of its free slots.
+const LONG_JOB_SECS: f64 = 0.1;
+
+/// Reports and job requests sent in one round trip, at most.
+const MAX_BATCH: usize = 512;
+
 /// The broker's loop state.
 struct Loop {
     client: ApiClient,
@@ -165,9 +175,19 @@ struct Loop {
     store: Arc<dyn Store>,
     semaphore: Arc<Semaphore>,
     concurrency: usize,
+    /// Jobs held at most while jobs are short: running plus taken ahead
+    /// (`concurrency + prefetch`).
+    capacity: usize,
+    /// Recent mean job duration in seconds (an exponential moving average).
+    mean_job_secs: f64,
     job_timeout: Duration,
-    /// Jobs running now, for monitoring.
-    running: HashMap<JobId, Value>,
+    /// Jobs taken from the router and not reported yet (queued here or running), with what
+    /// monitoring shows of them.
+    held: HashMap<JobId, Value>,
+    /// Jobs taken and not started yet, in the order the router handed them out. Shared with
+    /// the job tasks: a task whose job ended starts the next one at once, without waiting for
+    /// the loop (which may be in a round trip to the router).
+    taken: Arc<Mutex<VecDeque<JobAssignment>>>,
     /// Jobs that ran and whose report the router has not acknowledged yet.
     reports: VecDeque<Ran>,
     /// Whether the queue may hold jobs for us (a broadcast, a finished job or the poll said so).
@@ -200,32 +220,31 @@ impl Loop {
             // branch in the same turn as the shutdown.
             if stopping.is_none() && shutdown.is_cancelled() {
                 info!(
-                    running = self.running.len(),
+                    held = self.held.len(),
                     ?grace,
-                    "broker stopping: no new jobs, letting running jobs finish"
+                    "broker stopping: no new jobs, letting the jobs it took finish"
                 );
                 stopping = Some(Instant::now() + grace);
             }
             if self.retry_at.is_none_or(|t| Instant::now() >= t) {
                 self.retry_at = None;
-                let ok = self.flush_reports().await
-                    && (stopping.is_some() || self.fetch_jobs(&done_tx).await);
-                if ok {
+                if self.sync(stopping.is_none(), &done_tx).await {
                     backoff = Duration::from_millis(100);
                 } else {
                     self.retry_at = Some(Instant::now() + backoff);
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                 }
             }
-            if stopping.is_some() && self.running.is_empty() && self.reports.is_empty() {
-                info!("broker stopped: every running job finished and was reported");
+            self.start_taken(&done_tx);
+            if stopping.is_some() && self.held.is_empty() && self.reports.is_empty() {
+                info!("broker stopped: every job it took ran and was reported");
                 break;
             }
             let retry_at = self.retry_at;
             tokio::select! {
                 () = shutdown.cancelled(), if stopping.is_none() => {}
                 () = sleep_until_opt(stopping) => {
-                    warn!(running = self.running.len(), unreported = self.reports.len(), "grace period over; leaving unfinished jobs");
+                    warn!(held = self.held.len(), unreported = self.reports.len(), "grace period over; leaving unfinished jobs");
                     break;
                 }
                 () = sleep_until_opt(retry_at) => {}
@@ -233,30 +252,28 @@ impl Loop {
                     if let Ok(Event::NewJob) = event {
                         self.want_jobs = true;
                     }
+                    // The others that arrived say the same.
+                    while let Some(Ok(_)) = subscriber.try_recv().await {}
                 }
                 Some(ran) = done_rx.recv() => {
-                    self.running.remove(&ran.job.job_id);
-                    self.reports.push_back(ran);
+                    self.ran(ran);
                     // Drain whatever else finished, so reports go out together.
                     while let Ok(ran) = done_rx.try_recv() {
-                        self.running.remove(&ran.job.job_id);
-                        self.reports.push_back(ran);
+                        self.ran(ran);
                     }
                     self.want_jobs = true;
                 }
                 _ = poll.tick() => self.want_jobs = true,
-                _ = renew.tick(), if !self.running.is_empty() => {
+                _ = renew.tick(), if !self.held.is_empty() => {
                     // Heartbeat: without it the router hands our jobs to another broker.
-                    let leases = RenewLeases {
-                        job_ids: self.running.keys().cloned().collect(),
-                        pipeline_ids: Vec::new(),
-                    };
+                    let job_ids: Vec<JobId> = self.held.keys().cloned().collect();
+                    let leases = RenewLeases { job_ids, pipeline_ids: Vec::new() };
                     if let Err(e) = self.client.renew_leases(leases).await {
                         warn!(error = %e, "cannot renew job leases");
                     }
                 }
                 _ = monitor_tick.tick(), if monitoring.is_some() => {
-                    let record = monitor.record(self.concurrency, self.running.values().cloned().collect());
+                    let record = monitor.record(self.concurrency, self.running_jobs());
                     let store = self.store.clone();
                     tokio::task::spawn_blocking(move || {
                         if let Err(e) = store.save_monitoring(&record) {
@@ -268,85 +285,189 @@ impl Loop {
         }
     }
 
-    /// Reports finished and failed jobs; false when the router could not be reached.
-    async fn flush_reports(&mut self) -> bool {
-        while let Some(ran) = self.reports.front() {
-            let id = ran.job.job_id.clone();
-            let duration = WireDuration::from(ran.duration);
-            let result = match &ran.outcome {
-                Outcome::Finished => self.client.job_finished(id.clone(), duration).await,
-                Outcome::Failed(error) => {
-                    let failure = JobFailed {
-                        job_id: id.clone(),
-                        error: error.clone(),
-                        duration: Some(duration),
-                    };
-                    self.client.job_failed(failure).await
-                }
+    /// Reports what ran and, when `fetch`, asks for jobs up to the capacity: both in one
+    /// `batch` per round trip. False when the router could not be reached (nothing is lost:
+    /// the reports are sent again).
+    async fn sync(&mut self, fetch: bool, done: &mpsc::UnboundedSender<Ran>) -> bool {
+        loop {
+            self.start_taken(done);
+            let held = self.held.len();
+            let reports = self.reports.len().min(MAX_BATCH);
+            // Taking jobs ahead pays for short jobs only: a long job would keep the ones behind
+            // it from brokers that are free.
+            let capacity = if self.mean_job_secs > LONG_JOB_SECS {
+                self.concurrency
+            } else {
+                self.capacity
             };
-            match result {
-                Ok(answer) => debug!(job_id = %id, answer = ?answer.answer, "reported"),
+            let wanted = if fetch && self.want_jobs {
+                capacity.saturating_sub(held).min(MAX_BATCH - reports)
+            } else {
+                0
+            };
+            if reports == 0 && wanted == 0 {
+                return true;
+            }
+            let mut requests: Vec<Request> =
+                self.reports.iter().take(reports).map(report).collect();
+            let get = Request::GetJob(GetJob {
+                workers: Some(self.registry.names()),
+            });
+            requests.extend(std::iter::repeat_n(get, wanted));
+            let started = std::time::Instant::now();
+            let replies = match self.client.batch(&requests).await {
+                Ok(replies) => replies,
                 Err(e) if e.is_transient() => {
-                    warn!(job_id = %id, error = %e, "cannot report to the router; will retry");
+                    warn!(error = %e, "cannot reach the router; will retry");
                     return false;
                 }
-                Err(e) => warn!(job_id = %id, error = %e, "the router refused the report"),
-            }
-            self.reports.pop_front();
-        }
-        true
-    }
-
-    /// Asks for jobs while there is capacity; false when the router could not be reached.
-    async fn fetch_jobs(&mut self, done: &mpsc::UnboundedSender<Ran>) -> bool {
-        while self.want_jobs {
-            let Ok(permit) = self.semaphore.clone().try_acquire_owned() else {
-                return true;
-            };
-            match self.client.get_job(Some(self.registry.names())).await {
-                Ok(Some(job)) => self.start(job, permit, done.clone()),
-                Ok(None) => self.want_jobs = false,
                 Err(e) => {
-                    if e.is_transient() {
-                        warn!(error = %e, "cannot ask the router for jobs; will retry");
-                        return false;
-                    }
-                    warn!(error = %e, "the router refused get job");
+                    // Refused as a whole (a wrong cluster token): sending it again changes
+                    // nothing.
+                    warn!(error = %e, reports, "the router refused the reports and job requests");
+                    self.reports.drain(..reports);
                     self.want_jobs = false;
+                    return true;
+                }
+            };
+            debug!(
+                reports,
+                wanted,
+                micros = started.elapsed().as_micros() as u64,
+                "round trip"
+            );
+            let mut replies = replies.into_iter();
+            for (ran, reply) in self.reports.drain(..reports).zip(replies.by_ref()) {
+                let id = &ran.job.job_id;
+                match decode_reply_value::<Answer>(reply) {
+                    Ok(answer) if !answer.answer.is_error() => {
+                        debug!(job_id = %id, answer = ?answer.answer, "reported");
+                    }
+                    Ok(answer) => {
+                        debug!(job_id = %id, answer = ?answer.answer, "report not taken (the job ended already)");
+                    }
+                    Err(e) => warn!(job_id = %id, error = %e, "the router refused the report"),
+                }
+            }
+            for reply in replies {
+                match decode_job_reply_value(reply) {
+                    Ok(Some(job)) => {
+                        self.held.insert(
+                            job.job_id.clone(),
+                            json!({"worker": job.worker, "job id": job.job_id, "data": job.data()}),
+                        );
+                        lock(&self.taken).push_back(job);
+                    }
+                    Ok(None) => self.want_jobs = false,
+                    Err(e) => {
+                        warn!(error = %e, "the router refused get job");
+                        self.want_jobs = false;
+                    }
                 }
             }
         }
-        true
     }
 
-    fn start(
-        &mut self,
-        job: JobAssignment,
-        permit: tokio::sync::OwnedSemaphorePermit,
-        done: mpsc::UnboundedSender<Ran>,
-    ) {
-        self.running.insert(
-            job.job_id.clone(),
-            json!({"worker": job.worker, "job id": job.job_id, "data": job.data()}),
-        );
-        let span = tracing::info_span!("job", job_id = %job.job_id, worker = %job.worker);
-        let registry = self.registry.clone();
-        let store = self.store.clone();
-        let timeout = self.job_timeout;
-        tokio::spawn(
-            async move {
-                let ran = execute::run_job(job, &registry, store, timeout, permit).await;
-                match &ran.outcome {
-                    Outcome::Finished => {
-                        debug!(ms = ran.duration.as_millis() as u64, "job finished")
-                    }
-                    Outcome::Failed(e) => warn!(error = %e, "job failed"),
-                }
-                // The loop is gone only when the broker stopped past its grace period.
-                let _ignored = done.send(ran);
+    /// Takes in a job that ran: its report is due.
+    fn ran(&mut self, ran: Ran) {
+        self.held.remove(&ran.job.job_id);
+        self.mean_job_secs = 0.8 * self.mean_job_secs + 0.2 * ran.duration.as_secs_f64();
+        self.reports.push_back(ran);
+    }
+
+    /// Starts taken jobs while slots are free.
+    fn start_taken(&mut self, done: &mpsc::UnboundedSender<Ran>) {
+        while !lock(&self.taken).is_empty() {
+            let Ok(permit) = self.semaphore.clone().try_acquire_owned() else {
+                return;
+            };
+            let Some(job) = lock(&self.taken).pop_front() else {
+                return;
+            };
+            let runner = Runner {
+                registry: self.registry.clone(),
+                store: self.store.clone(),
+                timeout: self.job_timeout,
+                semaphore: self.semaphore.clone(),
+                taken: self.taken.clone(),
+                done: done.clone(),
+            };
+            tokio::spawn(runner.run(job, permit));
+        }
+    }
+
+    /// The jobs running now (held and no longer waiting to start), for monitoring.
+    fn running_jobs(&self) -> Vec<Value> {
+        let waiting: std::collections::HashSet<JobId> =
+            lock(&self.taken).iter().map(|j| j.job_id.clone()).collect();
+        self.held
+            .iter()
+            .filter(|(id, _)| !waiting.contains(*id))
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+}
+
+/// Runs a job in a slot, then the next taken job while there is one and a slot.
+struct Runner {
+    registry: Arc<WorkerRegistry>,
+    store: Arc<dyn Store>,
+    timeout: Duration,
+    semaphore: Arc<Semaphore>,
+    taken: Arc<Mutex<VecDeque<JobAssignment>>>,
+    done: mpsc::UnboundedSender<Ran>,
+}
+
+impl Runner {
+    async fn run(self, mut job: JobAssignment, mut permit: tokio::sync::OwnedSemaphorePermit) {
+        loop {
+            let span = tracing::info_span!("job", job_id = %job.job_id, worker = %job.worker);
+            let ran = execute::run_job(
+                job,
+                &self.registry,
+                self.store.clone(),
+                self.timeout,
+                permit,
+            )
+            .instrument(span.clone())
+            .await;
+            span.in_scope(|| match &ran.outcome {
+                Outcome::Finished => debug!(ms = ran.duration.as_millis() as u64, "job finished"),
+                Outcome::Failed(e) => warn!(error = %e, "job failed"),
+            });
+            // The loop is gone only when the broker stopped past its grace period.
+            if self.done.send(ran).is_err() {
+                return;
             }
-            .instrument(span),
-        );
+            // The slot is free again once the work really ended (a Rust worker that overran
+            // its timeout keeps it until its thread returns).
+            let Ok(next_permit) = self.semaphore.clone().try_acquire_owned() else {
+                return;
+            };
+            let Some(next) = lock(&self.taken).pop_front() else {
+                return;
+            };
+            (job, permit) = (next, next_permit);
+        }
+    }
+}
+
+/// Locks the queue of taken jobs (no code panics while holding it).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The report of a job that ran: `job finished`, or `job failed` with the error.
+fn report(ran: &Ran) -> Request {
+    let job_id = ran.job.job_id.clone();
+    let duration = WireDuration::from(ran.duration);
+    match &ran.outcome {
+        Outcome::Finished => Request::JobFinished(JobFinished { job_id, duration }),
+        Outcome::Failed(error) => Request::JobFailed(JobFailed {
+            job_id,
+            error: error.clone(),
+            duration: Some(duration),
+        }),
     }
 }
 

@@ -14,6 +14,11 @@ pub struct BrokerSettings {
     pub broadcast: String,
     /// Jobs run at once; 0 means one per CPU core (`PYPELININ_CONCURRENCY`).
     pub concurrency: usize,
+    /// Jobs a broker takes ahead of its free slots while its jobs are short (a mean under
+    /// 100 ms), so the next ones are at hand when a slot frees and one round trip carries many
+    /// (`PYPELININ_PREFETCH`; `None`: 64). With longer jobs it takes none ahead, so they stay
+    /// in the queue for brokers that are free.
+    pub prefetch: Option<usize>,
     /// The longest a job may run unless its worker says otherwise, in seconds.
     pub job_timeout_secs: f64,
     /// How often to ask for jobs when no broadcast came (broadcasts can be missed), in seconds.
@@ -39,6 +44,7 @@ impl Default for BrokerSettings {
             api: pypelinin_common::DEFAULT_API.to_owned(),
             broadcast: pypelinin_common::DEFAULT_BROADCAST.to_owned(),
             concurrency: 0,
+            prefetch: None,
             job_timeout_secs: 600.0,
             poll_interval_secs: 5.0,
             shutdown_grace_secs: 30.0,
@@ -59,6 +65,13 @@ impl BrokerSettings {
         } else {
             std::thread::available_parallelism().map_or(1, usize::from)
         }
+    }
+}
+
+impl BrokerSettings {
+    /// Jobs taken ahead of free slots while jobs are short: the setting, or 64.
+    pub fn effective_prefetch(&self) -> usize {
+        self.prefetch.unwrap_or(64)
     }
 }
 

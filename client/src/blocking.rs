@@ -32,6 +32,14 @@ impl PipelineManager {
         self.runtime.block_on(self.inner.start(pipeline))
     }
 
+    /// Submits `pipelines` in as few round trips as it can.
+    ///
+    /// # Errors
+    /// As [`crate::PipelineManager::start_many`].
+    pub fn start_many(&mut self, pipelines: &[Pipeline]) -> Result<Vec<PipelineId>, Error> {
+        self.runtime.block_on(self.inner.start_many(pipelines))
+    }
+
     /// Whether `id` has ended (without waiting).
     ///
     /// # Errors

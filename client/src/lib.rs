@@ -32,7 +32,9 @@ use std::time::{Duration, Instant};
 
 pub use pypelinin_common::ids::{JobId, PipelineId};
 pub use pypelinin_common::pipeline::{save_dot, Job, Pipeline, PipelineError};
-use pypelinin_common::protocol::{AnswerKind, Event, PipelineState, ReplyError};
+use pypelinin_common::protocol::reply::expect_answer_value;
+use pypelinin_common::protocol::request::NewPipeline;
+use pypelinin_common::protocol::{Answer, AnswerKind, Event, PipelineState, ReplyError, Request};
 use pypelinin_common::transport::{ApiClient, ClientError, ClientOptions, Subscriber};
 use tracing::debug;
 
@@ -151,28 +153,90 @@ impl PipelineManager {
     /// Both for at most [`START_PATIENCE`].
     ///
     /// # Errors
-    /// [`Error::Router`] when the router refuses the pipeline (`invalid pipeline`) or stays
-    /// unreachable or full.
+    /// [`Error::Router`] when the router refuses the pipeline or stays unreachable or full.
     pub async fn start(&mut self, pipeline: &Pipeline) -> Result<PipelineId, Error> {
-        let request_id = uuid_hex();
+        let mut ids = self.start_many(std::slice::from_ref(pipeline)).await?;
+        ids.pop().ok_or_else(|| {
+            Error::Router(ReplyError::Unexpected("no pipeline id for the pipeline".into()).into())
+        })
+    }
+
+    /// Submits `pipelines` in as few round trips as it can (`batch` requests of up to
+    /// [`START_BATCH`]); returns their ids in the same order. Retries as
+    /// [`start`](PipelineManager::start) does; each pipeline is added once.
+    ///
+    /// # Errors
+    /// [`Error::Router`] when the router refuses a pipeline or stays unreachable or full. The
+    /// pipelines added before the error keep running, and
+    /// [`wait_any`](PipelineManager::wait_any) reports them.
+    pub async fn start_many(&mut self, pipelines: &[Pipeline]) -> Result<Vec<PipelineId>, Error> {
+        let mut ids = Vec::with_capacity(pipelines.len());
+        for chunk in pipelines.chunks(START_BATCH) {
+            ids.extend(self.start_chunk(chunk).await?);
+        }
+        Ok(ids)
+    }
+
+    async fn start_chunk(&mut self, pipelines: &[Pipeline]) -> Result<Vec<PipelineId>, Error> {
+        let requests: Vec<Request> = pipelines
+            .iter()
+            .map(|p| {
+                let mut fields = serde_json::Map::new();
+                fields.insert("request id".into(), uuid_hex().into());
+                Request::AddPipeline(NewPipeline {
+                    pipeline: p.to_legacy(),
+                    fields,
+                })
+            })
+            .collect();
+        let mut ids: Vec<Option<PipelineId>> = vec![None; requests.len()];
         let deadline = Instant::now() + START_PATIENCE;
         let mut backoff = Duration::from_millis(20);
         loop {
-            match self
-                .client
-                .add_pipeline_with_id(pipeline, Some(&request_id))
-                .await
-            {
-                Ok(id) => {
-                    self.pending.insert(id.clone(), Instant::now());
-                    return Ok(id);
+            let todo: Vec<usize> = (0..ids.len()).filter(|i| ids[*i].is_none()).collect();
+            if todo.is_empty() {
+                return Ok(ids.into_iter().flatten().collect());
+            }
+            let batch: Vec<Request> = todo.iter().map(|i| requests[*i].clone()).collect();
+            let retry = match self.client.batch(&batch).await {
+                Ok(replies) => {
+                    let mut full = None;
+                    for (i, reply) in todo.into_iter().zip(replies) {
+                        match expect_answer_value(reply, AnswerKind::PipelineAccepted) {
+                            Ok(Answer {
+                                pipeline_id: Some(id),
+                                ..
+                            }) => {
+                                self.pending.insert(id.clone(), Instant::now());
+                                ids[i] = Some(id);
+                            }
+                            Ok(_) => {
+                                let e = ReplyError::Unexpected(
+                                    "pipeline accepted without a pipeline id".into(),
+                                );
+                                return Err(Error::Router(e.into()));
+                            }
+                            Err(e) => {
+                                let e = ClientError::from(e);
+                                if !is_queue_full(&e) {
+                                    return Err(e.into());
+                                }
+                                full = Some(e);
+                            }
+                        }
+                    }
+                    full
                 }
-                Err(e) if (e.is_transient() || is_queue_full(&e)) && Instant::now() < deadline => {
-                    debug!(error = %e, "add pipeline will be retried");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                }
+                Err(e) if e.is_transient() => Some(e),
                 Err(e) => return Err(e.into()),
+            };
+            if let Some(e) = retry {
+                if Instant::now() >= deadline {
+                    return Err(e.into());
+                }
+                debug!(error = %e, "add pipeline will be retried");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
             }
         }
     }
@@ -187,10 +251,25 @@ impl PipelineManager {
     /// # Errors
     /// [`Error::Router`] when the broadcast socket failed.
     pub async fn finished(&mut self, id: &PipelineId) -> Result<bool, Error> {
-        while let Ok(event) = tokio::time::timeout(Duration::ZERO, self.events.recv()).await {
+        self.read_arrived().await?;
+        Ok(self.outcomes.contains_key(id))
+    }
+
+    /// The started pipelines that ended and were not waited for yet, reading the broadcasts
+    /// that arrived (without waiting).
+    ///
+    /// # Errors
+    /// [`Error::Router`] when the broadcast socket failed.
+    pub async fn ended(&mut self) -> Result<Vec<(PipelineId, Outcome)>, Error> {
+        self.read_arrived().await?;
+        Ok(self.outcomes.drain().collect())
+    }
+
+    async fn read_arrived(&mut self) -> Result<(), Error> {
+        while let Some(event) = self.events.try_recv().await {
             self.record(event.map_err(ClientError::from)?);
         }
-        Ok(self.outcomes.contains_key(id))
+        Ok(())
     }
 
     /// The outcome of an ended pipeline, once [`finished`](PipelineManager::finished) or a wait
@@ -360,6 +439,9 @@ impl PipelineManager {
         Ok(())
     }
 }
+
+/// Pipelines sent in one request by [`PipelineManager::start_many`], at most.
+pub const START_BATCH: usize = 500;
 
 /// How long [`PipelineManager::start`] keeps retrying while the router is full or unreachable.
 pub const START_PATIENCE: Duration = Duration::from_secs(300);

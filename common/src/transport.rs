@@ -22,7 +22,7 @@ use zeromq::{
 use crate::ids::{JobId, PipelineId};
 use crate::pipeline::Pipeline;
 use crate::protocol::reply::{
-    decode_job_reply, decode_pipeline_reply, decode_reply, expect_answer,
+    decode_batch_reply, decode_job_reply, decode_pipeline_reply, decode_reply, expect_answer,
 };
 use crate::protocol::request::{
     GetJob, JobFailed, JobFinished, JobStatusQuery, NewJob, NewPipeline, PipelineFailed,
@@ -480,6 +480,30 @@ impl ApiClient {
         self.request_bytes(body).await
     }
 
+    /// `batch`: sends `requests` in one round trip; returns one reply per request, in order,
+    /// to read with the `_value` decoders of [`crate::protocol::reply`].
+    ///
+    /// # Errors
+    /// Transport failures, a refusal of the whole batch, or a reply that does not hold one
+    /// reply per request.
+    pub async fn batch(
+        &mut self,
+        requests: &[Request],
+    ) -> Result<Vec<serde_json::Value>, ClientError> {
+        let batch = Request::Batch(crate::protocol::Batch::of(requests));
+        let reply = self.request(&batch).await?;
+        let replies = decode_batch_reply(&reply)?;
+        if replies.len() != requests.len() {
+            return Err(ReplyError::Unexpected(format!(
+                "{} replies to a batch of {} requests",
+                replies.len(),
+                requests.len()
+            ))
+            .into());
+        }
+        Ok(replies)
+    }
+
     /// `renew leases` for jobs this client runs and pipelines it walks.
     ///
     /// # Errors
@@ -810,6 +834,11 @@ impl Subscriber {
             Some(event) => Ok(event),
             None => self.next_raw().await,
         }
+    }
+
+    /// An event that has arrived already, without waiting; `None` when there is none.
+    pub async fn try_recv(&mut self) -> Option<Result<Event, TransportError>> {
+        timeout(Duration::ZERO, self.recv()).await.ok()
     }
 
     /// Waits until the subscription is live: asks the router to broadcast a probe until one

@@ -22,11 +22,15 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use pypelinin_common::config::secs;
-use pypelinin_common::protocol::request::{NewJob, PipelineFailed, RenewLeases};
-use pypelinin_common::protocol::{AnswerKind, Event, JobState, PipelineState, WireDuration};
-use pypelinin_common::transport::{
-    wait_for_router, ApiClient, ClientError, ClientOptions, Subscriber,
+use pypelinin_common::protocol::reply::{
+    decode_pipeline_reply_value, decode_reply_value, expect_answer_value,
 };
+use pypelinin_common::protocol::request::{NewJob, PipelineFailed, PipelineFinished, RenewLeases};
+use pypelinin_common::protocol::{
+    Answer, AnswerKind, Event, JobState, PipelineState, Request, WireDuration,
+};
+use pypelinin_common::transport::{wait_for_router, ApiClient, ClientOptions, Subscriber};
+use serde_json::Value;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -34,8 +38,15 @@ use tracing::{debug, info, warn};
 pub use settings::PipelinerSettings;
 use walks::{Action, Walks};
 
-/// Pipelines taken in one turn of the loop, at most.
-const FETCH_TURN: usize = 64;
+/// Pipelines asked for in one round trip, at most.
+const FETCH_TURN: usize = 256;
+
+/// Requests in one batch, at most.
+const MAX_BATCH: usize = 1024;
+
+/// Round trips in one turn of the loop, at most, so it gets back to renewing leases and
+/// reading events.
+const TURN_ROUND_TRIPS: usize = 4;
 
 /// Status queries ask about this many jobs at most.
 const STATUS_CHUNK: usize = 1000;
@@ -130,9 +141,7 @@ impl Loop {
             }
             if retry_at.is_none_or(|t| Instant::now() >= t) {
                 retry_at = None;
-                let ok =
-                    self.perform().await && (stopping.is_some() || self.fetch_pipelines().await);
-                if ok {
+                if self.sync(stopping.is_none()).await {
                     backoff = Duration::from_millis(100);
                 } else {
                     retry_at = Some(Instant::now() + backoff);
@@ -159,13 +168,24 @@ impl Loop {
                     return;
                 }
                 () = sleep_until_opt(retry_at) => {}
-                event = subscriber.recv() => match event {
-                    Ok(event) => self.on_event(event),
-                    Err(e) => {
-                        warn!(error = %e, "broadcast subscription closed");
-                        return;
+                event = subscriber.recv() => {
+                    // Take every event that arrived, so their actions go out in one batch.
+                    let mut event = Some(event);
+                    let mut taken = 0;
+                    while let Some(received) = event.take() {
+                        match received {
+                            Ok(received) => self.on_event(received),
+                            Err(e) => {
+                                warn!(error = %e, "broadcast subscription closed");
+                                return;
+                            }
+                        }
+                        taken += 1;
+                        if taken < MAX_BATCH {
+                            event = subscriber.try_recv().await;
+                        }
                     }
-                },
+                }
                 _ = poll.tick() => self.want_pipelines = true,
                 _ = renew.tick(), if !self.walks.is_empty() => {
                     // Heartbeat: without it the router hands our pipelines to another pipeliner.
@@ -197,103 +217,121 @@ impl Loop {
         self.actions.extend(actions);
     }
 
-    /// Sends queued actions; false when the router could not be reached.
-    async fn perform(&mut self) -> bool {
-        while let Some(action) = self.actions.pop_front() {
-            match self.send(&action).await {
-                Ok(()) => {}
+    /// Sends the queued actions and, when `fetch`, asks for pipelines while there is room: all
+    /// in one `batch` per round trip, a few round trips per turn (the pipelines taken in one
+    /// round trip have their first jobs submitted in the next). False when the router could
+    /// not be reached (the actions are kept and sent again).
+    async fn sync(&mut self, fetch: bool) -> bool {
+        for _ in 0..TURN_ROUND_TRIPS {
+            let walks = &self.walks;
+            self.actions.retain(|a| match a {
+                Action::Submit { pipeline_id, .. } => walks.contains(pipeline_id),
+                _ => true,
+            });
+            let sent = self.actions.len().min(MAX_BATCH);
+            let fetching = if fetch && self.want_pipelines {
+                self.max_pipelines
+                    .saturating_sub(self.walks.len())
+                    .min(FETCH_TURN)
+                    .min(MAX_BATCH - sent)
+            } else {
+                0
+            };
+            if sent == 0 && fetching == 0 {
+                return true;
+            }
+            let mut requests: Vec<Request> = self.actions.iter().take(sent).map(request).collect();
+            requests.extend(std::iter::repeat_n(Request::GetPipeline, fetching));
+            let started = std::time::Instant::now();
+            let replies = match self.client.batch(&requests).await {
+                Ok(replies) => replies,
                 Err(e) if e.is_transient() => {
                     warn!(error = %e, "cannot reach the router; will retry");
-                    self.actions.push_front(action);
                     return false;
                 }
-                Err(e) => warn!(error = %e, ?action, "the router refused a request"),
+                Err(e) => {
+                    // Refused as a whole (a wrong cluster token): sending it again changes
+                    // nothing.
+                    warn!(error = %e, actions = sent, "the router refused a batch");
+                    self.actions.drain(..sent);
+                    self.want_pipelines = false;
+                    return true;
+                }
+            };
+            debug!(
+                actions = sent,
+                fetching,
+                micros = started.elapsed().as_micros() as u64,
+                "round trip"
+            );
+            let mut replies = replies.into_iter();
+            let actions: Vec<Action> = self.actions.drain(..sent).collect();
+            for (action, reply) in actions.into_iter().zip(replies.by_ref()) {
+                self.performed(action, reply);
+            }
+            for reply in replies {
+                match decode_pipeline_reply_value(reply) {
+                    Ok(Some(assignment)) => {
+                        debug!(pipeline_id = %assignment.pipeline_id, "pipeline taken");
+                        let actions = self.walks.start(assignment, std::time::Instant::now());
+                        self.actions.extend(actions);
+                    }
+                    Ok(None) => self.want_pipelines = false,
+                    Err(e) => {
+                        warn!(error = %e, "the router refused get pipeline");
+                        self.want_pipelines = false;
+                    }
+                }
             }
         }
         true
     }
 
-    async fn send(&mut self, action: &Action) -> Result<(), ClientError> {
+    /// Takes in the router's reply to an action.
+    fn performed(&mut self, action: Action, reply: Value) {
         match action {
             Action::Submit {
                 pipeline_id,
                 job,
                 worker,
-                data,
-            } => {
-                if !self.walks.contains(pipeline_id) {
-                    return Ok(());
+                ..
+            } => match expect_answer_value(reply, AnswerKind::JobAccepted) {
+                Ok(Answer {
+                    job_id: Some(job_id),
+                    ..
+                }) => {
+                    debug!(%pipeline_id, %job_id, worker, "job submitted");
+                    self.walks
+                        .submitted(&pipeline_id, job, job_id, std::time::Instant::now());
                 }
-                let new =
-                    NewJob::new(worker.clone(), data.clone()).in_pipeline(pipeline_id.clone());
-                let job_id = self.client.add_job(new).await?;
-                debug!(%pipeline_id, %job_id, worker, "job submitted");
-                self.walks
-                    .submitted(pipeline_id, *job, job_id, std::time::Instant::now());
-            }
+                Ok(_) => warn!(%pipeline_id, worker, "job accepted without a job id"),
+                Err(e) => warn!(%pipeline_id, worker, error = %e, "the router refused a job"),
+            },
             Action::Finish {
                 pipeline_id,
                 duration,
-            } => {
-                let answer = self
-                    .client
-                    .pipeline_finished(pipeline_id.clone(), WireDuration::from(*duration))
-                    .await?;
-                if answer.answer != AnswerKind::GoodJob {
-                    warn!(%pipeline_id, answer = ?answer.answer, "pipeline finished was not accepted");
-                } else {
+            } => match decode_reply_value::<Answer>(reply) {
+                Ok(a) if a.answer == AnswerKind::GoodJob => {
                     info!(%pipeline_id, secs = duration.as_secs_f64(), "pipeline finished");
                 }
-            }
+                Ok(a) => {
+                    warn!(%pipeline_id, answer = ?a.answer, "pipeline finished was not accepted")
+                }
+                Err(e) => warn!(%pipeline_id, error = %e, "the router refused pipeline finished"),
+            },
             Action::Fail {
                 pipeline_id,
                 job_id,
                 worker,
                 error,
-                duration,
+                ..
             } => {
                 warn!(%pipeline_id, %job_id, worker, error, "pipeline failed");
-                let failure = PipelineFailed {
-                    pipeline_id: pipeline_id.clone(),
-                    job_id: job_id.clone(),
-                    worker: worker.clone(),
-                    error: error.clone(),
-                    duration: Some(WireDuration::from(*duration)),
-                };
-                self.client.pipeline_failed(failure).await?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Takes pipelines while the router has some and we have room; false when the router could
-    /// not be reached.
-    async fn fetch_pipelines(&mut self) -> bool {
-        // A bounded turn, so the loop gets back to renewing leases and reading events.
-        let mut turn = 0;
-        while self.want_pipelines && self.walks.len() < self.max_pipelines && turn < FETCH_TURN {
-            turn += 1;
-            match self.client.get_pipeline().await {
-                Ok(Some(assignment)) => {
-                    debug!(pipeline_id = %assignment.pipeline_id, "pipeline taken");
-                    let actions = self.walks.start(assignment, std::time::Instant::now());
-                    self.actions.extend(actions);
-                    if !self.perform().await {
-                        return false;
-                    }
-                }
-                Ok(None) => self.want_pipelines = false,
-                Err(e) if e.is_transient() => {
-                    warn!(error = %e, "cannot ask the router for pipelines; will retry");
-                    return false;
-                }
-                Err(e) => {
-                    warn!(error = %e, "the router refused get pipeline");
-                    self.want_pipelines = false;
+                if let Err(e) = decode_reply_value::<Answer>(reply) {
+                    warn!(%pipeline_id, error = %e, "the router refused pipeline failed");
                 }
             }
         }
-        true
     }
 
     /// Asks where the jobs we have awaited for a while stand, and catches up on what the
@@ -337,7 +375,7 @@ impl Loop {
                 return false;
             }
         }
-        self.perform().await
+        self.sync(false).await
     }
 
     /// Jobs the router does not know: drop their pipeline when the router forgot it too,
@@ -370,6 +408,40 @@ impl Loop {
             }
         }
         true
+    }
+}
+
+/// The request an action makes.
+fn request(action: &Action) -> Request {
+    match action {
+        Action::Submit {
+            pipeline_id,
+            worker,
+            data,
+            ..
+        } => Request::AddJob(
+            NewJob::new(worker.clone(), data.clone()).in_pipeline(pipeline_id.clone()),
+        ),
+        Action::Finish {
+            pipeline_id,
+            duration,
+        } => Request::PipelineFinished(PipelineFinished {
+            pipeline_id: pipeline_id.clone(),
+            duration: WireDuration::from(*duration),
+        }),
+        Action::Fail {
+            pipeline_id,
+            job_id,
+            worker,
+            error,
+            duration,
+        } => Request::PipelineFailed(PipelineFailed {
+            pipeline_id: pipeline_id.clone(),
+            job_id: job_id.clone(),
+            worker: worker.clone(),
+            error: error.clone(),
+            duration: Some(WireDuration::from(*duration)),
+        }),
     }
 }
 
