@@ -7,7 +7,7 @@
 //! one JSON object. `--router-clients K` instead measures the router alone: K clients sending
 //! small requests.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -19,6 +19,11 @@ use pypelinin_common::transport::{ApiClient, ClientOptions};
 use pypelinin_example::process::{ensure_binaries, sibling, Daemon};
 use pypelinin_example::workers::noop_name;
 use serde_json::json;
+
+/// mimalloc: the daemons allocate many small JSON values; it halves the time spent in
+/// the allocator (see docs/performance.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Benchmarks a whole pypelinin cluster on this machine.
 #[derive(Debug, Parser)]
@@ -36,6 +41,9 @@ struct Cli {
     /// Jobs each broker runs at once.
     #[arg(long, default_value_t = 2)]
     concurrency: usize,
+    /// Jobs each broker takes ahead of its free slots [default: the broker's default].
+    #[arg(long)]
+    prefetch: Option<usize>,
     /// Jobs per pipeline.
     #[arg(long, default_value_t = 2)]
     jobs_per_pipeline: usize,
@@ -60,6 +68,9 @@ struct Cli {
     /// Measure the router alone with K concurrent clients sending small requests.
     #[arg(long)]
     router_clients: Option<usize>,
+    /// Keep the temporary folder (daemon logs, the router's data) and print where it is.
+    #[arg(long)]
+    keep: bool,
     /// Seconds of the router micro-benchmark.
     #[arg(long, default_value_t = 5.0)]
     router_secs: f64,
@@ -127,6 +138,40 @@ fn peak_rss_mb(pid: u32) -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+/// CPU seconds (user + system) a process used so far; 0 when unknown.
+fn cpu_secs(pid: Option<u32>) -> f64 {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/stat"),
+        None => "/proc/self/stat".to_owned(),
+    };
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): state is field 3, utime 14, stime 15.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // Clock ticks are 100 per second on Linux.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// CPU seconds used by each role of the cluster (router, brokers, pipeliners, this client).
+fn cluster_cpu(cluster: &Cluster) -> [f64; 4] {
+    let sum = |ds: &[Daemon]| ds.iter().map(|d| cpu_secs(Some(d.pid()))).sum::<f64>();
+    [
+        cpu_secs(Some(cluster.router.pid())),
+        sum(&cluster.brokers),
+        sum(&cluster.pipeliners),
+        cpu_secs(None),
+    ]
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -169,21 +214,26 @@ fn start_cluster(cli: &Cli, home: &Path) -> anyhow::Result<Cluster> {
     let (api, broadcast) = router.read_endpoints()?;
     let workers = cli.jobs_per_pipeline.max(1).to_string();
     let concurrency = cli.concurrency.to_string();
+    let mut broker_args = vec![
+        "--api",
+        &api,
+        "--broadcast",
+        &broadcast,
+        "--noop-workers",
+        &workers,
+        "--concurrency",
+        &concurrency,
+    ];
+    let prefetch = cli.prefetch.map(|p| p.to_string());
+    if let Some(p) = &prefetch {
+        broker_args.extend(["--prefetch", p]);
+    }
     let mut brokers = Vec::new();
     for i in 0..cli.brokers {
         brokers.push(Daemon::spawn(
             "my_broker",
             &sibling("my_broker")?,
-            &args(&[
-                "--api",
-                &api,
-                "--broadcast",
-                &broadcast,
-                "--noop-workers",
-                &workers,
-                "--concurrency",
-                &concurrency,
-            ]),
+            &args(&broker_args),
             Some(&home.join(format!("broker-{i}.log"))),
         )?);
     }
@@ -226,7 +276,11 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
         outcome
     }
     .await;
-    let _ = std::fs::remove_dir_all(&home);
+    if cli.keep {
+        eprintln!("logs and data kept in {}", home.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&home);
+    }
     result
 }
 
@@ -273,34 +327,48 @@ async fn cluster_bench(cli: &Cli, cluster: &mut Cluster) -> anyhow::Result<()> {
 
     // Throughput: N pipelines, at most `window` in flight.
     let started = Instant::now();
+    let cpu_before = cluster_cpu(cluster);
     let mut sent = 0;
     let mut done = 0;
     let mut failed = 0;
-    let mut in_flight: HashMap<pypelinin_client::PipelineId, ()> = HashMap::new();
+    let mut in_flight: HashSet<pypelinin_client::PipelineId> = HashSet::new();
     while done < cli.pipelines {
-        while sent < cli.pipelines && in_flight.len() < cli.window.max(1) {
-            let id = m.start(&pipeline(cli, sent, &payload)?).await?;
-            in_flight.insert(id, ());
-            sent += 1;
+        let room = cli
+            .window
+            .max(1)
+            .saturating_sub(in_flight.len())
+            .min(cli.pipelines - sent);
+        if room > 0 {
+            let batch = (sent..sent + room)
+                .map(|n| pipeline(cli, n, &payload))
+                .collect::<Result<Vec<_>, _>>()?;
+            in_flight.extend(m.start_many(&batch).await?);
+            sent += room;
         }
         let left = deadline.saturating_duration_since(Instant::now());
-        match m.wait_any(left).await? {
-            Some((id, outcome)) => {
-                in_flight.remove(&id);
-                done += 1;
-                if !matches!(outcome, Outcome::Finished(_)) {
-                    failed += 1;
-                }
-            }
-            None => bail!(
+        let Some(first) = m.wait_any(left).await? else {
+            bail!(
                 "timed out after {} s: {done} of {} pipelines ended, {} still running",
                 cli.timeout,
                 cli.pipelines,
                 in_flight.len()
-            ),
+            );
+        };
+        for (id, outcome) in std::iter::once(first).chain(m.ended().await?) {
+            in_flight.remove(&id);
+            done += 1;
+            if !matches!(outcome, Outcome::Finished(_)) {
+                failed += 1;
+            }
         }
     }
     let wall = started.elapsed().as_secs_f64();
+    let cpu_after = cluster_cpu(cluster);
+    let cpu: Vec<f64> = cpu_after
+        .iter()
+        .zip(cpu_before)
+        .map(|(a, b)| ((a - b) / wall * 100.0).round())
+        .collect();
     if failed > 0 {
         bail!("{failed} pipelines failed; see the logs");
     }
@@ -358,6 +426,10 @@ async fn cluster_bench(cli: &Cli, cluster: &mut Cluster) -> anyhow::Result<()> {
     );
     println!("  peak RSS (MB)       router {router_rss:.1}, broker {broker_rss:.1}, pipeliner {pipeliner_rss:.1}");
     println!(
+        "  CPU (% of a core)   router {}, brokers {}, pipeliners {}, client {} (during the throughput run)",
+        cpu[0], cpu[1], cpu[2], cpu[3]
+    );
+    println!(
         "{}",
         json!({
             "pipelines": cli.pipelines,
@@ -376,6 +448,7 @@ async fn cluster_bench(cli: &Cli, cluster: &mut Cluster) -> anyhow::Result<()> {
             "concurrency": cli.concurrency,
             "jobs_per_pipeline": cli.jobs_per_pipeline,
             "payload_bytes": cli.payload_bytes,
+            "cpu_percent": {"router": cpu[0], "brokers": cpu[1], "pipeliners": cpu[2], "client": cpu[3]},
         })
     );
     Ok(())

@@ -5,6 +5,11 @@ use std::process::ExitCode;
 use clap::Parser;
 use pypelinin_pipeliner::cli::PipelinerArgs;
 
+/// mimalloc: the daemons allocate many small JSON values; it halves the time spent in
+/// the allocator (see docs/performance.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The example's pipeliner: walks the pipelines' DAGs and submits their jobs.
 #[derive(Debug, Parser)]
 #[command(version)]
