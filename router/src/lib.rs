@@ -140,8 +140,15 @@ impl Router {
             Some((durable, index)) => (Some(std::sync::Arc::new(durable)), Some(index)),
             None => (None, None),
         };
-        let state_task = tokio::spawn(state_loop(self.state, index, request_rx, commit_tx));
-        let commit_task = tokio::spawn(commit_loop(durable, commit_rx, out_tx.clone()));
+        // Without durability, batches go straight to the outbox (one task hop less).
+        let (sink, commit_task) = match durable {
+            Some(durable) => (
+                Sink::Commit(commit_tx),
+                Some(tokio::spawn(commit_loop(durable, commit_rx, out_tx.clone()))),
+            ),
+            None => (Sink::Send(out_tx.clone()), None),
+        };
+        let state_task = tokio::spawn(state_loop(self.state, index, request_rx, sink));
         let token = self.settings.token.clone().filter(|t| !t.is_empty());
         let outbox_task = tokio::spawn(outbox_loop(out_rx, replier, self.publisher));
 
@@ -198,7 +205,10 @@ impl Router {
         drop(request_tx);
         drop(out_tx);
         let state_result = state_task.await?;
-        let commit_result = commit_task.await?;
+        let commit_result = match commit_task {
+            Some(task) => task.await?,
+            None => Ok(()),
+        };
         outbox_task.await?;
         info!("router stopped");
         state_result.and(commit_result)
@@ -235,12 +245,20 @@ const COMMIT_QUEUE: usize = 8;
 /// Handled batches written in one transaction, at most.
 const COMMIT_GROUP: usize = 64;
 
+/// Where the state task hands handled batches.
+enum Sink {
+    /// To the committer (durable router).
+    Commit(mpsc::Sender<Handled>),
+    /// Straight to the outbox (in-memory router).
+    Send(mpsc::Sender<Outgoing>),
+}
+
 /// Applies requests in batches; hands each batch's changed rows and replies to the committer.
 async fn state_loop(
     mut state: State,
     mut index: Option<Index>,
     mut requests: mpsc::Receiver<(Envelope, Request)>,
-    commits: mpsc::Sender<Handled>,
+    sink: Sink,
 ) -> Result<(), Error> {
     let mut batch = Vec::with_capacity(BATCH);
     let mut tick = tokio::time::interval(TICK);
@@ -277,7 +295,11 @@ async fn state_loop(
         if nothing {
             continue;
         }
-        if commits.send(Handled { writes, outgoing }).await.is_err() {
+        let sent = match &sink {
+            Sink::Commit(commits) => commits.send(Handled { writes, outgoing }).await.is_ok(),
+            Sink::Send(out) => out.send(outgoing).await.is_ok(),
+        };
+        if !sent {
             // The committer stopped on a failed write; it reports the error.
             return Ok(());
         }
@@ -287,13 +309,13 @@ async fn state_loop(
 /// Group commit: writes the rows of every handled batch waiting (one transaction), and only
 /// then lets their replies and broadcasts go, in order.
 async fn commit_loop(
-    durable: Option<std::sync::Arc<Durable>>,
+    durable: std::sync::Arc<Durable>,
     mut handled: mpsc::Receiver<Handled>,
     out: mpsc::Sender<Outgoing>,
 ) -> Result<(), Error> {
     let mut group = Vec::with_capacity(COMMIT_GROUP);
     while handled.recv_many(&mut group, COMMIT_GROUP).await > 0 {
-        if let Some(durable) = &durable {
+        {
             let writes: Vec<Writes> = group
                 .iter_mut()
                 .filter_map(|h| h.writes.take())

@@ -18,7 +18,9 @@ struct Cli {
     router: RouterArgs,
 }
 
-#[tokio::main]
+// One thread: its tasks (sockets, state, outbox) hand work to each other without cross-thread
+// wake-ups, which made every request ~30% slower on a 2-core machine (docs/performance.md).
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     pypelinin_common::telemetry::init();
     let cli = Cli::parse();
