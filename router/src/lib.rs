@@ -144,7 +144,11 @@ impl Router {
         let (sink, commit_task) = match durable {
             Some(durable) => (
                 Sink::Commit(commit_tx),
-                Some(tokio::spawn(commit_loop(durable, commit_rx, out_tx.clone()))),
+                Some(tokio::spawn(commit_loop(
+                    durable,
+                    commit_rx,
+                    out_tx.clone(),
+                ))),
             ),
             None => (Sink::Send(out_tx.clone()), None),
         };

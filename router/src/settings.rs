@@ -22,6 +22,9 @@ pub struct RouterSettings {
     /// How long the outcome of an ended pipeline stays available to `pipeline status`, in
     /// seconds.
     pub retention_secs: f64,
+    /// Outcomes of ended pipelines kept at most; past it the oldest go first (memory stays
+    /// flat however fast pipelines end).
+    pub max_remembered_pipelines: usize,
     /// Where the durable record lives (`PYPELININ_DATA_DIR`); `None` keeps everything in
     /// memory only (the binaries always set one unless told `--no-durability`).
     pub data_dir: Option<PathBuf>,
@@ -52,6 +55,7 @@ impl RouterSettings {
             job_lease_ms: ms(self.job_lease_secs).max(1),
             pipeline_lease_ms: ms(self.pipeline_lease_secs).max(1),
             retention_ms: ms(self.retention_secs),
+            max_remembered: self.max_remembered_pipelines,
             max_queued_pipelines: self.max_queued_pipelines.max(1),
         }
     }
@@ -65,6 +69,7 @@ impl Default for RouterSettings {
             max_request_bytes: 16 * 1024 * 1024,
             reply_timeout_ms: 1000,
             retention_secs: 300.0,
+            max_remembered_pipelines: 100_000,
             data_dir: None,
             max_attempts: 3,
             attempts: HashMap::new(),

@@ -39,6 +39,9 @@ pub struct Policy {
     pub pipeline_lease_ms: u64,
     /// How long the outcome of an ended pipeline is kept.
     pub retention_ms: u64,
+    /// Outcomes kept at most: past it the oldest are forgotten before their retention time,
+    /// so memory stays flat however fast pipelines end.
+    pub max_remembered: usize,
     /// Above this many queued pipelines, `add pipeline` answers `queue full`.
     pub max_queued_pipelines: usize,
 }
@@ -52,6 +55,7 @@ impl Default for Policy {
             job_lease_ms: 30_000,
             pipeline_lease_ms: 30_000,
             retention_ms: 300_000,
+            max_remembered: 100_000,
             max_queued_pipelines: 100_000,
         }
     }
@@ -373,7 +377,9 @@ impl State {
             }
         }
         while let Some((at, _)) = self.ended_order.front() {
-            if now.saturating_sub(*at) < self.policy.retention_ms {
+            if now.saturating_sub(*at) < self.policy.retention_ms
+                && self.ended_order.len() <= self.policy.max_remembered
+            {
                 break;
             }
             if let Some((_, id)) = self.ended_order.pop_front() {
@@ -1115,6 +1121,43 @@ mod tests {
         s.tick(T0 + 300_000, &mut vec![]);
         assert_eq!(pipeline_state(&mut s, &p).state, PipelineState::Unknown);
         assert_eq!(s.remembered_pipelines(), 0);
+    }
+
+    #[test]
+    fn past_the_cap_the_oldest_outcomes_go_first() {
+        let mut s = State::new(
+            Map::new(),
+            Policy {
+                max_remembered: 2,
+                ..Policy::default()
+            },
+        );
+        let ids: Vec<PipelineId> = (0..3)
+            .map(|_| {
+                let p = new_pipeline(&mut s);
+                take_pipeline(&mut s, T0);
+                let done = PipelineFinished {
+                    pipeline_id: p.clone(),
+                    duration: WireDuration::from_secs(1.0),
+                };
+                s.handle(Request::PipelineFinished(done), T0, &mut vec![]);
+                p
+            })
+            .collect();
+        s.tick(T0, &mut vec![]);
+        assert_eq!(s.remembered_pipelines(), 2);
+        let states: Vec<_> = ids
+            .iter()
+            .map(|p| pipeline_state(&mut s, p).state)
+            .collect();
+        assert_eq!(
+            states,
+            [
+                PipelineState::Unknown,
+                PipelineState::Finished,
+                PipelineState::Finished
+            ]
+        );
     }
 
     #[test]

@@ -615,3 +615,62 @@ async fn with_a_cluster_token_requests_without_it_are_unauthorized_and_change_no
         .unwrap();
     assert_eq!(member.get_job(None).await.unwrap().unwrap().job_id, id);
 }
+
+#[tokio::test]
+async fn a_batch_is_answered_item_by_item_and_survives_a_restart() {
+    let data = std::env::temp_dir().join(format!("pypelinin-batch-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    let settings = || RouterSettings {
+        data_dir: Some(data.clone()),
+        ..RouterSettings::default()
+    };
+    let router = TestRouter::start_settings(Default::default(), settings()).await;
+    let mut sub = router.live_sub().await;
+    let mut c = router.client().await;
+    let add = |w: &str, n: u32| json!({"command": "add job", "worker": w, "data": {"n": n}});
+    let reply = router
+        .ask(
+            &mut c,
+            json!({"command": "batch", "requests": [
+                add("A", 1), add("B", 2), {"command": "get job"}, {"command": "nope"}, add("A", 3),
+            ]}),
+        )
+        .await;
+    assert_eq!(reply["answer"], "batch", "{reply}");
+    let replies = reply["replies"].as_array().expect("replies").clone();
+    assert_eq!(replies.len(), 5, "{reply}");
+    assert_eq!(replies[0]["answer"], "job accepted");
+    assert_eq!(
+        replies[2]["job id"], replies[0]["job id"],
+        "FIFO: the first job first"
+    );
+    assert_eq!(replies[3], json!({"answer": "unknown command"}));
+    // One wake-up for the whole batch.
+    assert_eq!(sub.expect("new job broadcast").await, "new job");
+    sub.expect_silence().await;
+    router.stop().await;
+
+    // Restarted from its durable record: the taken job stays taken, the others come in order.
+    let router = TestRouter::start_settings(Default::default(), settings()).await;
+    let mut c = router.client().await;
+    let get = json!({"command": "get job"});
+    let reply = router
+        .ask(
+            &mut c,
+            json!({"command": "batch", "requests": [get, get, get]}),
+        )
+        .await;
+    let handed: Vec<Value> = reply["replies"]
+        .as_array()
+        .expect("replies")
+        .iter()
+        .map(|r| r.get("data").cloned().unwrap_or(Value::Null))
+        .collect();
+    assert_eq!(
+        handed,
+        [json!({"n": 2}), json!({"n": 3}), Value::Null],
+        "{reply}"
+    );
+    router.stop().await;
+    let _ = std::fs::remove_dir_all(&data);
+}

@@ -35,7 +35,7 @@ struct Cli {
     /// Broker processes.
     #[arg(long, default_value_t = 1)]
     brokers: usize,
-    /// Pipeliner processes.
+    /// Pipeliner processes; 0 only queues the pipelines and reports the router's memory.
     #[arg(long, default_value_t = 1)]
     pipeliners: usize,
     /// Jobs each broker runs at once.
@@ -130,10 +130,19 @@ fn pipeline(cli: &Cli, i: usize, payload: &str) -> anyhow::Result<Pipeline> {
 
 /// Peak resident memory of a process in MB (VmHWM; sysinfo has no peak figure).
 fn peak_rss_mb(pid: u32) -> f64 {
+    status_mb(pid, "VmHWM:")
+}
+
+fn rss_mb(pid: u32) -> f64 {
+    status_mb(pid, "VmRSS:")
+}
+
+/// A memory line of /proc/<pid>/status, in MB.
+fn status_mb(pid: u32, key: &str) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(key))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .map_or(0.0, |kb| kb / 1024.0)
 }
@@ -263,6 +272,7 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
         let mut cluster = start_cluster(cli, &home)?;
         let outcome = match cli.router_clients {
             Some(k) => router_bench(cli, &cluster, k).await,
+            None if cli.pipeliners == 0 => queue_bench(cli, &cluster).await,
             None => cluster_bench(cli, &mut cluster).await,
         };
         for d in cluster
@@ -282,6 +292,43 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
         let _ = std::fs::remove_dir_all(&home);
     }
     result
+}
+
+/// With no pipeliner: queues `--pipelines` pipelines and reports what they cost the router.
+async fn queue_bench(cli: &Cli, cluster: &Cluster) -> anyhow::Result<()> {
+    let mut m = PipelineManager::connect(&cluster.api, &cluster.broadcast)
+        .await
+        .context("cannot reach the benchmark's router")?;
+    let payload = "x".repeat(cli.payload_bytes);
+    let before = rss_mb(cluster.router.pid());
+    let started = Instant::now();
+    let mut sent = 0;
+    while sent < cli.pipelines {
+        let n = (cli.pipelines - sent).min(pypelinin_client::START_BATCH);
+        let batch = (sent..sent + n)
+            .map(|i| pipeline(cli, i, &payload))
+            .collect::<Result<Vec<_>, _>>()?;
+        m.start_many(&batch).await?;
+        sent += n;
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let after = rss_mb(cluster.router.pid());
+    println!("pypelinin queue benchmark (no pipeliner: every pipeline stays queued)");
+    println!("  pipelines queued    {}", cli.pipelines);
+    println!("  wall                {wall:.2} s");
+    println!("  router RSS (MB)     {before:.1} before, {after:.1} after");
+    println!(
+        "{}",
+        json!({
+            "pipelines_queued": cli.pipelines,
+            "wall_s": (wall * 1000.0).round() / 1000.0,
+            "router_rss_before_mb": (before * 10.0).round() / 10.0,
+            "router_rss_mb": (after * 10.0).round() / 10.0,
+            "router_peak_rss_mb": (peak_rss_mb(cluster.router.pid()) * 10.0).round() / 10.0,
+            "durable": !cli.no_durability,
+        })
+    );
+    Ok(())
 }
 
 async fn router_bench(cli: &Cli, cluster: &Cluster, clients: usize) -> anyhow::Result<()> {
