@@ -319,28 +319,25 @@ async fn commit_loop(
 ) -> Result<(), Error> {
     let mut group = Vec::with_capacity(COMMIT_GROUP);
     while handled.recv_many(&mut group, COMMIT_GROUP).await > 0 {
-        {
-            let writes: Vec<Writes> = group
-                .iter_mut()
-                .filter_map(|h| h.writes.take())
-                .filter(|w| !w.is_empty())
-                .collect();
-            if !writes.is_empty() {
-                let durable = durable.clone();
-                let (batches, rows) = (writes.len(), writes.iter().map(Writes::len).sum::<usize>());
-                let started = std::time::Instant::now();
-                let written =
-                    tokio::task::spawn_blocking(move || durable.write_all(&writes)).await?;
-                debug!(
-                    batches,
-                    rows,
-                    micros = started.elapsed().as_micros() as u64,
-                    "group commit"
-                );
-                if let Err(e) = written {
-                    error!(error = %e, "cannot write the durable record; stopping without acknowledging");
-                    return Err(e.into());
-                }
+        let writes: Vec<Writes> = group
+            .iter_mut()
+            .filter_map(|h| h.writes.take())
+            .filter(|w| !w.is_empty())
+            .collect();
+        if !writes.is_empty() {
+            let durable = durable.clone();
+            let (batches, rows) = (writes.len(), writes.iter().map(Writes::len).sum::<usize>());
+            let started = std::time::Instant::now();
+            let written = tokio::task::spawn_blocking(move || durable.write_all(&writes)).await?;
+            debug!(
+                batches,
+                rows,
+                micros = started.elapsed().as_micros() as u64,
+                "group commit"
+            );
+            if let Err(e) = written {
+                error!(error = %e, "cannot write the durable record; stopping without acknowledging");
+                return Err(e.into());
             }
         }
         for h in group.drain(..) {
