@@ -837,8 +837,16 @@ impl Subscriber {
     }
 
     /// An event that has arrived already, without waiting; `None` when there is none.
+    ///
+    /// It polls the receive once, in the caller's task (a zero timeout would not do: tokio
+    /// rounds timer deadlines up to the next millisecond, so each call would wait ~1 ms).
     pub async fn try_recv(&mut self) -> Option<Result<Event, TransportError>> {
-        timeout(Duration::ZERO, self.recv()).await.ok()
+        let mut next = std::pin::pin!(self.recv());
+        std::future::poll_fn(|cx| match std::future::Future::poll(next.as_mut(), cx) {
+            std::task::Poll::Ready(received) => std::task::Poll::Ready(Some(received)),
+            std::task::Poll::Pending => std::task::Poll::Ready(None),
+        })
+        .await
     }
 
     /// Waits until the subscription is live: asks the router to broadcast a probe until one

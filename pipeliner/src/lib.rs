@@ -154,13 +154,11 @@ impl Loop {
             }
             // More pipelines to take after a bounded turn: come straight back after one pass
             // through the events and timers below.
-            if retry_at.is_none()
+            // (Not a timer at `now`: tokio rounds deadlines up to the next millisecond.)
+            let come_back = retry_at.is_none()
                 && stopping.is_none()
                 && self.want_pipelines
-                && self.walks.len() < self.max_pipelines
-            {
-                retry_at = Some(Instant::now());
-            }
+                && self.walks.len() < self.max_pipelines;
             tokio::select! {
                 () = shutdown.cancelled(), if stopping.is_none() => {}
                 () = sleep_until_opt(stopping) => {
@@ -168,6 +166,7 @@ impl Loop {
                     return;
                 }
                 () = sleep_until_opt(retry_at) => {}
+                () = std::future::ready(()), if come_back => {}
                 event = subscriber.recv() => {
                     // Take every event that arrived, so their actions go out in one batch.
                     let mut event = Some(event);
