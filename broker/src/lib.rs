@@ -29,8 +29,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pypelinin_common::ids::JobId;
-use pypelinin_common::protocol::reply::{decode_job_reply_value, decode_reply_value};
-use pypelinin_common::protocol::request::{GetJob, JobFailed, JobFinished, RenewLeases};
+use pypelinin_common::protocol::reply::{decode_jobs_reply_value, decode_reply_value};
+use pypelinin_common::protocol::request::{GetJobs, JobFailed, JobFinished, RenewLeases};
 use pypelinin_common::protocol::{Answer, Event, JobAssignment, Request, WireDuration};
 use pypelinin_common::transport::{wait_for_router, ApiClient, ClientOptions};
 use serde_json::{json, Value};
@@ -301,7 +301,7 @@ impl Loop {
                 self.capacity
             };
             let wanted = if fetch && self.want_jobs {
-                capacity.saturating_sub(held).min(MAX_BATCH - reports)
+                capacity.saturating_sub(held).min(GetJobs::MAX)
             } else {
                 0
             };
@@ -310,10 +310,12 @@ impl Loop {
             }
             let mut requests: Vec<Request> =
                 self.reports.iter().take(reports).map(report).collect();
-            let get = Request::GetJob(GetJob {
-                workers: Some(self.registry.names()),
-            });
-            requests.extend(std::iter::repeat_n(get, wanted));
+            if wanted > 0 {
+                requests.push(Request::GetJobs(GetJobs {
+                    workers: Some(self.registry.names()),
+                    max: wanted,
+                }));
+            }
             let started = std::time::Instant::now();
             let replies = match self.client.batch(&requests).await {
                 Ok(replies) => replies,
@@ -350,17 +352,22 @@ impl Loop {
                 }
             }
             for reply in replies {
-                match decode_job_reply_value(reply) {
-                    Ok(Some(job)) => {
-                        self.held.insert(
-                            job.job_id.clone(),
-                            json!({"worker": job.worker, "job id": job.job_id, "data": job.data()}),
-                        );
-                        lock(&self.taken).push_back(job);
+                match decode_jobs_reply_value(reply) {
+                    Ok(jobs) => {
+                        // Fewer than asked: the queue is empty for now.
+                        if jobs.len() < wanted {
+                            self.want_jobs = false;
+                        }
+                        for job in jobs {
+                            self.held.insert(
+                                job.job_id.clone(),
+                                json!({"worker": job.worker, "job id": job.job_id, "data": job.data()}),
+                            );
+                            lock(&self.taken).push_back(job);
+                        }
                     }
-                    Ok(None) => self.want_jobs = false,
                     Err(e) => {
-                        warn!(error = %e, "the router refused get job");
+                        warn!(error = %e, "the router refused get jobs");
                         self.want_jobs = false;
                     }
                 }

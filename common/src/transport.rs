@@ -22,11 +22,12 @@ use zeromq::{
 use crate::ids::{JobId, PipelineId};
 use crate::pipeline::Pipeline;
 use crate::protocol::reply::{
-    decode_batch_reply, decode_job_reply, decode_pipeline_reply, decode_reply, expect_answer,
+    decode_batch_reply, decode_job_reply, decode_jobs_reply, decode_pipeline_reply,
+    decode_pipelines_reply, decode_reply, expect_answer,
 };
 use crate::protocol::request::{
-    GetJob, JobFailed, JobFinished, JobStatusQuery, NewJob, NewPipeline, PipelineFailed,
-    PipelineFinished, PipelineStatusQuery, Probe, RenewLeases,
+    GetJob, GetJobs, GetPipelines, JobFailed, JobFinished, JobStatusQuery, NewJob, NewPipeline,
+    PipelineFailed, PipelineFinished, PipelineStatusQuery, Probe, RenewLeases,
 };
 use crate::protocol::{
     Answer, AnswerKind, Event, JobAssignment, JobState, PipelineAssignment, PipelineStatus,
@@ -549,6 +550,21 @@ impl ApiClient {
         Ok(decode_job_reply(&reply)?)
     }
 
+    /// `get jobs`: up to `max` jobs at once (fewer when fewer are queued), oldest first.
+    ///
+    /// # Errors
+    /// Transport failures, or the router's refusal.
+    pub async fn get_jobs(
+        &mut self,
+        workers: Option<Vec<String>>,
+        max: usize,
+    ) -> Result<Vec<JobAssignment>, ClientError> {
+        let reply = self
+            .request(&Request::GetJobs(GetJobs { workers, max }))
+            .await?;
+        Ok(decode_jobs_reply(&reply)?)
+    }
+
     /// `job finished`; returns the answer (`good job!` or `unknown job id`).
     ///
     /// # Errors
@@ -613,6 +629,20 @@ impl ApiClient {
     pub async fn get_pipeline(&mut self) -> Result<Option<PipelineAssignment>, ClientError> {
         let reply = self.request(&Request::GetPipeline).await?;
         Ok(decode_pipeline_reply(&reply)?)
+    }
+
+    /// `get pipelines`: up to `max` pipelines at once, oldest first.
+    ///
+    /// # Errors
+    /// Transport failures, or the router's refusal.
+    pub async fn get_pipelines(
+        &mut self,
+        max: usize,
+    ) -> Result<Vec<PipelineAssignment>, ClientError> {
+        let reply = self
+            .request(&Request::GetPipelines(GetPipelines { max }))
+            .await?;
+        Ok(decode_pipelines_reply(&reply)?)
     }
 
     /// `pipeline finished`; returns the answer.

@@ -23,9 +23,11 @@ use std::time::Duration;
 
 use pypelinin_common::config::secs;
 use pypelinin_common::protocol::reply::{
-    decode_pipeline_reply_value, decode_reply_value, expect_answer_value,
+    decode_pipelines_reply_value, decode_reply_value, expect_answer_value,
 };
-use pypelinin_common::protocol::request::{NewJob, PipelineFailed, PipelineFinished, RenewLeases};
+use pypelinin_common::protocol::request::{
+    GetPipelines, NewJob, PipelineFailed, PipelineFinished, RenewLeases,
+};
 use pypelinin_common::protocol::{
     Answer, AnswerKind, Event, JobState, PipelineState, Request, WireDuration,
 };
@@ -41,7 +43,7 @@ use walks::{Action, Walks};
 /// Pipelines asked for in one round trip, at most.
 const FETCH_TURN: usize = 256;
 
-/// Requests in one batch, at most.
+/// Actions (and events read) in one batch, at most.
 const MAX_BATCH: usize = 1024;
 
 /// Round trips in one turn of the loop, at most, so it gets back to renewing leases and
@@ -232,7 +234,6 @@ impl Loop {
                 self.max_pipelines
                     .saturating_sub(self.walks.len())
                     .min(FETCH_TURN)
-                    .min(MAX_BATCH - sent)
             } else {
                 0
             };
@@ -240,7 +241,9 @@ impl Loop {
                 return true;
             }
             let mut requests: Vec<Request> = self.actions.iter().take(sent).map(request).collect();
-            requests.extend(std::iter::repeat_n(Request::GetPipeline, fetching));
+            if fetching > 0 {
+                requests.push(Request::GetPipelines(GetPipelines { max: fetching }));
+            }
             let started = std::time::Instant::now();
             let replies = match self.client.batch(&requests).await {
                 Ok(replies) => replies,
@@ -269,15 +272,20 @@ impl Loop {
                 self.performed(action, reply);
             }
             for reply in replies {
-                match decode_pipeline_reply_value(reply) {
-                    Ok(Some(assignment)) => {
-                        debug!(pipeline_id = %assignment.pipeline_id, "pipeline taken");
-                        let actions = self.walks.start(assignment, std::time::Instant::now());
-                        self.actions.extend(actions);
+                match decode_pipelines_reply_value(reply) {
+                    Ok(pipelines) => {
+                        // Fewer than asked: the queue is empty for now.
+                        if pipelines.len() < fetching {
+                            self.want_pipelines = false;
+                        }
+                        for assignment in pipelines {
+                            debug!(pipeline_id = %assignment.pipeline_id, "pipeline taken");
+                            let actions = self.walks.start(assignment, std::time::Instant::now());
+                            self.actions.extend(actions);
+                        }
                     }
-                    Ok(None) => self.want_pipelines = false,
                     Err(e) => {
-                        warn!(error = %e, "the router refused get pipeline");
+                        warn!(error = %e, "the router refused get pipelines");
                         self.want_pipelines = false;
                     }
                 }

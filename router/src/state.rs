@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use pypelinin_common::ids::{JobId, PipelineId};
 use pypelinin_common::pipeline::Pipeline;
 use pypelinin_common::protocol::request::{
-    GetJob, JobFailed, JobFinished, NewJob, NewPipeline, PipelineFailed, PipelineFinished,
+    GetJob, GetJobs, JobFailed, JobFinished, NewJob, NewPipeline, PipelineFailed, PipelineFinished,
     RenewLeases,
 };
 use pypelinin_common::protocol::{
@@ -266,6 +266,23 @@ impl State {
             Request::JobFailed(failed) => self.job_failed(failed, now, events),
             Request::AddPipeline(p) => self.add_pipeline(p, events),
             Request::GetPipeline => Reply::Pipeline(self.get_pipeline(now)),
+            Request::GetJobs(get) => {
+                if get.max > GetJobs::MAX {
+                    return too_many("get jobs", get.max);
+                }
+                let one = GetJob {
+                    workers: get.workers,
+                };
+                let jobs = (0..get.max).map_while(|_| self.get_job(&one, now));
+                Reply::Jobs(jobs.collect())
+            }
+            Request::GetPipelines(get) => {
+                if get.max > GetJobs::MAX {
+                    return too_many("get pipelines", get.max);
+                }
+                let pipelines = (0..get.max).map_while(|_| self.get_pipeline(now));
+                Reply::Pipelines(pipelines.collect())
+            }
             Request::PipelineFinished(done) => self.pipeline_finished(done, now, events),
             Request::PipelineFailed(failed) => self.pipeline_failed(failed, now, events),
             Request::RenewLeases(renew) => self.renew_leases(renew, now),
@@ -804,10 +821,22 @@ impl State {
     }
 }
 
+/// The answer to a `get jobs` / `get pipelines` asking for more than [`GetJobs::MAX`].
+fn too_many(command: &str, max: usize) -> Reply {
+    Answer::error(
+        AnswerKind::SyntaxError,
+        format!(
+            "{command} takes at most {} at once, not {max}",
+            GetJobs::MAX
+        ),
+    )
+    .into()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pypelinin_common::protocol::request::{JobStatusQuery, PipelineStatusQuery};
+    use pypelinin_common::protocol::request::{GetPipelines, JobStatusQuery, PipelineStatusQuery};
     use pypelinin_common::protocol::WireDuration;
     use serde_json::json;
 
@@ -1395,7 +1424,81 @@ mod tests {
         }
     }
 
+    #[test]
+    fn asking_for_too_many_at_once_is_refused_and_takes_nothing() {
+        let mut s = State::default();
+        add(&mut s, "A");
+        new_pipeline(&mut s);
+        for request in [
+            Request::GetJobs(GetJobs {
+                workers: None,
+                max: GetJobs::MAX + 1,
+            }),
+            Request::GetPipelines(GetPipelines {
+                max: GetJobs::MAX + 1,
+            }),
+        ] {
+            let reply = s.handle(request, T0, &mut vec![]);
+            assert!(
+                matches!(&reply, Reply::Answer(a) if a.answer == AnswerKind::SyntaxError
+                    && a.error.as_deref().is_some_and(|e| e.contains("at most 10000"))),
+                "{reply:?}"
+            );
+        }
+        assert_eq!(s.queued_jobs(), 1);
+        assert!(take_pipeline(&mut s, T0).is_some());
+    }
+
     proptest::proptest! {
+        /// `get jobs` / `get pipelines` with `max` k hand out exactly what k `get job` /
+        /// `get pipeline` would: the same jobs and pipelines, in the same FIFO order.
+        #[test]
+        fn taking_several_at_once_is_taking_one_by_one(
+            adds in proptest::collection::vec(0u8..3, 0..40),
+            takes in proptest::collection::vec((proptest::option::of(0u8..3), 0usize..6), 1..12),
+        ) {
+            let mut many = State::default();
+            let mut one = State::default();
+            for (n, w) in adds.iter().enumerate() {
+                for s in [&mut many, &mut one] {
+                    s.handle(Request::AddJob(NewJob::new(format!("W{w}"), json!(n))), T0, &mut vec![]);
+                    if n % 4 == 0 {
+                        let fields = json!({"n": n}).as_object().cloned().unwrap();
+                        add_pipeline(s, fields);
+                    }
+                }
+            }
+            for (w, k) in &takes {
+                let workers = w.map(|w| vec![format!("W{w}")]);
+                let got = match many.handle(
+                    Request::GetJobs(GetJobs { workers: workers.clone(), max: *k }),
+                    T0,
+                    &mut vec![],
+                ) {
+                    Reply::Jobs(jobs) => jobs,
+                    other => panic!("{other:?}"),
+                };
+                let names: Option<Vec<&str>> =
+                    workers.as_ref().map(|w| w.iter().map(String::as_str).collect());
+                let expected: Vec<_> = (0..*k)
+                    .filter_map(|_| get(&mut one, names.as_deref()))
+                    .collect();
+                let ids = |jobs: &[JobAssignment]| jobs.iter().map(|j| (j.worker.clone(), j.data().clone())).collect::<Vec<_>>();
+                proptest::prop_assert_eq!(ids(&got), ids(&expected));
+                let got = match many.handle(Request::GetPipelines(GetPipelines { max: *k }), T0, &mut vec![]) {
+                    Reply::Pipelines(p) => p.into_iter().map(|p| p.fields["n"].clone()).collect::<Vec<_>>(),
+                    other => panic!("{other:?}"),
+                };
+                let expected: Vec<_> = (0..*k)
+                    .filter_map(|_| take_pipeline(&mut one, T0))
+                    .map(|p| p.fields["n"].clone())
+                    .collect();
+                proptest::prop_assert_eq!(got, expected);
+            }
+            proptest::prop_assert_eq!(many.queued_jobs(), one.queued_jobs());
+            proptest::prop_assert_eq!(many.pending_pipelines(), one.pending_pipelines());
+        }
+
         /// Batching changes nothing but the number of round trips: every job is handed out
         /// once, in the same FIFO order, and every reply is the one of the lone request.
         #[test]

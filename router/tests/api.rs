@@ -674,3 +674,75 @@ async fn a_batch_is_answered_item_by_item_and_survives_a_restart() {
     router.stop().await;
     let _ = std::fs::remove_dir_all(&data);
 }
+
+#[tokio::test]
+async fn get_jobs_and_get_pipelines_take_several_in_order_and_survive_a_restart() {
+    let data = std::env::temp_dir().join(format!("pypelinin-take-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    let settings = || RouterSettings {
+        data_dir: Some(data.clone()),
+        ..RouterSettings::default()
+    };
+    let router = TestRouter::start_settings(Default::default(), settings()).await;
+    let mut c = router.client().await;
+    for (n, worker) in ["A", "B", "A", "A", "B"].iter().enumerate() {
+        let added = router
+            .ask(
+                &mut c,
+                json!({"command": "add job", "worker": worker, "data": {"n": n}}),
+            )
+            .await;
+        assert_eq!(added["answer"], "job accepted", "{added}");
+    }
+    for n in 0..3 {
+        let p = json!([
+            ["graph", [[[["worker_name", "A"]], null]]],
+            ["data", [["n", n]]]
+        ]);
+        let added = router
+            .ask(&mut c, json!({"command": "add pipeline", "pipeline": p}))
+            .await;
+        assert_eq!(added["answer"], "pipeline accepted", "{added}");
+    }
+    let reply = router
+        .ask(
+            &mut c,
+            json!({"command": "get jobs", "workers": ["A"], "max": 2}),
+        )
+        .await;
+    assert_eq!(reply["answer"], "jobs", "{reply}");
+    let data_of = |reply: &Value| -> Vec<Value> {
+        reply["jobs"]
+            .as_array()
+            .expect("jobs")
+            .iter()
+            .map(|j| j["data"]["n"].clone())
+            .collect()
+    };
+    assert_eq!(data_of(&reply), [json!(0), json!(2)], "the oldest A jobs");
+    let too_many = router
+        .ask(&mut c, json!({"command": "get jobs", "max": 10_001}))
+        .await;
+    assert_eq!(too_many["answer"], "syntax error", "{too_many}");
+    let pipelines = c.get_pipelines(2).await.expect("get pipelines");
+    let order: Vec<_> = pipelines
+        .iter()
+        .map(|p| p.pipeline[1][1][0][1].clone())
+        .collect();
+    assert_eq!(order, [json!(0), json!(1)], "the oldest pipelines");
+    router.stop().await;
+
+    // Restarted from its durable record: what was taken stays taken.
+    let router = TestRouter::start_settings(Default::default(), settings()).await;
+    let mut c = router.client().await;
+    let reply = router
+        .ask(&mut c, json!({"command": "get jobs", "max": 10}))
+        .await;
+    assert_eq!(data_of(&reply), [json!(1), json!(3), json!(4)], "{reply}");
+    assert!(c.get_jobs(None, 10).await.expect("get jobs").is_empty());
+    let pipelines = c.get_pipelines(10).await.expect("get pipelines");
+    assert_eq!(pipelines.len(), 1);
+    assert_eq!(pipelines[0].pipeline[1][1][0][1], json!(2));
+    router.stop().await;
+    let _ = std::fs::remove_dir_all(&data);
+}

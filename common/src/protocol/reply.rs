@@ -316,6 +316,11 @@ pub enum Reply {
     Pipeline(Option<PipelineHandout>),
     /// `batch`: `{"answer": "batch", "replies": [...]}`, one reply per request.
     Batch(Vec<Reply>),
+    /// `get jobs`: `{"answer": "jobs", "jobs": [...]}`, each as `get job` answers it.
+    Jobs(Vec<JobAssignment>),
+    /// `get pipelines`: `{"answer": "pipelines", "pipelines": [...]}`, each as `get pipeline`
+    /// answers it.
+    Pipelines(Vec<PipelineHandout>),
 }
 
 impl From<Answer> for Reply {
@@ -340,17 +345,21 @@ impl Reply {
     pub fn encode(&self) -> Vec<u8> {
         // Serializing these types cannot fail: every map key is a string.
         let bytes = match self {
-            Reply::Batch(replies) => {
-                let mut out = br#"{"answer":"batch","replies":["#.to_vec();
-                for (i, reply) in replies.iter().enumerate() {
-                    if i > 0 {
-                        out.push(b',');
-                    }
-                    out.extend_from_slice(&reply.encode());
-                }
-                out.extend_from_slice(b"]}");
-                Ok(out)
-            }
+            Reply::Batch(replies) => Ok(json_list(
+                br#"{"answer":"batch","replies":["#,
+                replies.iter().map(Reply::encode),
+            )),
+            Reply::Jobs(jobs) => Ok(json_list(
+                br#"{"answer":"jobs","jobs":["#,
+                jobs.iter()
+                    .map(|j| serde_json::to_vec(j).unwrap_or_default()),
+            )),
+            Reply::Pipelines(pipelines) => Ok(json_list(
+                br#"{"answer":"pipelines","pipelines":["#,
+                pipelines
+                    .iter()
+                    .map(|p| serde_json::to_vec(p).unwrap_or_default()),
+            )),
             Reply::Answer(a) => serde_json::to_vec(a),
             Reply::Configuration(c) => serde_json::to_vec(c),
             Reply::Job(Some(j)) => serde_json::to_vec(j),
@@ -360,6 +369,19 @@ impl Reply {
         };
         bytes.unwrap_or_default()
     }
+}
+
+/// `head`, then the items separated by commas, then `]}`.
+fn json_list(head: &[u8], items: impl Iterator<Item = Vec<u8>>) -> Vec<u8> {
+    let mut out = head.to_vec();
+    for (i, item) in items.enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(&item);
+    }
+    out.extend_from_slice(b"]}");
+    out
 }
 
 /// Why a reply could not be read as the answer a client expected.
@@ -462,6 +484,60 @@ pub fn decode_pipeline_reply_value(value: Value) -> Result<Option<PipelineAssign
     decode_reply_value(value).map(Some)
 }
 
+/// Reads the reply to `get jobs`.
+///
+/// # Errors
+/// As [`decode_reply`].
+pub fn decode_jobs_reply(bytes: &[u8]) -> Result<Vec<JobAssignment>, ReplyError> {
+    decode_jobs_reply_value(parse(bytes)?)
+}
+
+/// Reads the reply to `get pipelines`.
+///
+/// # Errors
+/// As [`decode_reply`].
+pub fn decode_pipelines_reply(bytes: &[u8]) -> Result<Vec<PipelineAssignment>, ReplyError> {
+    decode_pipelines_reply_value(parse(bytes)?)
+}
+
+/// A reply as JSON.
+fn parse(bytes: &[u8]) -> Result<Value, ReplyError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| ReplyError::Unexpected(format!("{e}: {}", String::from_utf8_lossy(bytes))))
+}
+
+/// As [`decode_jobs_reply`], for a reply already parsed (an item of a batch reply).
+///
+/// # Errors
+/// As [`decode_reply`].
+pub fn decode_jobs_reply_value(value: Value) -> Result<Vec<JobAssignment>, ReplyError> {
+    decode_list(value, "jobs")
+}
+
+/// As [`decode_pipelines_reply`], for a reply already parsed.
+///
+/// # Errors
+/// As [`decode_reply`].
+pub fn decode_pipelines_reply_value(value: Value) -> Result<Vec<PipelineAssignment>, ReplyError> {
+    decode_list(value, "pipelines")
+}
+
+/// Reads `{"answer": key, key: [...]}` as a list of `T`.
+fn decode_list<T: DeserializeOwned>(mut value: Value, key: &str) -> Result<Vec<T>, ReplyError> {
+    if value.get("answer").and_then(Value::as_str) == Some(key) {
+        if let Some(list @ Value::Array(_)) = value.get_mut(key).map(Value::take) {
+            return serde_json::from_value(list)
+                .map_err(|e| ReplyError::Unexpected(format!("{e}: in a {key} reply")));
+        }
+    }
+    match serde_json::from_value::<Answer>(value.clone()) {
+        Ok(a) => Err(ReplyError::Refused(Box::new(a))),
+        Err(_) => Err(ReplyError::Unexpected(format!(
+            "not a {key} reply: {value}"
+        ))),
+    }
+}
+
 /// Reads an `{"answer": ...}` reply and checks it is `expected`.
 ///
 /// # Errors
@@ -517,6 +593,51 @@ mod tests {
             json!({"worker": "Upper", "data": {"filename": "a.json"}, "extra": 1, "job id": "j1"})
         );
         assert_eq!(decode_job_reply(&bytes), Ok(Some(job)));
+    }
+
+    #[test]
+    fn several_jobs_or_pipelines_come_as_a_list() {
+        let job = |id: &str| JobAssignment {
+            job_id: id.into(),
+            worker: "Upper".into(),
+            pipeline_id: Some("p".into()),
+            fields: json!({"data": {"n": 1}}).as_object().cloned().unwrap(),
+        };
+        let bytes = Reply::Jobs(vec![job("j1"), job("j2")]).encode();
+        let v: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(v["answer"], "jobs");
+        assert_eq!(v["jobs"][1]["job id"], "j2");
+        assert_eq!(decode_jobs_reply(&bytes), Ok(vec![job("j1"), job("j2")]));
+        assert_eq!(
+            Reply::Jobs(vec![]).encode(),
+            br#"{"answer":"jobs","jobs":[]}"#
+        );
+        assert_eq!(
+            decode_jobs_reply(br#"{"answer":"jobs","jobs":[]}"#),
+            Ok(vec![])
+        );
+
+        let handout = PipelineHandout {
+            pipeline_id: "p1".into(),
+            pipeline: RawValue::from_string(r#"[["graph",[]]]"#.into()).unwrap(),
+            submitted_jobs: vec![],
+            fields: Map::new(),
+        };
+        let bytes = Reply::Pipelines(vec![handout]).encode();
+        let got = decode_pipelines_reply(&bytes).unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].pipeline_id, "p1".into());
+        assert_eq!(got[0].pipeline, json!([["graph", []]]));
+
+        let refused = br#"{"answer":"syntax error","error":"get jobs takes at most 10000"}"#;
+        assert!(matches!(
+            decode_jobs_reply(refused),
+            Err(ReplyError::Refused(a)) if a.answer == AnswerKind::SyntaxError
+        ));
+        assert!(matches!(
+            decode_pipelines_reply(br#"{"answer":"jobs","jobs":[]}"#),
+            Err(ReplyError::Unexpected(_))
+        ));
     }
 
     #[test]

@@ -38,6 +38,14 @@ pub enum Request {
     /// Takes the oldest queued pipeline.
     #[serde(rename = "get pipeline")]
     GetPipeline,
+    /// Extension: takes up to `max` of the oldest queued jobs at once, as that many `get job`
+    /// would; answers `{"answer": "jobs", "jobs": [...]}` (an empty list when none is queued).
+    #[serde(rename = "get jobs")]
+    GetJobs(GetJobs),
+    /// Extension: takes up to `max` of the oldest queued pipelines at once, as that many
+    /// `get pipeline` would; answers `{"answer": "pipelines", "pipelines": [...]}`.
+    #[serde(rename = "get pipelines")]
+    GetPipelines(GetPipelines),
     /// Reports a pipeline done.
     #[serde(rename = "pipeline finished")]
     PipelineFinished(PipelineFinished),
@@ -75,6 +83,8 @@ impl Request {
         "job failed",
         "add pipeline",
         "get pipeline",
+        "get jobs",
+        "get pipelines",
         "pipeline finished",
         "pipeline failed",
         "renew leases",
@@ -94,6 +104,8 @@ impl Request {
             Request::JobFailed(_) => "job failed",
             Request::AddPipeline(_) => "add pipeline",
             Request::GetPipeline => "get pipeline",
+            Request::GetJobs(_) => "get jobs",
+            Request::GetPipelines(_) => "get pipelines",
             Request::PipelineFinished(_) => "pipeline finished",
             Request::PipelineFailed(_) => "pipeline failed",
             Request::RenewLeases(_) => "renew leases",
@@ -155,6 +167,28 @@ pub struct GetJob {
     /// Extension: only jobs of these workers. Absent (legacy) means any job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workers: Option<Vec<String>>,
+}
+
+/// `get jobs`: up to `max` jobs in one request.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct GetJobs {
+    /// Only jobs of these workers; absent means any job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers: Option<Vec<String>>,
+    /// Jobs to take at most (at most [`GetJobs::MAX`]).
+    pub max: usize,
+}
+
+impl GetJobs {
+    /// The largest `max` accepted; a larger one is refused with `syntax error`.
+    pub const MAX: usize = 10_000;
+}
+
+/// `get pipelines`: up to `max` pipelines in one request.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct GetPipelines {
+    /// Pipelines to take at most (at most [`GetJobs::MAX`]).
+    pub max: usize,
 }
 
 /// `job finished`.
@@ -520,10 +554,43 @@ mod tests {
                 pipeline_ids: vec!["p".into()],
             }),
             Request::Batch(Batch::of(&[Request::GetPipeline])),
+            Request::GetJobs(GetJobs {
+                workers: Some(vec!["A".into(), "B".into()]),
+                max: 64,
+            }),
+            Request::GetJobs(GetJobs {
+                workers: None,
+                max: 1,
+            }),
+            Request::GetPipelines(GetPipelines { max: 256 }),
         ];
         for req in requests {
             assert_eq!(decode_request(&req.encode()).unwrap(), req);
             assert!(Request::COMMANDS.contains(&req.command()));
+        }
+    }
+
+    #[test]
+    fn get_jobs_needs_a_count() {
+        assert_eq!(
+            decode(json!({"command": "get jobs", "workers": ["A"], "max": 3})),
+            Ok(Request::GetJobs(GetJobs {
+                workers: Some(vec!["A".into()]),
+                max: 3
+            }))
+        );
+        assert!(matches!(
+            decode(json!({"command": "get jobs"})),
+            Err(RequestError::Syntax(e)) if e.contains("missing field `max`")
+        ));
+        for bad in [
+            json!({"command": "get jobs", "max": -1}),
+            json!({"command": "get pipelines", "max": "ten"}),
+        ] {
+            assert!(
+                matches!(decode(bad.clone()), Err(RequestError::Syntax(_))),
+                "{bad}"
+            );
         }
     }
 
