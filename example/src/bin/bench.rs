@@ -71,6 +71,10 @@ struct Cli {
     /// Keep the temporary folder (daemon logs, the router's data) and print where it is.
     #[arg(long)]
     keep: bool,
+    /// Read the router's RSS each time this many more pipelines have ended (memory over a
+    /// long run).
+    #[arg(long, default_value_t = 100_000)]
+    rss_every: usize,
     /// Seconds of the router micro-benchmark.
     #[arg(long, default_value_t = 5.0)]
     router_secs: f64,
@@ -379,6 +383,8 @@ async fn cluster_bench(cli: &Cli, cluster: &mut Cluster) -> anyhow::Result<()> {
     let mut done = 0;
     let mut failed = 0;
     let mut in_flight: HashSet<pypelinin_client::PipelineId> = HashSet::new();
+    // (pipelines ended, router RSS in MB) every `rss_every` pipelines.
+    let mut rss_marks: Vec<(usize, f64)> = Vec::new();
     while done < cli.pipelines {
         let room = cli
             .window
@@ -407,6 +413,10 @@ async fn cluster_bench(cli: &Cli, cluster: &mut Cluster) -> anyhow::Result<()> {
             if !matches!(outcome, Outcome::Finished(_)) {
                 failed += 1;
             }
+        }
+        let every = cli.rss_every.max(1);
+        if done / every > rss_marks.len() {
+            rss_marks.push((done, rss_mb(cluster.router.pid())));
         }
     }
     let wall = started.elapsed().as_secs_f64();
@@ -472,6 +482,9 @@ async fn cluster_bench(cli: &Cli, cluster: &mut Cluster) -> anyhow::Result<()> {
         latencies.len()
     );
     println!("  peak RSS (MB)       router {router_rss:.1}, broker {broker_rss:.1}, pipeliner {pipeliner_rss:.1}");
+    for (ended, rss) in &rss_marks {
+        println!("  router RSS          {rss:.1} MB after {ended} pipelines");
+    }
     println!(
         "  CPU (% of a core)   router {}, brokers {}, pipeliners {}, client {} (during the throughput run)",
         cpu[0], cpu[1], cpu[2], cpu[3]
@@ -496,6 +509,10 @@ async fn cluster_bench(cli: &Cli, cluster: &mut Cluster) -> anyhow::Result<()> {
             "jobs_per_pipeline": cli.jobs_per_pipeline,
             "payload_bytes": cli.payload_bytes,
             "cpu_percent": {"router": cpu[0], "brokers": cpu[1], "pipeliners": cpu[2], "client": cpu[3]},
+            "router_rss_mb_after": rss_marks
+                .iter()
+                .map(|(n, rss)| json!([n, (rss * 10.0).round() / 10.0]))
+                .collect::<Vec<_>>(),
         })
     );
     Ok(())
