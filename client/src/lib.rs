@@ -162,7 +162,8 @@ impl PipelineManager {
     }
 
     /// Submits `pipelines` in as few round trips as it can (`batch` requests of up to
-    /// [`START_BATCH`]); returns their ids in the same order. Retries as
+    /// [`START_BATCH`] pipelines and, past the first, [`START_BATCH_BYTES`]); returns their ids
+    /// in the same order. Retries as
     /// [`start`](PipelineManager::start) does; each pipeline is added once.
     ///
     /// # Errors
@@ -171,24 +172,28 @@ impl PipelineManager {
     /// [`wait_any`](PipelineManager::wait_any) reports them.
     pub async fn start_many(&mut self, pipelines: &[Pipeline]) -> Result<Vec<PipelineId>, Error> {
         let mut ids = Vec::with_capacity(pipelines.len());
-        for chunk in pipelines.chunks(START_BATCH) {
+        let mut chunk = Vec::new();
+        let mut chunk_bytes = 0;
+        for p in pipelines {
+            let mut fields = serde_json::Map::new();
+            fields.insert("request id".into(), uuid_hex().into());
+            let pipeline = p.to_legacy();
+            let bytes = serde_json::to_vec(&pipeline).map_or(0, |v| v.len());
+            let full = chunk.len() >= START_BATCH || chunk_bytes + bytes > START_BATCH_BYTES;
+            if full && !chunk.is_empty() {
+                ids.extend(self.start_chunk(std::mem::take(&mut chunk)).await?);
+                chunk_bytes = 0;
+            }
+            chunk.push(Request::AddPipeline(NewPipeline { pipeline, fields }));
+            chunk_bytes += bytes;
+        }
+        if !chunk.is_empty() {
             ids.extend(self.start_chunk(chunk).await?);
         }
         Ok(ids)
     }
 
-    async fn start_chunk(&mut self, pipelines: &[Pipeline]) -> Result<Vec<PipelineId>, Error> {
-        let requests: Vec<Request> = pipelines
-            .iter()
-            .map(|p| {
-                let mut fields = serde_json::Map::new();
-                fields.insert("request id".into(), uuid_hex().into());
-                Request::AddPipeline(NewPipeline {
-                    pipeline: p.to_legacy(),
-                    fields,
-                })
-            })
-            .collect();
+    async fn start_chunk(&mut self, requests: Vec<Request>) -> Result<Vec<PipelineId>, Error> {
         let mut ids: Vec<Option<PipelineId>> = vec![None; requests.len()];
         let deadline = Instant::now() + START_PATIENCE;
         let mut backoff = Duration::from_millis(20);
@@ -442,6 +447,11 @@ impl PipelineManager {
 
 /// Pipelines sent in one request by [`PipelineManager::start_many`], at most.
 pub const START_BATCH: usize = 500;
+
+/// Bytes of pipelines sent in one request by [`PipelineManager::start_many`], about, at most
+/// (a single larger pipeline goes alone): well under the router's default `max_request_bytes`
+/// (16 MiB).
+pub const START_BATCH_BYTES: usize = 4 * 1024 * 1024;
 
 /// How long [`PipelineManager::start`] keeps retrying while the router is full or unreachable.
 pub const START_PATIENCE: Duration = Duration::from_secs(300);

@@ -45,6 +45,37 @@ async fn a_burst_of_2000_noop_pipelines_all_finish() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_many_splits_pipelines_larger_than_one_request_allows() {
+    let cluster = Cluster::start(&["--no-store"], 1, &["--noop-workers", "2"], 1);
+    let mut m = manager(&cluster).await;
+    // 17 pipelines of 1 MiB: more than the router takes in one request (16 MiB).
+    let blob = "x".repeat(1024 * 1024);
+    let pipelines: Vec<Pipeline> = (0..17)
+        .map(|i| {
+            Pipeline::builder()
+                .edge("Noop0", "Noop1")
+                .data(json!({"filename": format!("p{i}"), "blob": blob}))
+                .build()
+                .unwrap()
+        })
+        .collect();
+    let ids = match m.start_many(&pipelines).await {
+        Ok(ids) => ids,
+        Err(e) => panic!("{e}\n{}", cluster.logs()),
+    };
+    assert_eq!(ids.len(), 17);
+    assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 17, "distinct ids");
+    let outcomes = match m.wait_all(&ids, WAIT).await {
+        Ok(o) => o,
+        Err(e) => panic!("{e}\n{}", cluster.logs()),
+    };
+    assert!(
+        outcomes.iter().all(|o| matches!(o, Outcome::Finished(_))),
+        "{outcomes:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_pipeliner_processes_share_300_pipelines_each_ending_once() {
     let cluster = Cluster::start(&["--no-store"], 1, &["--noop-workers", "2"], 3);
     let mut m = manager(&cluster).await;

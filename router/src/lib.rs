@@ -84,8 +84,9 @@ impl Router {
         let (state, durable) = match &settings.data_dir {
             Some(dir) => {
                 let dir = dir.clone();
+                let cache_bytes = settings.durable_cache_mb.max(1) * 1024 * 1024;
                 let (durable, loaded) =
-                    tokio::task::spawn_blocking(move || Durable::open(&dir)).await??;
+                    tokio::task::spawn_blocking(move || Durable::open(&dir, cache_bytes)).await??;
                 info!(
                     jobs = loaded.jobs.len(),
                     pipelines = loaded.pipelines.len(),

@@ -76,19 +76,23 @@ pub struct Durable {
 }
 
 impl Durable {
-    /// Opens (or creates) `router.redb` in `dir` and reads every record.
+    /// Opens (or creates) `router.redb` in `dir`, with a page cache of `cache_bytes`, and
+    /// reads every record.
     ///
     /// # Errors
     /// [`PersistError::Open`] when the database cannot be opened — for instance another router
     /// uses it — and [`PersistError::Corrupt`] for a record that cannot be read.
-    pub fn open(dir: &Path) -> Result<(Self, Loaded), PersistError> {
+    pub fn open(dir: &Path, cache_bytes: usize) -> Result<(Self, Loaded), PersistError> {
         let path = dir.join("router.redb");
         let open_err = |message: String| PersistError::Open {
             path: path.clone(),
             message,
         };
         std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
-        let db = Database::create(&path).map_err(|e| open_err(e.to_string()))?;
+        let db = Database::builder()
+            .set_cache_size(cache_bytes)
+            .create(&path)
+            .map_err(|e| open_err(e.to_string()))?;
         // Create the tables, so reads find them.
         let txn = db.begin_write().map_err(io)?;
         {

@@ -28,6 +28,9 @@ pub struct RouterSettings {
     /// Where the durable record lives (`PYPELININ_DATA_DIR`); `None` keeps everything in
     /// memory only (the binaries always set one unless told `--no-durability`).
     pub data_dir: Option<PathBuf>,
+    /// Memory for the durable record's page cache, in MB. Writes touch only the newest pages
+    /// (rows are keyed by sequence number), so a small cache keeps the router's memory flat.
+    pub durable_cache_mb: usize,
     /// Attempts of a job before it fails for good.
     pub max_attempts: u32,
     /// Per-worker attempts (`[router.attempts]`, e.g. `Flaky = 5`).
@@ -71,6 +74,7 @@ impl Default for RouterSettings {
             retention_secs: 300.0,
             max_remembered_pipelines: 100_000,
             data_dir: None,
+            durable_cache_mb: 8,
             max_attempts: 3,
             attempts: HashMap::new(),
             retry_backoff_ms: 500,
