@@ -746,3 +746,43 @@ async fn get_jobs_and_get_pipelines_take_several_in_order_and_survive_a_restart(
     router.stop().await;
     let _ = std::fs::remove_dir_all(&data);
 }
+
+#[tokio::test]
+async fn try_recv_returns_at_once_and_hands_over_events_that_arrived() {
+    use pypelinin_common::protocol::Event;
+    use pypelinin_common::testing::within;
+    use pypelinin_common::transport::Subscriber;
+
+    use crate::support::WAIT;
+
+    let router = TestRouter::start().await;
+    let mut c = router.client().await;
+    let mut sub = Subscriber::connect(&router.broadcast, &[Event::NEW_JOB], WAIT)
+        .await
+        .expect("subscribe");
+    within(WAIT, "a live subscription", sub.wait_live(&mut c, WAIT))
+        .await
+        .expect("live");
+    // Nothing broadcast (but perhaps a late probe): it answers without waiting.
+    let idle = within(WAIT, "try_recv on an idle socket", sub.try_recv()).await;
+    assert!(!matches!(idle, Some(Ok(Event::NewJob))), "{idle:?}");
+    router
+        .ask(&mut c, json!({"command": "add job", "worker": "A"}))
+        .await;
+    // The broadcast arrives in its own time; each try_recv only looks.
+    within(WAIT, "the new job broadcast", async {
+        loop {
+            match sub.try_recv().await {
+                Some(Ok(Event::NewJob)) => return,
+                Some(Err(e)) => panic!("{e}"),
+                _ => tokio::task::yield_now().await,
+            }
+        }
+    })
+    .await;
+    let again = sub.try_recv().await;
+    assert!(
+        !matches!(again, Some(Ok(Event::NewJob))),
+        "one broadcast, taken once: {again:?}"
+    );
+}
