@@ -7,7 +7,7 @@
 //! Layout:
 //! - [`Router`]: binds the sockets ([`Router::bind`]) and serves until shutdown ([`Router::run`]).
 //! - [`state`]: the queues and every transition a request makes on them (no I/O).
-//! - [`persist`]: the durable record (redb), written once per batch before its replies.
+//! - [`persist`]: the durable record (fjall), written once per group of batches before their replies.
 //! - [`settings`]: the router's own settings.
 //! - [`cli`]: the command line shared by `pypelinin-router` and the example's `my_router`.
 //!

@@ -1,22 +1,40 @@
 //! The router's durable record: every pending job and pipeline, and the outcomes of ended
-//! pipelines, in a redb database. The state task writes the records a batch of requests
-//! changed in one transaction (group commit) and sends the batch's replies only after it is
-//! on disk; at start the router restores its state from it.
+//! pipelines, in a fjall database (a log-structured key-value store). The state task writes the
+//! records a batch of requests changed as one write batch (group commit) and sends the batch's
+//! replies only after it is on disk; at start the router restores its state from it.
+//!
+//! A commit appends the batch to fjall's journal and `fdatasync`s it: one sequential write per
+//! group, where a B-tree (redb, before) rewrote every page a row touched. fjall moves the rows
+//! to sorted files in the background and drops deleted ones there.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use pypelinin_common::ids::{JobId, PipelineId};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::state::{Changes, EndedRecord, JobRecord, PipelineRecord, State};
 
-// Rows are keyed by sequence number, not by id: new rows land at the end of each B-tree and
-// old ones leave from its start (queues are FIFO), so a commit touches a few pages instead of
-// one page per row (random uuid keys made commits 5-9x slower). The value holds the id.
-const JOBS: TableDefinition<u64, &[u8]> = TableDefinition::new("jobs.by-seq");
-const PIPELINES: TableDefinition<u64, &[u8]> = TableDefinition::new("pipelines.by-seq");
-const ENDED: TableDefinition<u64, &[u8]> = TableDefinition::new("ended.by-seq");
+// Rows are keyed by sequence number (big-endian, so keys sort in number order), not by id: new
+// rows land at the end of each keyspace and old ones leave from its start (queues are FIFO),
+// which keeps fjall's background compactions small. The value holds the id.
+const JOBS: &str = "jobs.by-seq";
+const PIPELINES: &str = "pipelines.by-seq";
+const ENDED: &str = "ended.by-seq";
+
+/// The folder of the database inside the data dir.
+const DATABASE: &str = "router-db";
+
+/// The file an earlier version of the router kept its record in (redb).
+const EARLIER_RECORD: &str = "router.redb";
+
+/// Rows held in memory per keyspace before fjall writes them to a sorted file (its default,
+/// 64 MiB, would hold up to 192 MiB for the three keyspaces).
+const MEMTABLE_BYTES: u64 = 4 * 1024 * 1024;
+
+/// Journal kept on disk at most before fjall flushes what it holds in memory, so older journal
+/// files can go.
+const JOURNAL_BYTES: u64 = 64 * 1024 * 1024;
 
 /// A failure of the durable record.
 #[derive(Debug, thiserror::Error)]
@@ -73,50 +91,71 @@ pub struct Index {
 /// The durable record.
 pub struct Durable {
     db: Database,
+    jobs: Keyspace,
+    pipelines: Keyspace,
+    ended: Keyspace,
 }
 
 impl Durable {
-    /// Opens (or creates) `router.redb` in `dir`, with a page cache of `cache_bytes`, and
-    /// reads every record.
+    /// Opens (or creates) the database in `dir`, with a block cache of `cache_bytes`, and reads
+    /// every record.
     ///
     /// # Errors
     /// [`PersistError::Open`] when the database cannot be opened — for instance another router
-    /// uses it — and [`PersistError::Corrupt`] for a record that cannot be read.
+    /// uses it, or `dir` holds the record of an earlier version — and
+    /// [`PersistError::Corrupt`] for a record that cannot be read.
     pub fn open(dir: &Path, cache_bytes: usize) -> Result<(Self, Loaded), PersistError> {
-        let path = dir.join("router.redb");
+        let path = dir.join(DATABASE);
         let open_err = |message: String| PersistError::Open {
             path: path.clone(),
             message,
         };
-        std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
-        let db = Database::builder()
-            .set_cache_size(cache_bytes)
-            .create(&path)
-            .map_err(|e| open_err(e.to_string()))?;
-        // Create the tables, so reads find them.
-        let txn = db.begin_write().map_err(io)?;
-        {
-            txn.open_table(JOBS).map_err(io)?;
-            txn.open_table(PIPELINES).map_err(io)?;
-            txn.open_table(ENDED).map_err(io)?;
+        if dir.join(EARLIER_RECORD).exists() {
+            return Err(PersistError::Open {
+                path: dir.join(EARLIER_RECORD),
+                message: "this data dir holds the record of an earlier pypelinin router (redb); \
+                          let that router finish its pipelines, or move the file away, then start \
+                          this one"
+                    .to_owned(),
+            });
         }
-        txn.commit().map_err(io)?;
-        let txn = db.begin_read().map_err(io)?;
+        std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
+        let db = Database::builder(&path)
+            .cache_size(cache_bytes as u64)
+            .worker_threads(1)
+            .max_journaling_size(JOURNAL_BYTES)
+            .open()
+            .map_err(|e| match e {
+                fjall::Error::Locked => {
+                    open_err("in use by another router (the database is locked)".to_owned())
+                }
+                e => open_err(e.to_string()),
+            })?;
+        let keyspace = |name: &str| {
+            db.keyspace(name, || {
+                KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES)
+            })
+            .map_err(|e| open_err(e.to_string()))
+        };
+        let (jobs, pipelines, ended) = (keyspace(JOBS)?, keyspace(PIPELINES)?, keyspace(ENDED)?);
         let mut index = Index::default();
-        let jobs = read_all(&txn.open_table(JOBS).map_err(io)?, &mut index.jobs)?;
-        let pipelines = read_all(
-            &txn.open_table(PIPELINES).map_err(io)?,
-            &mut index.pipelines,
-        )?;
-        let ended = read_all(&txn.open_table(ENDED).map_err(io)?, &mut index.ended)?;
+        let loaded_jobs = read_all(&jobs, &mut index.jobs)?;
+        let loaded_pipelines = read_all(&pipelines, &mut index.pipelines)?;
+        let loaded_ended = read_all(&ended, &mut index.ended)?;
         index.next_ended = index.ended.values().max().map_or(0, |k| k + 1);
         let loaded = Loaded {
+            jobs: loaded_jobs,
+            pipelines: loaded_pipelines,
+            ended: loaded_ended,
+            index,
+        };
+        let durable = Self {
+            db,
             jobs,
             pipelines,
             ended,
-            index,
         };
-        Ok((Self { db }, loaded))
+        Ok((durable, loaded))
     }
 
     /// The writes that store the records `changes` names as they are in `state` (absent
@@ -171,21 +210,25 @@ impl Durable {
         if batches.iter().all(Writes::is_empty) {
             return Ok(());
         }
-        let txn = self.db.begin_write().map_err(io)?;
-        for (definition, rows) in [
-            (JOBS, batches.iter().map(|w| &w.jobs).collect::<Vec<_>>()),
-            (PIPELINES, batches.iter().map(|w| &w.pipelines).collect()),
-            (ENDED, batches.iter().map(|w| &w.ended).collect()),
-        ] {
-            let mut table = txn.open_table(definition).map_err(io)?;
-            for (key, value) in rows.into_iter().flatten() {
-                match value {
-                    Some(v) => table.insert(key, v.as_slice()).map_err(io)?,
-                    None => table.remove(key).map_err(io)?,
-                };
+        let rows = batches.iter().map(Writes::len).sum();
+        let mut batch = fjall::OwnedWriteBatch::with_capacity(self.db.clone(), rows)
+            .durability(Some(PersistMode::SyncData));
+        for w in batches {
+            for (keyspace, rows) in [
+                (&self.jobs, &w.jobs),
+                (&self.pipelines, &w.pipelines),
+                (&self.ended, &w.ended),
+            ] {
+                for (key, value) in rows {
+                    let key = key.to_be_bytes();
+                    match value {
+                        Some(v) => batch.insert(keyspace, key, v.as_slice()),
+                        None => batch.remove(keyspace, key),
+                    }
+                }
             }
         }
-        txn.commit().map_err(io)
+        batch.commit().map_err(io)
     }
 }
 
@@ -238,7 +281,7 @@ fn encode<T: serde::Serialize>(record: &T) -> Result<Vec<u8>, PersistError> {
 }
 
 fn read_all<K, T>(
-    table: &impl ReadableTable<u64, &'static [u8]>,
+    keyspace: &Keyspace,
     index: &mut HashMap<K, u64>,
 ) -> Result<Vec<(K, T)>, PersistError>
 where
@@ -246,12 +289,207 @@ where
     T: serde::de::DeserializeOwned,
 {
     let mut out = Vec::new();
-    for entry in table.iter().map_err(io)? {
-        let (key, value) = entry.map_err(io)?;
-        let row: Row<K, T> = serde_json::from_slice(value.value())
-            .map_err(|e| PersistError::Corrupt(format!("row {}: {e}", key.value())))?;
-        index.insert(row.id.clone(), key.value());
+    for entry in keyspace.iter() {
+        let (key, value) = entry.into_inner().map_err(io)?;
+        let key = <[u8; 8]>::try_from(&*key)
+            .map(u64::from_be_bytes)
+            .map_err(|_| PersistError::Corrupt(format!("a key of {} bytes", key.len())))?;
+        let row: Row<K, T> = serde_json::from_slice(&value)
+            .map_err(|e| PersistError::Corrupt(format!("row {key}: {e}")))?;
+        index.insert(row.id.clone(), key);
         out.push((row.id, row.record));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::Policy;
+    use pypelinin_common::protocol::request::{GetJobs, JobFinished, NewJob};
+    use pypelinin_common::protocol::{Reply, Request, WireDuration};
+    use serde_json::{json, Map};
+
+    const NOW: u64 = 1_000_000;
+    const CACHE: usize = 1024 * 1024;
+
+    /// A fresh data dir of this test.
+    fn data_dir(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("pypelinin-persist-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    fn open(dir: &Path) -> (Durable, Loaded) {
+        Durable::open(dir, CACHE).expect("open the durable record")
+    }
+
+    fn restore(loaded: Loaded) -> (State, Index) {
+        let state = State::restore(
+            Map::new(),
+            Policy::default(),
+            loaded.jobs,
+            loaded.pipelines,
+            loaded.ended,
+        );
+        (state, loaded.index)
+    }
+
+    /// Writes what changed in `state` since the last write.
+    fn commit(durable: &Durable, index: &mut Index, state: &mut State) {
+        let changes = state.take_changes();
+        let writes = Durable::prepare(index, state, &changes).expect("prepare");
+        durable.write(&writes).expect("write");
+    }
+
+    /// Applies `requests` and writes what they changed, as the router does for one batch.
+    fn apply(durable: &Durable, index: &mut Index, state: &mut State, requests: Vec<Request>) {
+        for request in requests {
+            let reply = state.handle(request, NOW, &mut Vec::new());
+            assert!(
+                !matches!(&reply, Reply::Answer(a) if a.answer.is_error()),
+                "{reply:?}"
+            );
+        }
+        commit(durable, index, state);
+    }
+
+    fn add_job(n: usize, data_bytes: usize) -> Request {
+        Request::AddJob(NewJob::new(
+            "W",
+            json!({"n": n, "pad": "x".repeat(data_bytes)}),
+        ))
+    }
+
+    fn take(state: &mut State, max: usize) -> Vec<JobId> {
+        let request = Request::GetJobs(GetJobs { workers: None, max });
+        match state.handle(request, NOW, &mut Vec::new()) {
+            Reply::Jobs(jobs) => jobs.into_iter().map(|j| j.job_id).collect(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn finished(id: JobId) -> Request {
+        Request::JobFinished(JobFinished {
+            job_id: id,
+            duration: WireDuration::from_secs(0.1),
+        })
+    }
+
+    #[test]
+    fn what_was_written_is_read_back_after_reopening() {
+        let dir = data_dir("reopen");
+        let (durable, loaded) = open(&dir);
+        let (mut state, mut index) = restore(loaded);
+        apply(
+            &durable,
+            &mut index,
+            &mut state,
+            (0..3).map(|n| add_job(n, 10)).collect(),
+        );
+        // Take two jobs (leased), then finish the first: its record is dropped.
+        let taken = {
+            let taken = take(&mut state, 2);
+            commit(&durable, &mut index, &mut state);
+            taken
+        };
+        apply(
+            &durable,
+            &mut index,
+            &mut state,
+            vec![finished(taken[0].clone())],
+        );
+        drop(durable);
+
+        let (durable, loaded) = open(&dir);
+        let (mut state, _) = restore(loaded);
+        assert_eq!(
+            state.job_records(),
+            2,
+            "the finished job is gone, the others are back"
+        );
+        assert_eq!(
+            state.queued_jobs(),
+            1,
+            "the job taken and not finished stays leased"
+        );
+        let again = take(&mut state, 10);
+        assert_eq!(again.len(), 1, "only the job nobody took is handed out");
+        assert!(!taken.contains(&again[0]));
+        drop(durable);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn more_rows_than_memory_holds_survive_flushes_and_deletes() {
+        // 3,000 jobs of 4 KB: three times what a keyspace holds in memory before fjall writes it
+        // to a sorted file, so the reopened record is read from files and journal together.
+        let dir = data_dir("flush");
+        let (durable, loaded) = open(&dir);
+        let (mut state, mut index) = restore(loaded);
+        for chunk in (0..3_000).collect::<Vec<_>>().chunks(250) {
+            apply(
+                &durable,
+                &mut index,
+                &mut state,
+                chunk.iter().map(|&n| add_job(n, 4_096)).collect(),
+            );
+        }
+        let taken = take(&mut state, 2_000);
+        commit(&durable, &mut index, &mut state);
+        let done: Vec<Request> = taken.iter().step_by(2).cloned().map(finished).collect();
+        apply(&durable, &mut index, &mut state, done);
+        drop(durable);
+
+        let (durable, loaded) = open(&dir);
+        let seqs: Vec<u64> = loaded.jobs.iter().map(|(_, r)| r.seq).collect();
+        assert_eq!(seqs.len(), 2_000, "3,000 added, 1,000 finished");
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "rows come back in sequence order"
+        );
+        let (mut state, _) = restore(loaded);
+        assert_eq!(state.queued_jobs(), 1_000, "the jobs never taken");
+        let next = take(&mut state, 1);
+        let record = state.job(&next[0]).expect("the job handed out");
+        assert_eq!(
+            record.fields["data"]["n"], 2_000,
+            "the oldest job never taken comes first"
+        );
+        drop(durable);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_second_router_on_the_same_data_dir_is_refused() {
+        let dir = data_dir("locked");
+        let (first, _) = open(&dir);
+        let Err(e) = Durable::open(&dir, CACHE) else {
+            panic!("a second open of a data dir in use succeeded");
+        };
+        assert!(
+            matches!(e, PersistError::Open { .. }) && e.to_string().contains("another router"),
+            "{e}"
+        );
+        drop(first);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_data_dir_of_the_earlier_record_is_refused_and_left_alone() {
+        let dir = data_dir("earlier");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::write(dir.join("router.redb"), b"earlier").expect("write");
+        let Err(e) = Durable::open(&dir, CACHE) else {
+            panic!("a data dir with router.redb was opened");
+        };
+        assert!(e.to_string().contains("earlier pypelinin router"), "{e}");
+        assert_eq!(
+            std::fs::read(dir.join("router.redb")).expect("read"),
+            b"earlier"
+        );
+        assert!(!dir.join(DATABASE).exists(), "nothing created beside it");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -28,8 +28,8 @@ pub struct RouterSettings {
     /// Where the durable record lives (`PYPELININ_DATA_DIR`); `None` keeps everything in
     /// memory only (the binaries always set one unless told `--no-durability`).
     pub data_dir: Option<PathBuf>,
-    /// Memory for the durable record's page cache, in MB. Writes touch only the newest pages
-    /// (rows are keyed by sequence number), so a small cache keeps the router's memory flat.
+    /// Memory for the durable record's block cache, in MB. The router reads its record only
+    /// when it starts (it keeps its state in memory), so a small cache keeps its memory flat.
     pub durable_cache_mb: usize,
     /// Attempts of a job before it fails for good.
     pub max_attempts: u32,
