@@ -138,18 +138,17 @@ impl Router {
         let (out_tx, out_rx) = mpsc::channel::<Outgoing>(64);
         let (commit_tx, commit_rx) = mpsc::channel::<Handled>(COMMIT_QUEUE);
         let (durable, index) = match self.durable {
-            Some((durable, index)) => (Some(std::sync::Arc::new(durable)), Some(index)),
+            Some((durable, index)) => (Some(durable), Some(index)),
             None => (None, None),
         };
         // Without durability, batches go straight to the outbox (one task hop less).
         let (sink, commit_task) = match durable {
             Some(durable) => (
                 Sink::Commit(commit_tx),
-                Some(tokio::spawn(commit_loop(
-                    durable,
-                    commit_rx,
-                    out_tx.clone(),
-                ))),
+                Some({
+                    let out = out_tx.clone();
+                    tokio::task::spawn_blocking(move || commit_loop(&durable, commit_rx, &out))
+                }),
             ),
             None => (Sink::Send(out_tx.clone()), None),
         };
@@ -311,25 +310,32 @@ async fn state_loop(
     }
 }
 
-/// Group commit: writes the rows of every handled batch waiting (one transaction), and only
-/// then lets their replies and broadcasts go, in order.
-async fn commit_loop(
-    durable: std::sync::Arc<Durable>,
+/// Group commit: writes the rows of every handled batch waiting (one write batch), and only
+/// then lets their replies and broadcasts go, in order. Runs on a thread of its own (a blocking
+/// task) for the router's life: a batch reaches the disk without a hop through the runtime.
+fn commit_loop(
+    durable: &Durable,
     mut handled: mpsc::Receiver<Handled>,
-    out: mpsc::Sender<Outgoing>,
+    out: &mpsc::Sender<Outgoing>,
 ) -> Result<(), Error> {
     let mut group = Vec::with_capacity(COMMIT_GROUP);
-    while handled.recv_many(&mut group, COMMIT_GROUP).await > 0 {
+    while let Some(first) = handled.blocking_recv() {
+        group.push(first);
+        while group.len() < COMMIT_GROUP {
+            match handled.try_recv() {
+                Ok(h) => group.push(h),
+                Err(_) => break,
+            }
+        }
         let writes: Vec<Writes> = group
             .iter_mut()
             .filter_map(|h| h.writes.take())
             .filter(|w| !w.is_empty())
             .collect();
         if !writes.is_empty() {
-            let durable = durable.clone();
             let (batches, rows) = (writes.len(), writes.iter().map(Writes::len).sum::<usize>());
             let started = std::time::Instant::now();
-            let written = tokio::task::spawn_blocking(move || durable.write_all(&writes)).await?;
+            let written = durable.write_all(&writes);
             debug!(
                 batches,
                 rows,
@@ -342,7 +348,7 @@ async fn commit_loop(
             }
         }
         for h in group.drain(..) {
-            if out.send(h.outgoing).await.is_err() {
+            if out.blocking_send(h.outgoing).is_err() {
                 return Ok(());
             }
         }
