@@ -100,7 +100,9 @@ impl Router {
                     loaded.pipelines,
                     loaded.ended,
                 );
-                (state, Some((durable, loaded.index)))
+                let mut index = loaded.index;
+                index.reserve_ended(state::reserved_for(settings.max_remembered_pipelines));
+                (state, Some((durable, index)))
             }
             None => (State::new(configuration, policy), None),
         };

@@ -264,6 +264,15 @@ pub struct Writes {
     ended: Vec<RowWrite>,
 }
 
+impl Index {
+    /// Room for `capacity` outcomes, so the index of ended pipelines does not grow under churn
+    /// (see [`crate::state::reserved_for`]).
+    pub fn reserve_ended(&mut self, capacity: usize) {
+        self.ended
+            .reserve(capacity.saturating_sub(self.ended.len()));
+    }
+}
+
 impl Writes {
     /// Whether there is nothing to write.
     pub fn is_empty(&self) -> bool {

@@ -155,12 +155,27 @@ impl Default for State {
     }
 }
 
+/// Remembered outcomes reserved for at most (a larger `max_remembered` grows as it fills).
+const RESERVE_AT_MOST: usize = 1_000_000;
+
+/// The capacity to give a hash map that holds up to `remembered` outcomes under churn (the
+/// oldest removed as new ones come), so it never grows while the router runs: a hashbrown
+/// table whose removals left tombstones rehashes in place while it is at most half full, and
+/// doubles otherwise — with `remembered` entries in a table sized for them, that doubling came
+/// some 30,000 pipelines after the limit was reached and left the router 30% larger (the step in
+/// docs/performance.md). The slots are allocated but untouched until used.
+pub fn reserved_for(remembered: usize) -> usize {
+    2 * remembered.min(RESERVE_AT_MOST)
+}
+
 /// The key of the client's idempotency token in `add pipeline`.
 const REQUEST_ID: &str = "request id";
 
 impl State {
     /// Empty queues; `get configuration` answers `configuration`.
     pub fn new(configuration: Map<String, Value>, policy: Policy) -> Self {
+        let remembered = reserved_for(policy.max_remembered);
+        let order = policy.max_remembered.min(RESERVE_AT_MOST) + 1;
         Self {
             configuration,
             policy,
@@ -172,9 +187,9 @@ impl State {
             pipelines: HashMap::new(),
             pipeline_queue: BTreeMap::new(),
             pipeline_leases: BTreeSet::new(),
-            request_ids: HashMap::new(),
-            ended: HashMap::new(),
-            ended_order: VecDeque::new(),
+            request_ids: HashMap::with_capacity(remembered),
+            ended: HashMap::with_capacity(remembered),
+            ended_order: VecDeque::with_capacity(order),
             changes: Changes::default(),
         }
     }
@@ -1186,6 +1201,49 @@ mod tests {
                 PipelineState::Finished,
                 PipelineState::Finished
             ]
+        );
+    }
+
+    #[test]
+    fn remembered_outcomes_never_grow_their_tables_under_churn() {
+        // 20 times the cap ends, each with a request id: the oldest outcomes leave as new ones
+        // come, and the tables sized at start take it without growing.
+        let mut s = State::new(
+            Map::new(),
+            Policy {
+                max_remembered: 1_000,
+                ..Policy::default()
+            },
+        );
+        let capacities = |s: &State| (s.ended.capacity(), s.request_ids.capacity());
+        let at_start = capacities(&s);
+        for n in 0..20_000 {
+            let mut fields = Map::new();
+            fields.insert(REQUEST_ID.to_owned(), json!(format!("r{n}")));
+            let Reply::Answer(Answer {
+                pipeline_id: Some(p),
+                ..
+            }) = add_pipeline(&mut s, fields)
+            else {
+                panic!("add pipeline refused")
+            };
+            take_pipeline(&mut s, T0);
+            let done = PipelineFinished {
+                pipeline_id: p,
+                duration: WireDuration::from_secs(1.0),
+            };
+            s.handle(Request::PipelineFinished(done), T0, &mut vec![]);
+            s.tick(T0, &mut vec![]);
+        }
+        assert_eq!(s.remembered_pipelines(), 1_000);
+        // `capacity` is what fits before the next growth: tombstones lower it until an
+        // in-place rehash; a table that doubled would show more than at start.
+        let (ended, ids) = capacities(&s);
+        assert!(
+            ended <= at_start.0 && ids <= at_start.1,
+            "a table grew: {:?} at start, {:?} now",
+            at_start,
+            (ended, ids)
         );
     }
 
