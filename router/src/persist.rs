@@ -398,11 +398,8 @@ mod tests {
             (0..3).map(|n| add_job(n, 10)).collect(),
         );
         // Take two jobs (leased), then finish the first: its record is dropped.
-        let taken = {
-            let taken = take(&mut state, 2);
-            commit(&durable, &mut index, &mut state);
-            taken
-        };
+        let taken = take(&mut state, 2);
+        commit(&durable, &mut index, &mut state);
         apply(
             &durable,
             &mut index,
