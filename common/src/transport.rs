@@ -423,7 +423,16 @@ impl ApiClient {
     /// # Errors
     /// Any [`TransportError`]; the socket is then rebuilt on the next call.
     pub async fn request_bytes(&mut self, body: Vec<u8>) -> Result<Bytes, TransportError> {
-        let result = self.exchange(body).await;
+        let limit = self.options.request_timeout;
+        self.request_bytes_within(body, limit).await
+    }
+
+    async fn request_bytes_within(
+        &mut self,
+        body: Vec<u8>,
+        request_timeout: Duration,
+    ) -> Result<Bytes, TransportError> {
+        let result = self.exchange(body, request_timeout).await;
         if result.is_err() {
             // A REQ that lost its reply can never send again: start afresh next time.
             self.socket = None;
@@ -431,9 +440,12 @@ impl ApiClient {
         result
     }
 
-    async fn exchange(&mut self, body: Vec<u8>) -> Result<Bytes, TransportError> {
+    async fn exchange(
+        &mut self,
+        body: Vec<u8>,
+        request_timeout: Duration,
+    ) -> Result<Bytes, TransportError> {
         let endpoint = self.endpoint.clone();
-        let request_timeout = self.options.request_timeout;
         let socket = self.ensure_connected().await?;
         let socket_err = |source| TransportError::Socket {
             endpoint: endpoint.clone(),
@@ -465,6 +477,26 @@ impl ApiClient {
     /// # Errors
     /// As [`ApiClient::request_bytes`].
     pub async fn request(&mut self, request: &Request) -> Result<Bytes, TransportError> {
+        let limit = self.options.request_timeout;
+        self.request_within(request, limit).await
+    }
+
+    /// As [`ApiClient::request`], for a request the router may hold up to `wait` before
+    /// answering (on top of the request timeout).
+    async fn request_waiting(
+        &mut self,
+        request: &Request,
+        wait: Duration,
+    ) -> Result<Bytes, TransportError> {
+        let limit = self.options.request_timeout + wait;
+        self.request_within(request, limit).await
+    }
+
+    async fn request_within(
+        &mut self,
+        request: &Request,
+        request_timeout: Duration,
+    ) -> Result<Bytes, TransportError> {
         let body = match &self.token {
             None => request.encode(),
             Some(token) => {
@@ -478,7 +510,7 @@ impl ApiClient {
                 serde_json::to_vec(&value).unwrap_or_default()
             }
         };
-        self.request_bytes(body).await
+        self.request_bytes_within(body, request_timeout).await
     }
 
     /// `batch`: sends `requests` in one round trip; returns one reply per request, in order,
@@ -560,9 +592,48 @@ impl ApiClient {
         max: usize,
     ) -> Result<Vec<JobAssignment>, ClientError> {
         let reply = self
-            .request(&Request::GetJobs(GetJobs { workers, max }))
+            .request(&Request::GetJobs(GetJobs::new(workers, max)))
             .await?;
         Ok(decode_jobs_reply(&reply)?)
+    }
+
+    /// `get jobs` that waits at the router up to `wait` (whole milliseconds) when no job is
+    /// queued, and returns the first jobs queued meanwhile (none once the wait is over).
+    ///
+    /// # Errors
+    /// Transport failures, or the router's refusal.
+    pub async fn wait_for_jobs(
+        &mut self,
+        workers: Option<Vec<String>>,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<JobAssignment>, ClientError> {
+        let get = GetJobs {
+            workers,
+            max,
+            wait_ms: Some(wait.as_millis() as u64),
+        };
+        let reply = self.request_waiting(&Request::GetJobs(get), wait).await?;
+        Ok(decode_jobs_reply(&reply)?)
+    }
+
+    /// `get pipelines` that waits as [`ApiClient::wait_for_jobs`] does.
+    ///
+    /// # Errors
+    /// Transport failures, or the router's refusal.
+    pub async fn wait_for_pipelines(
+        &mut self,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<PipelineAssignment>, ClientError> {
+        let get = GetPipelines {
+            max,
+            wait_ms: Some(wait.as_millis() as u64),
+        };
+        let reply = self
+            .request_waiting(&Request::GetPipelines(get), wait)
+            .await?;
+        Ok(decode_pipelines_reply(&reply)?)
     }
 
     /// `job finished`; returns the answer (`good job!` or `unknown job id`).
@@ -640,7 +711,7 @@ impl ApiClient {
         max: usize,
     ) -> Result<Vec<PipelineAssignment>, ClientError> {
         let reply = self
-            .request(&Request::GetPipelines(GetPipelines { max }))
+            .request(&Request::GetPipelines(GetPipelines::new(max)))
             .await?;
         Ok(decode_pipelines_reply(&reply)?)
     }

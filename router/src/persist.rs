@@ -372,7 +372,7 @@ mod tests {
     }
 
     fn take(state: &mut State, max: usize) -> Vec<JobId> {
-        let request = Request::GetJobs(GetJobs { workers: None, max });
+        let request = Request::GetJobs(GetJobs::new(None, max));
         match state.handle(request, NOW, &mut Vec::new()) {
             Reply::Jobs(jobs) => jobs.into_iter().map(|j| j.job_id).collect(),
             other => panic!("{other:?}"),

@@ -177,11 +177,27 @@ pub struct GetJobs {
     pub workers: Option<Vec<String>>,
     /// Jobs to take at most (at most [`GetJobs::MAX`]).
     pub max: usize,
+    /// Extension: when no job is queued, wait at the router up to this long (at most
+    /// [`GetJobs::MAX_WAIT_MS`]) and get the first jobs queued meanwhile, instead of an empty
+    /// answer at once. Ignored inside a `batch`.
+    #[serde(rename = "wait ms", default, skip_serializing_if = "Option::is_none")]
+    pub wait_ms: Option<u64>,
 }
 
 impl GetJobs {
     /// The largest `max` accepted; a larger one is refused with `syntax error`.
     pub const MAX: usize = 10_000;
+    /// The longest wait the router grants; a longer `wait ms` waits this long.
+    pub const MAX_WAIT_MS: u64 = 60_000;
+
+    /// Up to `max` jobs of `workers` (any worker when `None`), answered at once.
+    pub fn new(workers: Option<Vec<String>>, max: usize) -> Self {
+        Self {
+            workers,
+            max,
+            wait_ms: None,
+        }
+    }
 }
 
 /// `get pipelines`: up to `max` pipelines in one request.
@@ -189,6 +205,16 @@ impl GetJobs {
 pub struct GetPipelines {
     /// Pipelines to take at most (at most [`GetJobs::MAX`]).
     pub max: usize,
+    /// Extension: as [`GetJobs::wait_ms`], for pipelines.
+    #[serde(rename = "wait ms", default, skip_serializing_if = "Option::is_none")]
+    pub wait_ms: Option<u64>,
+}
+
+impl GetPipelines {
+    /// Up to `max` pipelines, answered at once.
+    pub fn new(max: usize) -> Self {
+        Self { max, wait_ms: None }
+    }
 }
 
 /// `job finished`.
@@ -554,15 +580,17 @@ mod tests {
                 pipeline_ids: vec!["p".into()],
             }),
             Request::Batch(Batch::of(&[Request::GetPipeline])),
-            Request::GetJobs(GetJobs {
-                workers: Some(vec!["A".into(), "B".into()]),
-                max: 64,
-            }),
+            Request::GetJobs(GetJobs::new(Some(vec!["A".into(), "B".into()]), 64)),
             Request::GetJobs(GetJobs {
                 workers: None,
                 max: 1,
+                wait_ms: Some(1_000),
             }),
-            Request::GetPipelines(GetPipelines { max: 256 }),
+            Request::GetPipelines(GetPipelines::new(256)),
+            Request::GetPipelines(GetPipelines {
+                max: 2,
+                wait_ms: Some(5),
+            }),
         ];
         for req in requests {
             assert_eq!(decode_request(&req.encode()).unwrap(), req);
@@ -574,10 +602,7 @@ mod tests {
     fn get_jobs_needs_a_count() {
         assert_eq!(
             decode(json!({"command": "get jobs", "workers": ["A"], "max": 3})),
-            Ok(Request::GetJobs(GetJobs {
-                workers: Some(vec!["A".into()]),
-                max: 3
-            }))
+            Ok(Request::GetJobs(GetJobs::new(Some(vec!["A".into()]), 3)))
         );
         assert!(matches!(
             decode(json!({"command": "get jobs"})),
