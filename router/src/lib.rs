@@ -13,8 +13,12 @@
 //!
 //! Inside [`Router::run`], three tasks: the receive loop decodes requests and answers
 //! malformed ones; the state task applies requests in batches (what arrived together is
-//! handled together); the outbox task sends each batch's replies, then its broadcasts,
-//! with a timeout per reply so one client that stops reading cannot stall the others.
+//! handled together) and keeps the requests that wait for work (`get jobs` with `wait ms`);
+//! each batch's replies, then its broadcasts, are sent with a timeout per reply so one client
+//! that stops reading cannot stall the others. A durable router sends them from its committer
+//! thread once the batch is on disk; the outbox task sends them for an in-memory router, and
+//! always answers malformed requests. Work handed to a waiting request whose reply cannot be
+//! delivered goes back to the state task, which queues it again.
 
 pub mod cli;
 pub mod persist;
@@ -33,8 +37,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, trace, warn};
 
 use persist::{Durable, Index, PersistError, Writes};
+use pypelinin_common::ids::{JobId, PipelineId};
 pub use settings::RouterSettings;
-use state::State;
+use state::{Served, State};
+use std::collections::HashMap;
 
 /// A failure that stops the router.
 #[derive(Debug, thiserror::Error)]
@@ -139,24 +145,34 @@ impl Router {
         let (request_tx, request_rx) = mpsc::channel::<(Envelope, Request)>(4 * BATCH);
         let (out_tx, out_rx) = mpsc::channel::<Outgoing>(64);
         let (commit_tx, commit_rx) = mpsc::channel::<Handled>(COMMIT_QUEUE);
+        // Bounded by the waiting requests (one reply each).
+        let (back_tx, back_rx) = mpsc::unbounded_channel::<Handout>();
         let (durable, index) = match self.durable {
             Some((durable, index)) => (Some(durable), Some(index)),
             None => (None, None),
         };
         // Without durability, batches go straight to the outbox (one task hop less).
+        // A durable router sends from the committer's thread (one thread hand-off less on every
+        // request); the outbox then sends only the answers to malformed requests.
+        let mut publisher = Some(self.publisher);
         let (sink, commit_task) = match durable {
             Some(durable) => (
                 Sink::Commit(commit_tx),
                 Some({
-                    let out = out_tx.clone();
-                    tokio::task::spawn_blocking(move || commit_loop(&durable, commit_rx, &out))
+                    let outbox = Outbox {
+                        runtime: tokio::runtime::Handle::current(),
+                        replier: replier.clone(),
+                        publisher: publisher.take().ok_or(TransportError::Closed)?,
+                        taken_back: back_tx.clone(),
+                    };
+                    tokio::task::spawn_blocking(move || commit_loop(&durable, commit_rx, outbox))
                 }),
             ),
             None => (Sink::Send(out_tx.clone()), None),
         };
-        let state_task = tokio::spawn(state_loop(self.state, index, request_rx, sink));
+        let state_task = tokio::spawn(state_loop(self.state, index, request_rx, back_rx, sink));
         let token = self.settings.token.clone().filter(|t| !t.is_empty());
-        let outbox_task = tokio::spawn(outbox_loop(out_rx, replier, self.publisher));
+        let outbox_task = tokio::spawn(outbox_loop(out_rx, replier, publisher, back_tx));
 
         loop {
             let incoming = tokio::select! {
@@ -198,7 +214,7 @@ impl Router {
                         }
                     };
                     let batch = Outgoing {
-                        replies: vec![(incoming.envelope, reply)],
+                        replies: vec![(incoming.envelope, reply, Handout::default())],
                         events: Vec::new(),
                     };
                     if out_tx.send(batch).await.is_err() {
@@ -223,8 +239,37 @@ impl Router {
 
 /// Replies and broadcasts of one batch, sent in that order.
 struct Outgoing {
-    replies: Vec<(Envelope, Vec<u8>)>,
+    replies: Vec<(Envelope, Vec<u8>, Handout)>,
     events: Vec<Event>,
+}
+
+/// What a reply to a waiting request hands out: taken back if the reply cannot be delivered.
+/// (Empty for every other reply: a client that asks and leaves at once loses its jobs to their
+/// lease, as with any lost reply.)
+#[derive(Debug, Default)]
+struct Handout {
+    jobs: Vec<JobId>,
+    pipelines: Vec<PipelineId>,
+}
+
+impl Handout {
+    fn of(reply: &Reply) -> Self {
+        match reply {
+            Reply::Jobs(jobs) => Self {
+                jobs: jobs.iter().map(|j| j.job_id.clone()).collect(),
+                pipelines: Vec::new(),
+            },
+            Reply::Pipelines(pipelines) => Self {
+                jobs: Vec::new(),
+                pipelines: pipelines.iter().map(|p| p.pipeline_id.clone()).collect(),
+            },
+            _ => Self::default(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.jobs.is_empty() && self.pipelines.is_empty()
+    }
 }
 
 /// Milliseconds since the Unix epoch: the state's clock (it survives restarts).
@@ -251,6 +296,14 @@ const COMMIT_QUEUE: usize = 8;
 /// Handled batches written in one transaction, at most.
 const COMMIT_GROUP: usize = 64;
 
+/// What the committer sends through, once a group is on disk.
+struct Outbox {
+    runtime: tokio::runtime::Handle,
+    replier: Replier,
+    publisher: Publisher,
+    taken_back: mpsc::UnboundedSender<Handout>,
+}
+
 /// Where the state task hands handled batches.
 enum Sink {
     /// To the committer (durable router).
@@ -260,20 +313,32 @@ enum Sink {
 }
 
 /// Applies requests in batches; hands each batch's changed rows and replies to the committer.
+/// Requests that wait for work are kept here (their envelopes by ticket) and answered in the
+/// batch that queues work for them, or once their wait is over (checked every [`TICK`]).
 async fn state_loop(
     mut state: State,
     mut index: Option<Index>,
     mut requests: mpsc::Receiver<(Envelope, Request)>,
+    mut taken_back: mpsc::UnboundedReceiver<Handout>,
     sink: Sink,
 ) -> Result<(), Error> {
     let mut batch = Vec::with_capacity(BATCH);
+    let mut back = Vec::new();
+    let mut waiting: HashMap<u64, Envelope> = HashMap::new();
+    let mut next_ticket = 0u64;
+    let mut served = Vec::new();
+    let mut stopping = false;
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         tokio::select! {
             received = requests.recv_many(&mut batch, BATCH) => {
+                stopping = received == 0;
+            }
+            received = taken_back.recv_many(&mut back, BATCH) => {
                 if received == 0 {
-                    return Ok(());
+                    // The outbox is gone: the router is stopping.
+                    stopping = true;
                 }
             }
             _ = tick.tick() => {}
@@ -284,10 +349,34 @@ async fn state_loop(
             events: Vec::new(),
         };
         state.tick(now, &mut outgoing.events);
+        for handout in back.drain(..) {
+            state.take_back(&handout.jobs, &handout.pipelines, &mut outgoing.events);
+        }
         for (envelope, request) in batch.drain(..) {
             trace!(command = request.command(), peer = %envelope.peer(), "request");
-            let reply = state.handle(request, now, &mut outgoing.events);
-            outgoing.replies.push((envelope, reply.encode()));
+            match state.handle_or_wait(next_ticket, request, now, &mut outgoing.events) {
+                Some(reply) => {
+                    outgoing
+                        .replies
+                        .push((envelope, reply.encode(), Handout::default()))
+                }
+                None => {
+                    waiting.insert(next_ticket, envelope);
+                    next_ticket += 1;
+                }
+            }
+        }
+        if stopping {
+            state.stop_waiting(&mut served);
+        } else {
+            state.serve_waiting(now, &mut served);
+        }
+        for Served { ticket, reply } in served.drain(..) {
+            if let Some(envelope) = waiting.remove(&ticket) {
+                outgoing
+                    .replies
+                    .push((envelope, reply.encode(), Handout::of(&reply)));
+            }
         }
         coalesce_wake_ups(&mut outgoing.events);
         let changes = state.take_changes();
@@ -298,15 +387,17 @@ async fn state_loop(
         let nothing = outgoing.replies.is_empty()
             && outgoing.events.is_empty()
             && writes.as_ref().is_none_or(Writes::is_empty);
-        if nothing {
-            continue;
+        if !nothing {
+            let sent = match &sink {
+                Sink::Commit(commits) => commits.send(Handled { writes, outgoing }).await.is_ok(),
+                Sink::Send(out) => out.send(outgoing).await.is_ok(),
+            };
+            if !sent {
+                // The committer stopped on a failed write; it reports the error.
+                return Ok(());
+            }
         }
-        let sent = match &sink {
-            Sink::Commit(commits) => commits.send(Handled { writes, outgoing }).await.is_ok(),
-            Sink::Send(out) => out.send(outgoing).await.is_ok(),
-        };
-        if !sent {
-            // The committer stopped on a failed write; it reports the error.
+        if stopping {
             return Ok(());
         }
     }
@@ -318,7 +409,7 @@ async fn state_loop(
 fn commit_loop(
     durable: &Durable,
     mut handled: mpsc::Receiver<Handled>,
-    out: &mpsc::Sender<Outgoing>,
+    mut outbox: Outbox,
 ) -> Result<(), Error> {
     let mut group = Vec::with_capacity(COMMIT_GROUP);
     while let Some(first) = handled.blocking_recv() {
@@ -349,11 +440,17 @@ fn commit_loop(
                 return Err(e.into());
             }
         }
-        for h in group.drain(..) {
-            if out.blocking_send(h.outgoing).is_err() {
-                return Ok(());
+        outbox.runtime.clone().block_on(async {
+            for h in group.drain(..) {
+                deliver(
+                    h.outgoing,
+                    &mut outbox.replier,
+                    Some(&mut outbox.publisher),
+                    &outbox.taken_back,
+                )
+                .await;
             }
-        }
+        });
     }
     Ok(())
 }
@@ -370,22 +467,46 @@ fn coalesce_wake_ups(events: &mut Vec<Event>) {
     });
 }
 
+/// Sends what the state task handed over (through the committer, for a durable router), batch
+/// by batch, in order.
 async fn outbox_loop(
     mut batches: mpsc::Receiver<Outgoing>,
     mut replier: Replier,
-    mut publisher: Publisher,
+    mut publisher: Option<Publisher>,
+    taken_back: mpsc::UnboundedSender<Handout>,
 ) {
     while let Some(batch) = batches.recv().await {
-        for (envelope, reply) in batch.replies {
-            let peer = envelope.peer();
-            if let Err(e) = replier.send(envelope, reply).await {
+        deliver(batch, &mut replier, publisher.as_mut(), &taken_back).await;
+    }
+}
+
+/// Sends the replies of `batch`, then its broadcasts. Work handed to a waiting request whose
+/// reply cannot be delivered goes to `taken_back`.
+async fn deliver(
+    batch: Outgoing,
+    replier: &mut Replier,
+    publisher: Option<&mut Publisher>,
+    taken_back: &mpsc::UnboundedSender<Handout>,
+) {
+    for (envelope, reply, handout) in batch.replies {
+        let peer = envelope.peer();
+        if let Err(e) = replier.send(envelope, reply).await {
+            if handout.is_empty() {
                 warn!(%peer, error = %e, "reply dropped");
+            } else {
+                warn!(%peer, error = %e, jobs = handout.jobs.len(), pipelines = handout.pipelines.len(),
+                        "a waiting request is gone; queueing what it was handed again");
+                // The state task is gone only when the router stops.
+                let _ = taken_back.send(handout);
             }
         }
-        for event in &batch.events {
-            if let Err(e) = publisher.publish(event).await {
-                warn!(%event, error = %e, "broadcast failed");
-            }
+    }
+    let Some(publisher) = publisher else {
+        return;
+    };
+    for event in &batch.events {
+        if let Err(e) = publisher.publish(event).await {
+            warn!(%event, error = %e, "broadcast failed");
         }
     }
 }

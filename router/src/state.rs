@@ -146,8 +146,47 @@ pub struct State {
     request_ids: HashMap<String, PipelineId>,
     ended: HashMap<PipelineId, EndedRecord>,
     ended_order: VecDeque<(u64, PipelineId)>,
+    waiting: VecDeque<Waiting>,
     changes: Changes,
 }
+
+/// A `get jobs` / `get pipelines` waiting at the router for work to be queued.
+#[derive(Debug)]
+struct Waiting {
+    ticket: u64,
+    /// When it is answered empty (ms since the epoch).
+    until: u64,
+    want: Want,
+}
+
+/// What a waiting request asks for.
+#[derive(Debug)]
+enum Want {
+    Jobs(GetJob, usize),
+    Pipelines(usize),
+}
+
+impl Want {
+    /// The answer when nothing came in time.
+    fn nothing(&self) -> Reply {
+        match self {
+            Want::Jobs(..) => Reply::Jobs(Vec::new()),
+            Want::Pipelines(_) => Reply::Pipelines(Vec::new()),
+        }
+    }
+}
+
+/// The answer to a request that waited, for the server to send to the peer behind `ticket`.
+#[derive(Debug)]
+pub struct Served {
+    /// What [`State::handle_or_wait`] was given with the request.
+    pub ticket: u64,
+    /// Its answer: the jobs or pipelines handed to it, or none when its wait ended.
+    pub reply: Reply,
+}
+
+/// Requests waiting at most; past it a request with `wait ms` is answered at once.
+pub const MAX_WAITING: usize = 10_000;
 
 impl Default for State {
     fn default() -> Self {
@@ -190,6 +229,7 @@ impl State {
             request_ids: HashMap::with_capacity(remembered),
             ended: HashMap::with_capacity(remembered),
             ended_order: VecDeque::with_capacity(order),
+            waiting: VecDeque::new(),
             changes: Changes::default(),
         }
     }
@@ -356,6 +396,133 @@ impl State {
                     })
                     .collect();
                 Reply::Batch(replies)
+            }
+        }
+    }
+
+    /// Handles `request` as [`State::handle`] does, except a `get jobs` or `get pipelines` with
+    /// `wait ms` that finds nothing queued: that one waits, kept under `ticket`, and this
+    /// returns `None`; [`State::serve_waiting`] answers it later.
+    pub fn handle_or_wait(
+        &mut self,
+        ticket: u64,
+        request: Request,
+        now: u64,
+        events: &mut Vec<Event>,
+    ) -> Option<Reply> {
+        let (want, wait_ms) = match &request {
+            Request::GetJobs(get) if (1..=GetJobs::MAX).contains(&get.max) => {
+                let one = GetJob {
+                    workers: get.workers.clone(),
+                };
+                (Want::Jobs(one, get.max), get.wait_ms)
+            }
+            Request::GetPipelines(get) if (1..=GetJobs::MAX).contains(&get.max) => {
+                (Want::Pipelines(get.max), get.wait_ms)
+            }
+            _ => return Some(self.handle(request, now, events)),
+        };
+        let wait_ms = wait_ms.unwrap_or(0).min(GetJobs::MAX_WAIT_MS);
+        if wait_ms == 0 || self.waiting.len() >= MAX_WAITING {
+            return Some(self.handle(request, now, events));
+        }
+        if let Some(reply) = self.take(&want, now) {
+            return Some(reply);
+        }
+        self.waiting.push_back(Waiting {
+            ticket,
+            until: now + wait_ms,
+            want,
+        });
+        None
+    }
+
+    /// Answers the waiting requests that can be answered at `now`: with what is queued (the
+    /// longest waiting first, each taking up to its `max`), or with nothing once their wait
+    /// is over. Call it after the requests of a batch, so the jobs they queued are handed out
+    /// in the same durable write.
+    pub fn serve_waiting(&mut self, now: u64, served: &mut Vec<Served>) {
+        if self.waiting.is_empty() {
+            return;
+        }
+        let work = !self.job_queues.is_empty() || !self.pipeline_queue.is_empty();
+        let mut waiting = std::mem::take(&mut self.waiting);
+        waiting.retain(|w| {
+            let reply = match work.then(|| self.take(&w.want, now)).flatten() {
+                Some(reply) => reply,
+                None if w.until <= now => w.want.nothing(),
+                None => return true,
+            };
+            served.push(Served {
+                ticket: w.ticket,
+                reply,
+            });
+            false
+        });
+        self.waiting = waiting;
+    }
+
+    /// Answers every waiting request with nothing (the router is stopping).
+    pub fn stop_waiting(&mut self, served: &mut Vec<Served>) {
+        served.extend(self.waiting.drain(..).map(|w| Served {
+            ticket: w.ticket,
+            reply: w.want.nothing(),
+        }));
+    }
+
+    /// Requests waiting for work now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Takes back jobs and pipelines handed out in a reply that could not be delivered (its
+    /// peer is gone): they are queued again in their old place, and no attempt is counted.
+    pub fn take_back(&mut self, jobs: &[JobId], pipelines: &[PipelineId], events: &mut Vec<Event>) {
+        for id in jobs {
+            let Some(record) = self.jobs.get_mut(id) else {
+                continue;
+            };
+            if record.state != JobState::Running {
+                continue;
+            }
+            if let Some(t) = record.lease_until.take() {
+                self.job_leases.remove(&(t, id.clone()));
+            }
+            record.state = JobState::Queued;
+            self.job_queues
+                .entry(record.worker.clone())
+                .or_default()
+                .insert(record.seq, id.clone());
+            self.changes.jobs.insert(id.clone());
+            events.push(Event::NewJob);
+        }
+        for id in pipelines {
+            let Some(record) = self.pipelines.get_mut(id) else {
+                continue;
+            };
+            if record.state != PipelineState::Running {
+                continue;
+            }
+            if let Some(t) = record.lease_until.take() {
+                self.pipeline_leases.remove(&(t, id.clone()));
+            }
+            record.state = PipelineState::Queued;
+            self.pipeline_queue.insert(record.seq, id.clone());
+            self.changes.pipelines.insert(id.clone());
+            events.push(Event::NewPipeline);
+        }
+    }
+
+    /// Up to what `want` asks for, from the queues; `None` when nothing is queued for it.
+    fn take(&mut self, want: &Want, now: u64) -> Option<Reply> {
+        match want {
+            Want::Jobs(get, max) => {
+                let jobs: Vec<_> = (0..*max).map_while(|_| self.get_job(get, now)).collect();
+                (!jobs.is_empty()).then_some(Reply::Jobs(jobs))
+            }
+            Want::Pipelines(max) => {
+                let pipelines: Vec<_> = (0..*max).map_while(|_| self.get_pipeline(now)).collect();
+                (!pipelines.is_empty()).then_some(Reply::Pipelines(pipelines))
             }
         }
     }
@@ -984,6 +1151,175 @@ mod tests {
         assert_eq!(got, ids);
     }
 
+    fn wait_for(workers: &[&str], max: usize, wait_ms: u64) -> Request {
+        Request::GetJobs(GetJobs {
+            workers: Some(workers.iter().map(|w| w.to_string()).collect()),
+            max,
+            wait_ms: Some(wait_ms),
+        })
+    }
+
+    /// The job ids of each served reply, by ticket.
+    fn served_jobs(served: Vec<Served>) -> Vec<(u64, Vec<JobId>)> {
+        served
+            .into_iter()
+            .map(|s| match s.reply {
+                Reply::Jobs(jobs) => (s.ticket, jobs.into_iter().map(|j| j.job_id).collect()),
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn waiting_requests_take_the_jobs_queued_after_them_in_order() {
+        let mut s = State::default();
+        let mut events = vec![];
+        assert!(s
+            .handle_or_wait(1, wait_for(&["A"], 2, 1_000), T0, &mut events)
+            .is_none());
+        assert!(s
+            .handle_or_wait(2, wait_for(&["B"], 1, 1_000), T0, &mut events)
+            .is_none());
+        assert!(s
+            .handle_or_wait(3, wait_for(&["A"], 5, 1_000), T0, &mut events)
+            .is_none());
+        assert_eq!(s.waiting(), 3);
+        s.take_changes();
+        let a1 = add(&mut s, "A");
+        let b1 = add(&mut s, "B");
+        let a2 = add(&mut s, "A");
+        let b2 = add(&mut s, "B");
+        let mut served = vec![];
+        s.serve_waiting(T0, &mut served);
+        // The longest waiting first, each up to its max; the third waits on.
+        assert_eq!(
+            served_jobs(served),
+            vec![(1, vec![a1.clone(), a2.clone()]), (2, vec![b1.clone()])]
+        );
+        assert_eq!(s.waiting(), 1);
+        for id in [&a1, &a2, &b1] {
+            assert_eq!(s.job(id).unwrap().state, JobState::Running);
+            assert_eq!(s.job(id).unwrap().lease_until, Some(T0 + 30_000));
+        }
+        // Handed out in the same batch: their leases are in this batch's durable write.
+        assert!(s.take_changes().jobs.contains(&a1));
+        assert_eq!(get(&mut s, None).unwrap().job_id, b2);
+        // A request that finds jobs queued is answered at once.
+        let a3 = add(&mut s, "A");
+        let mut served = vec![];
+        s.serve_waiting(T0, &mut served);
+        assert_eq!(served_jobs(served), vec![(3, vec![a3])]);
+        let b3 = add(&mut s, "B");
+        match s.handle_or_wait(4, wait_for(&["B"], 1, 1_000), T0, &mut events) {
+            Some(Reply::Jobs(jobs)) => assert_eq!(jobs[0].job_id, b3),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_wait_ends_empty_at_its_deadline_or_when_the_router_stops() {
+        let mut s = State::default();
+        let mut events = vec![];
+        assert!(s
+            .handle_or_wait(7, wait_for(&["A"], 1, 500), T0, &mut events)
+            .is_none());
+        let pipelines = Request::GetPipelines(GetPipelines {
+            max: 3,
+            wait_ms: Some(GetJobs::MAX_WAIT_MS + 1),
+        });
+        assert!(s.handle_or_wait(8, pipelines, T0, &mut events).is_none());
+        let mut served = vec![];
+        s.serve_waiting(T0 + 499, &mut served);
+        assert!(served.is_empty());
+        s.serve_waiting(T0 + 500, &mut served);
+        assert_eq!(served_jobs(served), vec![(7, vec![])]);
+        // A longer wait than the most granted waits that long.
+        let mut served = vec![];
+        s.serve_waiting(T0 + GetJobs::MAX_WAIT_MS - 1, &mut served);
+        assert!(served.is_empty());
+        s.serve_waiting(T0 + GetJobs::MAX_WAIT_MS, &mut served);
+        assert!(
+            matches!(&served[..], [Served { ticket: 8, reply: Reply::Pipelines(p) }] if p.is_empty())
+        );
+        assert!(s
+            .handle_or_wait(9, wait_for(&["A"], 1, 500), T0, &mut events)
+            .is_none());
+        let mut served = vec![];
+        s.stop_waiting(&mut served);
+        assert_eq!(served_jobs(served), vec![(9, vec![])]);
+        assert_eq!(s.waiting(), 0);
+        // The queued pipeline a waiting request would have taken stays for the next one.
+        let p = new_pipeline(&mut s);
+        let mut served = vec![];
+        s.serve_waiting(T0, &mut served);
+        assert!(served.is_empty());
+        assert_eq!(take_pipeline(&mut s, T0).unwrap().pipeline_id, p);
+    }
+
+    #[test]
+    fn only_a_lone_get_jobs_or_get_pipelines_with_a_wait_waits() {
+        let mut s = State::default();
+        let mut events = vec![];
+        let answered_at_once = [
+            Request::GetJobs(GetJobs::new(None, 1)),
+            wait_for(&["A"], 1, 0),
+            wait_for(&["A"], 0, 1_000),
+            wait_for(&["A"], GetJobs::MAX + 1, 1_000),
+            Request::GetPipelines(GetPipelines::new(1)),
+            Request::Batch(Batch::of(&[wait_for(&["A"], 1, 1_000)])),
+            Request::GetJob(GetJob { workers: None }),
+        ];
+        for request in answered_at_once {
+            let shown = format!("{request:?}");
+            assert!(
+                s.handle_or_wait(1, request, T0, &mut events).is_some(),
+                "{shown}"
+            );
+        }
+        assert_eq!(s.waiting(), 0);
+    }
+
+    #[test]
+    fn work_taken_back_is_queued_in_its_old_place_without_using_an_attempt() {
+        let mut s = State::default();
+        let mut events = vec![];
+        let j1 = add(&mut s, "A");
+        let j2 = add(&mut s, "A");
+        let p1 = new_pipeline(&mut s);
+        let p2 = new_pipeline(&mut s);
+        let got = get(&mut s, None).unwrap();
+        assert_eq!(got.job_id, j1);
+        assert_eq!(take_pipeline(&mut s, T0).unwrap().pipeline_id, p1);
+        s.take_changes();
+        s.take_back(
+            std::slice::from_ref(&j1),
+            std::slice::from_ref(&p1),
+            &mut events,
+        );
+        assert_eq!(events, vec![Event::NewJob, Event::NewPipeline]);
+        let changes = s.take_changes();
+        assert!(changes.jobs.contains(&j1) && changes.pipelines.contains(&p1));
+        let record = s.job(&j1).unwrap();
+        assert_eq!(
+            (record.state, record.attempts, record.lease_until),
+            (JobState::Queued, 0, None)
+        );
+        // No lease left to expire.
+        let mut later = vec![];
+        s.tick(T0 + 60_000, &mut later);
+        assert_eq!(s.job(&j1).unwrap().attempts, 0);
+        assert_eq!(get(&mut s, None).unwrap().job_id, j1);
+        assert_eq!(get(&mut s, None).unwrap().job_id, j2);
+        assert_eq!(take_pipeline(&mut s, T0).unwrap().pipeline_id, p1);
+        assert_eq!(take_pipeline(&mut s, T0).unwrap().pipeline_id, p2);
+        // Only running work is taken back: a finished job stays finished.
+        let mut events = vec![];
+        finish(&mut s, &j2, &mut events);
+        s.take_back(std::slice::from_ref(&j2), &[], &mut events);
+        assert!(s.job(&j2).is_none());
+        assert!(get(&mut s, None).is_none());
+    }
+
     #[test]
     fn routing_hands_out_only_the_named_workers_fifo() {
         let mut s = State::default();
@@ -1488,13 +1824,8 @@ mod tests {
         add(&mut s, "A");
         new_pipeline(&mut s);
         for request in [
-            Request::GetJobs(GetJobs {
-                workers: None,
-                max: GetJobs::MAX + 1,
-            }),
-            Request::GetPipelines(GetPipelines {
-                max: GetJobs::MAX + 1,
-            }),
+            Request::GetJobs(GetJobs::new(None, GetJobs::MAX + 1)),
+            Request::GetPipelines(GetPipelines::new(GetJobs::MAX + 1)),
         ] {
             let reply = s.handle(request, T0, &mut vec![]);
             assert!(
@@ -1529,7 +1860,7 @@ mod tests {
             for (w, k) in &takes {
                 let workers = w.map(|w| vec![format!("W{w}")]);
                 let got = match many.handle(
-                    Request::GetJobs(GetJobs { workers: workers.clone(), max: *k }),
+                    Request::GetJobs(GetJobs::new(workers.clone(), *k)),
                     T0,
                     &mut vec![],
                 ) {
@@ -1543,7 +1874,7 @@ mod tests {
                     .collect();
                 let ids = |jobs: &[JobAssignment]| jobs.iter().map(|j| (j.worker.clone(), j.data().clone())).collect::<Vec<_>>();
                 proptest::prop_assert_eq!(ids(&got), ids(&expected));
-                let got = match many.handle(Request::GetPipelines(GetPipelines { max: *k }), T0, &mut vec![]) {
+                let got = match many.handle(Request::GetPipelines(GetPipelines::new(*k)), T0, &mut vec![]) {
                     Reply::Pipelines(p) => p.into_iter().map(|p| p.fields["n"].clone()).collect::<Vec<_>>(),
                     other => panic!("{other:?}"),
                 };

@@ -7,3 +7,4 @@ mod api;
 mod concurrency;
 mod process;
 mod support;
+mod waiting;
