@@ -32,7 +32,7 @@ use pypelinin_common::ids::JobId;
 use pypelinin_common::protocol::reply::{decode_jobs_reply_value, decode_reply_value};
 use pypelinin_common::protocol::request::{GetJobs, JobFailed, JobFinished, RenewLeases};
 use pypelinin_common::protocol::{Answer, Event, JobAssignment, Request, WireDuration};
-use pypelinin_common::transport::{wait_for_router, ApiClient, ClientOptions};
+use pypelinin_common::transport::{wait_for_router, ApiClient, ClientError, ClientOptions};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::time::Instant;
@@ -142,8 +142,20 @@ impl Broker {
             .map(Duration::from_secs_f64);
         let concurrency = s.effective_concurrency();
         info!(workers = ?self.registry.names(), concurrency, prefetch = s.effective_prefetch(), "broker running");
+        let (asks, asked) = mpsc::channel(1);
+        let (answers_tx, answers) = mpsc::channel(1);
+        let waiter = ApiClient::new(s.api.clone(), options).with_token(s.token.clone());
+        tokio::spawn(wait_for_jobs(
+            waiter,
+            self.registry.names(),
+            asked,
+            answers_tx,
+        ));
         let mut state = Loop {
             client,
+            asks,
+            waiting: None,
+            wait_again_at: None,
             registry: self.registry.clone(),
             store,
             semaphore: Arc::new(Semaphore::new(concurrency)),
@@ -157,8 +169,35 @@ impl Broker {
             want_jobs: true,
             retry_at: None,
         };
-        state.run(subscriber, &shutdown, s, monitoring).await;
+        state
+            .run(subscriber, answers, &shutdown, s, monitoring)
+            .await;
         Ok(())
+    }
+}
+
+/// How long a broker's `get jobs` waits at the router when no job is queued. A stopping broker
+/// waits for the answer (it may bring jobs, which then run), so an idle broker stops within it.
+const WAIT_FOR_JOBS: Duration = Duration::from_secs(1);
+
+/// The answer to a waiting `get jobs`.
+type Waited = Result<Vec<JobAssignment>, ClientError>;
+
+/// Sends each `get jobs` that waits at the router (on a connection of its own, so reports
+/// go out meanwhile) and passes its answer on.
+async fn wait_for_jobs(
+    mut client: ApiClient,
+    workers: Vec<String>,
+    mut asks: mpsc::Receiver<usize>,
+    answers: mpsc::Sender<Waited>,
+) {
+    while let Some(max) = asks.recv().await {
+        let answer = client
+            .wait_for_jobs(Some(workers.clone()), max, WAIT_FOR_JOBS)
+            .await;
+        if answers.send(answer).await.is_err() {
+            return;
+        }
     }
 }
 
@@ -171,6 +210,13 @@ const MAX_BATCH: usize = 512;
 /// The broker's loop state.
 struct Loop {
     client: ApiClient,
+    /// Asks [`wait_for_jobs`] for a `get jobs` that waits at the router, for up to this many.
+    asks: mpsc::Sender<usize>,
+    /// The jobs a waiting `get jobs` out now asked for. While one is out, the queue was empty
+    /// when it was sent and the router hands it the next jobs: the loop asks for none itself.
+    waiting: Option<usize>,
+    /// After a waiting `get jobs` failed: not before this time.
+    wait_again_at: Option<Instant>,
     registry: Arc<WorkerRegistry>,
     store: Arc<dyn Store>,
     semaphore: Arc<Semaphore>,
@@ -200,6 +246,7 @@ impl Loop {
     async fn run(
         &mut self,
         mut subscriber: pypelinin_common::transport::Subscriber,
+        mut waited: mpsc::Receiver<Waited>,
         shutdown: &CancellationToken,
         settings: &BrokerSettings,
         monitoring: Option<Duration>,
@@ -236,11 +283,16 @@ impl Loop {
                 }
             }
             self.start_taken(&done_tx);
-            if stopping.is_some() && self.held.is_empty() && self.reports.is_empty() {
+            if stopping.is_none() {
+                self.wait_for_jobs();
+            }
+            let idle = self.held.is_empty() && self.reports.is_empty() && self.waiting.is_none();
+            if stopping.is_some() && idle {
                 info!("broker stopped: every job it took ran and was reported");
                 break;
             }
             let retry_at = self.retry_at;
+            let wait_again_at = self.wait_again_at;
             tokio::select! {
                 () = shutdown.cancelled(), if stopping.is_none() => {}
                 () = sleep_until_opt(stopping) => {
@@ -248,6 +300,8 @@ impl Loop {
                     break;
                 }
                 () = sleep_until_opt(retry_at) => {}
+                () = sleep_until_opt(wait_again_at) => self.wait_again_at = None,
+                Some(answer) = waited.recv() => self.waited(answer),
                 event = subscriber.recv() => {
                     if let Ok(Event::NewJob) = event {
                         self.want_jobs = true;
@@ -291,17 +345,9 @@ impl Loop {
     async fn sync(&mut self, fetch: bool, done: &mpsc::UnboundedSender<Ran>) -> bool {
         loop {
             self.start_taken(done);
-            let held = self.held.len();
             let reports = self.reports.len().min(MAX_BATCH);
-            // Taking jobs ahead pays for short jobs only: a long job would keep the ones behind
-            // it from brokers that are free.
-            let capacity = if self.mean_job_secs > LONG_JOB_SECS {
-                self.concurrency
-            } else {
-                self.capacity
-            };
-            let wanted = if fetch && self.want_jobs {
-                capacity.saturating_sub(held).min(GetJobs::MAX)
+            let wanted = if fetch && self.want_jobs && self.waiting.is_none() {
+                self.room()
             } else {
                 0
             };
@@ -311,10 +357,10 @@ impl Loop {
             let mut requests: Vec<Request> =
                 self.reports.iter().take(reports).map(report).collect();
             if wanted > 0 {
-                requests.push(Request::GetJobs(GetJobs {
-                    workers: Some(self.registry.names()),
-                    max: wanted,
-                }));
+                requests.push(Request::GetJobs(GetJobs::new(
+                    Some(self.registry.names()),
+                    wanted,
+                )));
             }
             let started = std::time::Instant::now();
             let replies = match self.client.batch(&requests).await {
@@ -353,24 +399,70 @@ impl Loop {
             }
             for reply in replies {
                 match decode_jobs_reply_value(reply) {
-                    Ok(jobs) => {
-                        // Fewer than asked: the queue is empty for now.
-                        if jobs.len() < wanted {
-                            self.want_jobs = false;
-                        }
-                        for job in jobs {
-                            self.held.insert(
-                                job.job_id.clone(),
-                                json!({"worker": job.worker, "job id": job.job_id, "data": job.data()}),
-                            );
-                            lock(&self.taken).push_back(job);
-                        }
-                    }
+                    Ok(jobs) => self.take_in(jobs, wanted),
                     Err(e) => {
                         warn!(error = %e, "the router refused get jobs");
                         self.want_jobs = false;
                     }
                 }
+            }
+        }
+    }
+
+    /// Jobs to ask for now: up to the capacity.
+    fn room(&self) -> usize {
+        // Taking jobs ahead pays for short jobs only: a long job would keep the ones behind
+        // it from brokers that are free.
+        let capacity = if self.mean_job_secs > LONG_JOB_SECS {
+            self.concurrency
+        } else {
+            self.capacity
+        };
+        capacity.saturating_sub(self.held.len()).min(GetJobs::MAX)
+    }
+
+    /// Takes in the jobs the router handed out for a request of `asked`.
+    fn take_in(&mut self, jobs: Vec<JobAssignment>, asked: usize) {
+        // Fewer than asked: the queue is empty for now.
+        self.want_jobs = jobs.len() >= asked;
+        for job in jobs {
+            self.held.insert(
+                job.job_id.clone(),
+                json!({"worker": job.worker, "job id": job.job_id, "data": job.data()}),
+            );
+            lock(&self.taken).push_back(job);
+        }
+    }
+
+    /// Sends a `get jobs` that waits at the router when the broker is idle and found the queue
+    /// empty: the next job queued comes straight to it, without a broadcast and another request
+    /// in between. (A busy broker asks when its jobs end, with their reports, as before: so a
+    /// stopping broker that still runs jobs takes no new one.)
+    fn wait_for_jobs(&mut self) {
+        let ready = self.waiting.is_none()
+            && !self.want_jobs
+            && self.retry_at.is_none()
+            && self.wait_again_at.is_none()
+            && self.held.is_empty();
+        let room = self.room();
+        if ready && room > 0 && self.asks.try_send(room).is_ok() {
+            self.waiting = Some(room);
+        }
+    }
+
+    /// Takes in the answer to the waiting `get jobs`.
+    fn waited(&mut self, answer: Waited) {
+        let asked = self.waiting.take().unwrap_or(0);
+        match answer {
+            Ok(jobs) => {
+                debug!(asked, got = jobs.len(), "waiting get jobs answered");
+                self.take_in(jobs, asked);
+            }
+            Err(e) => {
+                // Ask in the loop's own round trips (with their back-off) for a while.
+                warn!(error = %e, "waiting for jobs at the router failed");
+                self.want_jobs = true;
+                self.wait_again_at = Some(Instant::now() + WAIT_FOR_JOBS);
             }
         }
     }

@@ -28,11 +28,15 @@ use pypelinin_common::protocol::reply::{
 use pypelinin_common::protocol::request::{
     GetPipelines, NewJob, PipelineFailed, PipelineFinished, RenewLeases,
 };
+use pypelinin_common::protocol::PipelineAssignment;
 use pypelinin_common::protocol::{
     Answer, AnswerKind, Event, JobState, PipelineState, Request, WireDuration,
 };
-use pypelinin_common::transport::{wait_for_router, ApiClient, ClientOptions, Subscriber};
+use pypelinin_common::transport::{
+    wait_for_router, ApiClient, ClientError, ClientOptions, Subscriber,
+};
 use serde_json::Value;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -97,19 +101,57 @@ impl Pipeliner {
             }
         }
         info!(max_pipelines = s.max_pipelines, "pipeliner running");
+        let (asks, asked) = mpsc::channel(1);
+        let (answers_tx, answers) = mpsc::channel(1);
+        let waiter = ApiClient::new(s.api.clone(), options).with_token(s.token.clone());
+        tokio::spawn(wait_for_pipelines(waiter, asked, answers_tx));
         let mut state = Loop {
             client,
+            asks,
+            waiting: None,
+            wait_again_at: None,
             walks: Walks::default(),
             actions: VecDeque::new(),
             want_pipelines: true,
             max_pipelines: s.max_pipelines.max(1),
         };
-        state.run(subscriber, &shutdown, s).await;
+        state.run(subscriber, answers, &shutdown, s).await;
+    }
+}
+
+/// How long a pipeliner's `get pipelines` waits at the router when none is queued. A stopping
+/// pipeliner waits for the answer (it may bring pipelines, which it then walks), so an idle
+/// pipeliner stops within it.
+const WAIT_FOR_PIPELINES: Duration = Duration::from_secs(1);
+
+/// The answer to a waiting `get pipelines`.
+type Waited = Result<Vec<PipelineAssignment>, ClientError>;
+
+/// Sends each `get pipelines` that waits at the router (on a connection of its own, so the
+/// walks' requests go out meanwhile) and passes its answer on.
+async fn wait_for_pipelines(
+    mut client: ApiClient,
+    mut asks: mpsc::Receiver<usize>,
+    answers: mpsc::Sender<Waited>,
+) {
+    while let Some(max) = asks.recv().await {
+        let answer = client.wait_for_pipelines(max, WAIT_FOR_PIPELINES).await;
+        if answers.send(answer).await.is_err() {
+            return;
+        }
     }
 }
 
 struct Loop {
     client: ApiClient,
+    /// Asks [`wait_for_pipelines`] for a `get pipelines` that waits at the router.
+    asks: mpsc::Sender<usize>,
+    /// The pipelines a waiting `get pipelines` out now asked for. While one is out, the queue
+    /// was empty when it was sent and the router hands it the next pipelines: the loop asks
+    /// for none itself.
+    waiting: Option<usize>,
+    /// After a waiting `get pipelines` failed: not before this time.
+    wait_again_at: Option<Instant>,
     walks: Walks,
     /// Requests to the router not sent yet (kept while the router is unreachable).
     actions: VecDeque<Action>,
@@ -121,6 +163,7 @@ impl Loop {
     async fn run(
         &mut self,
         mut subscriber: Subscriber,
+        mut waited: mpsc::Receiver<Waited>,
         shutdown: &CancellationToken,
         s: &PipelinerSettings,
     ) {
@@ -150,7 +193,11 @@ impl Loop {
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                 }
             }
-            if stopping.is_some() && self.walks.is_empty() && self.actions.is_empty() {
+            if stopping.is_none() && retry_at.is_none() {
+                self.wait_for_pipelines();
+            }
+            let idle = self.walks.is_empty() && self.actions.is_empty() && self.waiting.is_none();
+            if stopping.is_some() && idle {
                 info!("pipeliner stopped: every pipeline it held ended");
                 return;
             }
@@ -160,7 +207,9 @@ impl Loop {
             let come_back = retry_at.is_none()
                 && stopping.is_none()
                 && self.want_pipelines
+                && self.waiting.is_none()
                 && self.walks.len() < self.max_pipelines;
+            let wait_again_at = self.wait_again_at;
             tokio::select! {
                 () = shutdown.cancelled(), if stopping.is_none() => {}
                 () = sleep_until_opt(stopping) => {
@@ -168,6 +217,8 @@ impl Loop {
                     return;
                 }
                 () = sleep_until_opt(retry_at) => {}
+                () = sleep_until_opt(wait_again_at) => self.wait_again_at = None,
+                Some(answer) = waited.recv() => self.waited(answer),
                 () = std::future::ready(()), if come_back => {}
                 event = subscriber.recv() => {
                     // Take every event that arrived, so their actions go out in one batch.
@@ -230,10 +281,8 @@ impl Loop {
                 _ => true,
             });
             let sent = self.actions.len().min(MAX_BATCH);
-            let fetching = if fetch && self.want_pipelines {
-                self.max_pipelines
-                    .saturating_sub(self.walks.len())
-                    .min(FETCH_TURN)
+            let fetching = if fetch && self.want_pipelines && self.waiting.is_none() {
+                self.room()
             } else {
                 0
             };
@@ -242,7 +291,7 @@ impl Loop {
             }
             let mut requests: Vec<Request> = self.actions.iter().take(sent).map(request).collect();
             if fetching > 0 {
-                requests.push(Request::GetPipelines(GetPipelines { max: fetching }));
+                requests.push(Request::GetPipelines(GetPipelines::new(fetching)));
             }
             let started = std::time::Instant::now();
             let replies = match self.client.batch(&requests).await {
@@ -273,17 +322,7 @@ impl Loop {
             }
             for reply in replies {
                 match decode_pipelines_reply_value(reply) {
-                    Ok(pipelines) => {
-                        // Fewer than asked: the queue is empty for now.
-                        if pipelines.len() < fetching {
-                            self.want_pipelines = false;
-                        }
-                        for assignment in pipelines {
-                            debug!(pipeline_id = %assignment.pipeline_id, "pipeline taken");
-                            let actions = self.walks.start(assignment, std::time::Instant::now());
-                            self.actions.extend(actions);
-                        }
-                    }
+                    Ok(pipelines) => self.take_in(pipelines, fetching),
                     Err(e) => {
                         warn!(error = %e, "the router refused get pipelines");
                         self.want_pipelines = false;
@@ -292,6 +331,59 @@ impl Loop {
             }
         }
         true
+    }
+
+    /// Pipelines to ask for now: up to the most walked at once.
+    fn room(&self) -> usize {
+        self.max_pipelines
+            .saturating_sub(self.walks.len())
+            .min(FETCH_TURN)
+    }
+
+    /// Starts walking the pipelines the router handed out for a request of `asked`.
+    fn take_in(&mut self, pipelines: Vec<PipelineAssignment>, asked: usize) {
+        // Fewer than asked: the queue is empty for now.
+        self.want_pipelines = pipelines.len() >= asked;
+        for assignment in pipelines {
+            debug!(pipeline_id = %assignment.pipeline_id, "pipeline taken");
+            let actions = self.walks.start(assignment, std::time::Instant::now());
+            self.actions.extend(actions);
+        }
+    }
+
+    /// Sends a `get pipelines` that waits at the router when the pipeliner is idle and found the
+    /// queue empty: the next pipeline queued comes straight here, without a broadcast and
+    /// another request in between. (A busy pipeliner asks in its own round trips, as before.)
+    fn wait_for_pipelines(&mut self) {
+        let ready = self.waiting.is_none()
+            && !self.want_pipelines
+            && self.wait_again_at.is_none()
+            && self.walks.is_empty();
+        let room = self.room();
+        if ready && room > 0 && self.asks.try_send(room).is_ok() {
+            self.waiting = Some(room);
+        }
+    }
+
+    /// Takes in the answer to the waiting `get pipelines`.
+    fn waited(&mut self, answer: Waited) {
+        let asked = self.waiting.take().unwrap_or(0);
+        match answer {
+            Ok(pipelines) => {
+                debug!(
+                    asked,
+                    got = pipelines.len(),
+                    "waiting get pipelines answered"
+                );
+                self.take_in(pipelines, asked);
+            }
+            Err(e) => {
+                // Ask in the loop's own round trips (with their back-off) for a while.
+                warn!(error = %e, "waiting for pipelines at the router failed");
+                self.want_pipelines = true;
+                self.wait_again_at = Some(Instant::now() + WAIT_FOR_PIPELINES);
+            }
+        }
     }
 
     /// Takes in the router's reply to an action.
