@@ -451,6 +451,7 @@ impl PipelineBuilder {
 /// run.finish(&p, p.find("B").unwrap());
 /// assert!(run.finish(&p, p.find("B").unwrap()).is_empty()); // idempotent
 /// assert_eq!(run.finish(&p, p.find("C").unwrap()), vec![p.find("D").unwrap()]); // fan-in
+/// assert!(run.is_last(p.find("D").unwrap()));
 /// run.finish(&p, p.find("D").unwrap());
 /// assert!(run.is_complete());
 /// ```
@@ -512,6 +513,11 @@ impl RunState {
     /// Whether every job has finished.
     pub fn is_complete(&self) -> bool {
         self.left == 0
+    }
+
+    /// Whether `job` is the only job left unfinished: the pipeline ends when it finishes.
+    pub fn is_last(&self, job: JobIndex) -> bool {
+        self.left == 1 && !self.is_finished(job)
     }
 }
 

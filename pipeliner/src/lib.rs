@@ -397,11 +397,13 @@ impl Loop {
             } => match expect_answer_value(reply, AnswerKind::JobAccepted) {
                 Ok(Answer {
                     job_id: Some(job_id),
+                    ends_pipeline,
                     ..
                 }) => {
-                    debug!(%pipeline_id, %job_id, worker, "job submitted");
+                    debug!(%pipeline_id, %job_id, worker, ends_pipeline, "job submitted");
+                    let now = std::time::Instant::now();
                     self.walks
-                        .submitted(&pipeline_id, job, job_id, std::time::Instant::now());
+                        .submitted(&pipeline_id, job, job_id, ends_pipeline, now);
                 }
                 Ok(_) => warn!(%pipeline_id, worker, "job accepted without a job id"),
                 Err(e) => warn!(%pipeline_id, worker, error = %e, "the router refused a job"),
@@ -412,6 +414,11 @@ impl Loop {
             } => match decode_reply_value::<Answer>(reply) {
                 Ok(a) if a.answer == AnswerKind::GoodJob => {
                     info!(%pipeline_id, secs = duration.as_secs_f64(), "pipeline finished");
+                }
+                Ok(a) if a.answer == AnswerKind::UnknownPipelineId => {
+                    // A walk resumed from another pipeliner does not know whether the router
+                    // took the end with the last job; it did, or the pipeline ended otherwise.
+                    info!(%pipeline_id, "pipeline ended at the router already")
                 }
                 Ok(a) => {
                     warn!(%pipeline_id, answer = ?a.answer, "pipeline finished was not accepted")
@@ -517,10 +524,15 @@ fn request(action: &Action) -> Request {
             pipeline_id,
             worker,
             data,
+            ends_pipeline,
             ..
-        } => Request::AddJob(
-            NewJob::new(worker.clone(), data.clone()).in_pipeline(pipeline_id.clone()),
-        ),
+        } => {
+            let job = NewJob::new(worker.clone(), data.clone()).in_pipeline(pipeline_id.clone());
+            Request::AddJob(match ends_pipeline {
+                Some(elapsed) => job.ending_pipeline(*elapsed),
+                None => job,
+            })
+        }
         Action::Finish {
             pipeline_id,
             duration,

@@ -7,6 +7,7 @@ use pypelinin_common::ids::{JobId, PipelineId};
 use pypelinin_common::pipeline::{JobIndex, Pipeline, RunState};
 use pypelinin_common::protocol::{JobState, PipelineAssignment};
 use serde_json::Value;
+use tracing::info;
 
 /// What the pipeliner must tell the router.
 #[derive(Debug, Clone, PartialEq)]
@@ -21,6 +22,9 @@ pub enum Action {
         worker: String,
         /// Its data (the pipeline's).
         data: Value,
+        /// When it is the pipeline's last job: how long the pipeline has run. The router is
+        /// asked to end the pipeline when the job finishes (`"ends pipeline"`).
+        ends_pipeline: Option<Duration>,
     },
     /// `pipeline finished`.
     Finish {
@@ -49,6 +53,8 @@ struct Walk {
     run: RunState,
     submitted: HashMap<JobIndex, (JobId, Instant)>,
     started: Instant,
+    /// The router accepted to end the pipeline with its last job.
+    router_ends: bool,
 }
 
 /// Every pipeline being walked, and the jobs awaited.
@@ -113,6 +119,7 @@ impl Walks {
             pipeline,
             submitted: HashMap::new(),
             started: now,
+            router_ends: false,
         };
         // Resume: jobs a previous pipeliner submitted keep their ids and states.
         for job in assignment.submitted_jobs {
@@ -162,31 +169,35 @@ impl Walks {
             })
             .collect();
         for job in ready {
-            actions.push(submit(&pipeline_id, &walk.pipeline, job));
+            actions.push(submit(&pipeline_id, &walk, job, now));
         }
         self.walks.insert(pipeline_id, walk);
         actions
     }
 
-    /// Records the id the router gave a submitted job. Returns false when the pipeline is no
-    /// longer walked (it failed meanwhile).
+    /// Records the id the router gave a submitted job, and whether the router will end the
+    /// pipeline when that job finishes. Returns false when the pipeline is no longer walked
+    /// (it failed meanwhile).
     pub fn submitted(
         &mut self,
         pipeline_id: &PipelineId,
         job: JobIndex,
         job_id: JobId,
+        router_ends: bool,
         now: Instant,
     ) -> bool {
         let Some(walk) = self.walks.get_mut(pipeline_id) else {
             return false;
         };
+        walk.router_ends |= router_ends;
         walk.submitted.insert(job, (job_id.clone(), now));
         self.awaiting.insert(job_id, (pipeline_id.clone(), job));
         true
     }
 
-    /// A job finished: returns the jobs to submit now, and `Finish` once all are done.
-    /// Jobs not awaited (another pipeliner's, or finished already) are ignored.
+    /// A job finished: returns the jobs to submit now, and `Finish` once all are done — unless
+    /// the router ended the pipeline itself with that job. Jobs not awaited (another
+    /// pipeliner's, or finished already) are ignored.
     pub fn job_finished(&mut self, job_id: &JobId, now: Instant) -> Vec<Action> {
         let Some((pipeline_id, index)) = self.awaiting.remove(job_id) else {
             return Vec::new();
@@ -198,15 +209,20 @@ impl Walks {
         let mut actions: Vec<Action> = ready
             .into_iter()
             .filter(|j| !walk.submitted.contains_key(j))
-            .map(|j| submit(&pipeline_id, &walk.pipeline, j))
+            .map(|j| submit(&pipeline_id, walk, j, now))
             .collect();
         if walk.run.is_complete() {
             let duration = now.duration_since(walk.started);
+            let router_ends = walk.router_ends;
             self.walks.remove(&pipeline_id);
-            actions.push(Action::Finish {
-                pipeline_id,
-                duration,
-            });
+            if router_ends {
+                info!(%pipeline_id, secs = duration.as_secs_f64(), "pipeline finished (ended by the router with its last job)");
+            } else {
+                actions.push(Action::Finish {
+                    pipeline_id,
+                    duration,
+                });
+            }
         }
         actions
     }
@@ -238,7 +254,7 @@ impl Walks {
             return Vec::new();
         };
         walk.submitted.remove(&index);
-        vec![submit(&pipeline_id, &walk.pipeline, index)]
+        vec![submit(&pipeline_id, walk, index, Instant::now())]
     }
 
     /// Stops walking a pipeline the router no longer knows.
@@ -262,12 +278,16 @@ impl Walks {
     }
 }
 
-fn submit(pipeline_id: &PipelineId, pipeline: &Pipeline, job: JobIndex) -> Action {
+fn submit(pipeline_id: &PipelineId, walk: &Walk, job: JobIndex, now: Instant) -> Action {
     Action::Submit {
         pipeline_id: pipeline_id.clone(),
         job,
-        worker: pipeline.job(job).worker.clone(),
-        data: pipeline.job_data(job),
+        worker: walk.pipeline.job(job).worker.clone(),
+        data: walk.pipeline.job_data(job),
+        ends_pipeline: walk
+            .run
+            .is_last(job)
+            .then(|| now.saturating_duration_since(walk.started)),
     }
 }
 
@@ -301,13 +321,21 @@ mod tests {
             .collect()
     }
 
-    /// Submits what `actions` asks, giving each job the id `<worker>-id`.
+    /// Submits what `actions` asks, giving each job the id `<worker>-id`, as a router that
+    /// does not end pipelines itself.
     fn ack(walks: &mut Walks, actions: &[Action]) {
+        ack_as(walks, actions, false)
+    }
+
+    /// [`ack`], the router agreeing to end the pipeline with a job flagged as its last when
+    /// `router_ends`.
+    fn ack_as(walks: &mut Walks, actions: &[Action], router_ends: bool) {
         for a in actions {
             if let Action::Submit {
                 pipeline_id,
                 job,
                 worker,
+                ends_pipeline,
                 ..
             } = a
             {
@@ -315,6 +343,7 @@ mod tests {
                     pipeline_id,
                     *job,
                     format!("{worker}-id").as_str().into(),
+                    router_ends && ends_pipeline.is_some(),
                     Instant::now()
                 ));
             }
@@ -349,11 +378,67 @@ mod tests {
         );
         let a = w.job_finished(&"C-id".into(), now);
         assert_eq!(workers(&a), ["D"]);
+        assert!(
+            matches!(
+                &a[0],
+                Action::Submit {
+                    ends_pipeline: Some(_),
+                    ..
+                }
+            ),
+            "D is the last job: {a:?}"
+        );
         ack(&mut w, &a);
         let a = w.job_finished(&"D-id".into(), now);
-        assert_eq!(workers(&a), ["<finish>"]);
+        assert_eq!(
+            workers(&a),
+            ["<finish>"],
+            "the router did not take the pipeline's end: the pipeliner reports it"
+        );
         assert!(w.is_empty());
         assert!(w.job_finished(&"unrelated".into(), now).is_empty());
+    }
+
+    #[test]
+    fn the_last_job_asks_the_router_to_end_the_pipeline() {
+        let p = Pipeline::builder().edge("A", "B").build().unwrap();
+        let mut w = Walks::default();
+        let t0 = Instant::now();
+        let a = w.start(assignment("p", &p, vec![]), t0);
+        assert!(
+            matches!(
+                &a[..],
+                [Action::Submit {
+                    ends_pipeline: None,
+                    ..
+                }]
+            ),
+            "A is not the last: {a:?}"
+        );
+        ack_as(&mut w, &a, true);
+        let t1 = t0 + Duration::from_millis(7);
+        let a = w.job_finished(&"A-id".into(), t1);
+        assert!(
+            matches!(&a[..], [Action::Submit { ends_pipeline: Some(d), .. }] if *d == Duration::from_millis(7)),
+            "B is, after 7 ms of the pipeline: {a:?}"
+        );
+        ack_as(&mut w, &a, true);
+        let a = w.job_finished(&"B-id".into(), t1);
+        assert!(a.is_empty(), "the router ended it: {a:?}");
+        assert!(w.is_empty(), "and the walk is over");
+
+        let lone = Pipeline::builder().job("A").build().unwrap();
+        let a = w.start(assignment("q", &lone, vec![]), t0);
+        assert!(
+            matches!(
+                &a[..],
+                [Action::Submit {
+                    ends_pipeline: Some(_),
+                    ..
+                }]
+            ),
+            "a one-job pipeline's job is its last: {a:?}"
+        );
     }
 
     #[test]

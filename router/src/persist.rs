@@ -315,8 +315,8 @@ where
 mod tests {
     use super::*;
     use crate::state::Policy;
-    use pypelinin_common::protocol::request::{GetJobs, JobFinished, NewJob};
-    use pypelinin_common::protocol::{Reply, Request, WireDuration};
+    use pypelinin_common::protocol::request::{GetJobs, JobFinished, NewJob, NewPipeline};
+    use pypelinin_common::protocol::{PipelineState, Reply, Request, WireDuration};
     use serde_json::{json, Map};
 
     const NOW: u64 = 1_000_000;
@@ -423,6 +423,63 @@ mod tests {
         let again = take(&mut state, 10);
         assert_eq!(again.len(), 1, "only the job nobody took is handed out");
         assert!(!taken.contains(&again[0]));
+        drop(durable);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_last_job_still_ends_its_pipeline_after_a_restart() {
+        let dir = data_dir("ends");
+        let (durable, loaded) = open(&dir);
+        let (mut state, mut index) = restore(loaded);
+        let pipeline = json!([
+            ["graph", [[[["worker_name", "V"]], [["worker_name", "W"]]]]],
+            ["data", null]
+        ]);
+        let added = state.handle(
+            Request::AddPipeline(NewPipeline {
+                pipeline,
+                fields: Map::new(),
+            }),
+            NOW,
+            &mut Vec::new(),
+        );
+        let Reply::Answer(a) = added else {
+            panic!("{added:?}")
+        };
+        let pipeline_id = a.pipeline_id.expect("a pipeline id");
+        let taken = state.handle(Request::GetPipeline, NOW, &mut Vec::new());
+        assert!(matches!(taken, Reply::Pipeline(Some(_))), "{taken:?}");
+        let job = NewJob::new("W", json!(null))
+            .in_pipeline(pipeline_id.clone())
+            .ending_pipeline(std::time::Duration::from_millis(5));
+        apply(&durable, &mut index, &mut state, vec![Request::AddJob(job)]);
+        let taken = take(&mut state, 1);
+        commit(&durable, &mut index, &mut state);
+        drop(durable);
+
+        let (durable, loaded) = open(&dir);
+        let (mut state, mut index) = restore(loaded);
+        apply(
+            &durable,
+            &mut index,
+            &mut state,
+            vec![finished(taken[0].clone())],
+        );
+        drop(durable);
+
+        let (durable, loaded) = open(&dir);
+        let ended = loaded
+            .ended
+            .iter()
+            .find(|(id, _)| *id == pipeline_id)
+            .map(|(_, e)| e.status.state);
+        assert_eq!(
+            ended,
+            Some(PipelineState::Finished),
+            "ended on disk with its last job"
+        );
+        assert!(loaded.pipelines.is_empty() && loaded.jobs.is_empty());
         drop(durable);
         let _ = std::fs::remove_dir_all(&dir);
     }

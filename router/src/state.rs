@@ -17,7 +17,7 @@ use pypelinin_common::protocol::request::{
 };
 use pypelinin_common::protocol::{
     Answer, AnswerKind, Batch, Event, JobAssignment, JobState, PipelineHandout, PipelineState,
-    PipelineStatus, Reply, Request, SubmittedJob,
+    PipelineStatus, Reply, Request, SubmittedJob, WireDuration,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -82,6 +82,18 @@ pub struct JobRecord {
     pub not_before: Option<u64>,
     /// The last error.
     pub error: Option<String>,
+    /// The last job of its pipeline: the router ends the pipeline when the job finishes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ends_pipeline: Option<EndsPipeline>,
+}
+
+/// What the router needs to end a pipeline with its last job (`"ends pipeline"` of `add job`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EndsPipeline {
+    /// Seconds the pipeline had run when the job was added (the pipeliner's clock).
+    pub elapsed: f64,
+    /// When the job was added (ms since the epoch, the router's clock).
+    pub added_at: u64,
 }
 
 /// A pipeline as the router records it.
@@ -315,9 +327,9 @@ impl State {
     pub fn handle(&mut self, request: Request, now: u64, events: &mut Vec<Event>) -> Reply {
         match request {
             Request::GetConfiguration => Reply::Configuration(self.configuration.clone()),
-            Request::AddJob(job) => self.add_job(job, events),
+            Request::AddJob(job) => self.add_job(job, now, events),
             Request::GetJob(get) => Reply::Job(self.get_job(&get, now)),
-            Request::JobFinished(done) => self.job_finished(done, events),
+            Request::JobFinished(done) => self.job_finished(done, now, events),
             Request::JobFailed(failed) => self.job_failed(failed, now, events),
             Request::AddPipeline(p) => self.add_pipeline(p, events),
             Request::GetPipeline => Reply::Pipeline(self.get_pipeline(now)),
@@ -631,7 +643,7 @@ impl State {
             .max(1)
     }
 
-    fn add_job(&mut self, job: NewJob, events: &mut Vec<Event>) -> Reply {
+    fn add_job(&mut self, job: NewJob, now: u64, events: &mut Vec<Event>) -> Reply {
         if job.worker.is_empty() {
             return Answer::error(AnswerKind::SyntaxError, "\"worker\" must not be empty").into();
         }
@@ -651,6 +663,16 @@ impl State {
                 self.changes.pipelines.insert(p.clone());
             }
         }
+        // The pipeliner says this is the pipeline's last job: trusted, as its `pipeline
+        // finished` would be.
+        let ends_pipeline = match (&pipeline_id, job.ends_pipeline) {
+            (Some(_), Some(elapsed)) => Some(EndsPipeline {
+                elapsed: elapsed.as_secs().max(0.0),
+                added_at: now,
+            }),
+            _ => None,
+        };
+        let ends = ends_pipeline.is_some();
         self.jobs.insert(
             id.clone(),
             JobRecord {
@@ -663,11 +685,16 @@ impl State {
                 lease_until: None,
                 not_before: None,
                 error: None,
+                ends_pipeline,
             },
         );
         self.changes.jobs.insert(id.clone());
         events.push(Event::NewJob);
-        Answer::new(AnswerKind::JobAccepted).with_job_id(id).into()
+        Answer {
+            ends_pipeline: ends,
+            ..Answer::new(AnswerKind::JobAccepted).with_job_id(id)
+        }
+        .into()
     }
 
     fn get_job(&mut self, get: &GetJob, now: u64) -> Option<JobAssignment> {
@@ -780,14 +807,30 @@ impl State {
         debug!(job_id = %id, %worker, attempts, backoff_ms = backoff, "job will be retried");
     }
 
-    fn job_finished(&mut self, done: JobFinished, events: &mut Vec<Event>) -> Reply {
+    fn job_finished(&mut self, done: JobFinished, now: u64, events: &mut Vec<Event>) -> Reply {
         // A late report of a job that ended already (re-run elsewhere, or reported twice) is
         // answered as the legacy router did and changes nothing.
         if !self.detach(&done.job_id) {
             return Answer::new(AnswerKind::UnknownJobId).into();
         }
+        let ends = self.jobs.get(&done.job_id).and_then(|r| {
+            let ends = r.ends_pipeline.as_ref()?;
+            Some((r.pipeline_id.clone()?, ends.clone()))
+        });
         self.end_job(&done.job_id, JobState::Finished, None);
         events.push(Event::job_finished(done.job_id, &done.duration));
+        if let Some((pipeline_id, ends)) = ends {
+            // Its pipeliner's `pipeline finished`, in the same write.
+            let secs = ends.elapsed + now.saturating_sub(ends.added_at) as f64 / 1000.0;
+            let duration = WireDuration::from_secs(secs);
+            let status = PipelineStatus {
+                duration: Some(duration.clone()),
+                ..PipelineStatus::of(PipelineState::Finished)
+            };
+            if self.end_pipeline(&pipeline_id, status, now) {
+                events.push(Event::pipeline_finished(pipeline_id, &duration));
+            }
+        }
         Answer::new(AnswerKind::GoodJob).into()
     }
 
@@ -971,6 +1014,7 @@ impl State {
             ..PipelineStatus::of(PipelineState::Finished)
         };
         if !self.end_pipeline(&done.pipeline_id, status, now) {
+            // Not pending (as the legacy router answers), ended already included.
             return Answer::new(AnswerKind::UnknownPipelineId).into();
         }
         events.push(Event::pipeline_finished(done.pipeline_id, &done.duration));
@@ -1501,6 +1545,91 @@ mod tests {
         s.tick(T0 + 300_000, &mut vec![]);
         assert_eq!(pipeline_state(&mut s, &p).state, PipelineState::Unknown);
         assert_eq!(s.remembered_pipelines(), 0);
+    }
+
+    fn add_last(state: &mut State, worker: &str, pipeline: &PipelineId, now: u64) -> Answer {
+        let job = NewJob::new(worker, json!(null))
+            .in_pipeline(pipeline.clone())
+            .ending_pipeline(std::time::Duration::from_millis(250));
+        match state.handle(Request::AddJob(job), now, &mut vec![]) {
+            Reply::Answer(a) => a,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_pipeline_ends_with_its_last_job_in_the_same_transition() {
+        let mut s = State::default();
+        let p = new_pipeline(&mut s);
+        take_pipeline(&mut s, T0);
+        let a = add_in(&mut s, "A", Some(&p));
+        finish(&mut s, &a, &mut vec![]);
+        let accepted = add_last(&mut s, "B", &p, T0);
+        assert!(accepted.ends_pipeline, "{accepted:?}");
+        let b = accepted.job_id.unwrap();
+        assert_eq!(get(&mut s, None).unwrap().job_id, b);
+        let mut events = vec![];
+        let done = JobFinished {
+            job_id: b.clone(),
+            duration: WireDuration::from_secs(0.1),
+        };
+        s.handle(Request::JobFinished(done), T0 + 1_500, &mut events);
+        let shown: Vec<String> = events.iter().map(ToString::to_string).collect();
+        assert_eq!(shown.len(), 2, "{shown:?}");
+        assert_eq!(shown[0], format!("job finished: {b} duration: 0.1"));
+        assert_eq!(
+            shown[1],
+            format!("pipeline finished: id={p}, duration=1.75"),
+            "run time: 0.25 s before its last job was added, then 1.5 s"
+        );
+        let status = pipeline_state(&mut s, &p);
+        assert_eq!(status.state, PipelineState::Finished);
+        assert_eq!(status.duration, Some(WireDuration::from_secs(1.75)));
+        assert_eq!(s.job_records(), 0, "its jobs are forgotten with it");
+        // A pipeliner's own report, if one comes, finds it ended and changes nothing.
+        let mut events = vec![];
+        let report = PipelineFinished {
+            pipeline_id: p.clone(),
+            duration: WireDuration::from_secs(2.0),
+        };
+        let reply = s.handle(Request::PipelineFinished(report), T0, &mut events);
+        assert!(matches!(reply, Reply::Answer(a) if a.answer == AnswerKind::UnknownPipelineId));
+        assert!(events.is_empty(), "{events:?}");
+        assert_eq!(
+            pipeline_state(&mut s, &p).duration,
+            Some(WireDuration::from_secs(1.75))
+        );
+    }
+
+    #[test]
+    fn a_last_job_that_fails_or_has_no_pending_pipeline_ends_nothing() {
+        let mut s = State::new(
+            Map::new(),
+            Policy {
+                max_attempts: 1,
+                ..Policy::default()
+            },
+        );
+        let p = new_pipeline(&mut s);
+        take_pipeline(&mut s, T0);
+        let b = add_last(&mut s, "B", &p, T0).job_id.unwrap();
+        get(&mut s, None).unwrap();
+        let mut events = vec![];
+        fail(&mut s, &b, T0, &mut events);
+        assert_eq!(events.len(), 1, "only the job's failure: {events:?}");
+        assert_eq!(
+            pipeline_state(&mut s, &p).state,
+            PipelineState::Running,
+            "the pipeliner reports the failed pipeline"
+        );
+
+        let unknown = add_last(&mut s, "C", &PipelineId::from("nope"), T0);
+        assert!(!unknown.ends_pipeline, "no pending pipeline to end");
+        let c = unknown.job_id.unwrap();
+        get(&mut s, None).unwrap();
+        let mut events = vec![];
+        finish(&mut s, &c, &mut events);
+        assert_eq!(events.len(), 1, "{events:?}");
     }
 
     #[test]

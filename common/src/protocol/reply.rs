@@ -113,6 +113,14 @@ pub struct Answer {
     /// `pipeline status`: where each pipeline stands.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pipelines: Option<BTreeMap<PipelineId, PipelineStatus>>,
+    /// `job accepted`: the router will end the job's pipeline when the job finishes (the
+    /// job was sent with `"ends pipeline"` and its pipeline is pending).
+    #[serde(
+        rename = "ends pipeline",
+        default,
+        skip_serializing_if = "std::ops::Not::not"
+    )]
+    pub ends_pipeline: bool,
 }
 
 /// Where a job stands (`job status`).
@@ -189,6 +197,7 @@ impl Answer {
             error: None,
             jobs: None,
             pipelines: None,
+            ends_pipeline: false,
         }
     }
 

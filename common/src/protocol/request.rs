@@ -137,6 +137,17 @@ pub struct NewJob {
         skip_serializing_if = "Option::is_none"
     )]
     pub pipeline_id: Option<PipelineId>,
+    /// Extension: this job is the last of its pipeline (every other job of it has finished),
+    /// and the pipeline had run this long when it was submitted. The router then ends the
+    /// pipeline itself when the job finishes — `pipeline finished` in the same write, without
+    /// another round trip of the pipeliner — and says so with `"ends pipeline": true` in
+    /// `job accepted`. Only with `pipeline id`.
+    #[serde(
+        rename = "ends pipeline",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub ends_pipeline: Option<WireDuration>,
     /// `data` and any other keys, kept as sent.
     #[serde(flatten)]
     pub fields: Map<String, Value>,
@@ -150,6 +161,7 @@ impl NewJob {
         Self {
             worker: worker.into(),
             pipeline_id: None,
+            ends_pipeline: None,
             fields,
         }
     }
@@ -157,6 +169,13 @@ impl NewJob {
     /// The same job, as part of `pipeline_id`.
     pub fn in_pipeline(mut self, pipeline_id: PipelineId) -> Self {
         self.pipeline_id = Some(pipeline_id);
+        self
+    }
+
+    /// The same job, as the last of its pipeline, which had run for `elapsed` (see
+    /// [`NewJob::ends_pipeline`]).
+    pub fn ending_pipeline(mut self, elapsed: std::time::Duration) -> Self {
+        self.ends_pipeline = Some(WireDuration::from(elapsed));
         self
     }
 }
@@ -566,6 +585,11 @@ mod tests {
             }),
             Request::Probe(Probe { token: "t".into() }),
             Request::AddJob(NewJob::new("A", json!(null)).in_pipeline("p".into())),
+            Request::AddJob(
+                NewJob::new("B", json!(1))
+                    .in_pipeline("p".into())
+                    .ending_pipeline(std::time::Duration::from_millis(3)),
+            ),
             Request::PipelineFailed(PipelineFailed {
                 pipeline_id: "p".into(),
                 job_id: "j".into(),
@@ -596,6 +620,24 @@ mod tests {
             assert_eq!(decode_request(&req.encode()).unwrap(), req);
             assert!(Request::COMMANDS.contains(&req.command()));
         }
+    }
+
+    #[test]
+    fn ends_pipeline_is_its_own_key_not_job_data() {
+        let Ok(Request::AddJob(job)) = decode(json!({
+            "command": "add job", "worker": "B", "data": 1,
+            "pipeline id": "p", "ends pipeline": 0.25,
+        })) else {
+            panic!("not an add job");
+        };
+        assert_eq!(job.ends_pipeline, Some(WireDuration::from_secs(0.25)));
+        assert!(
+            !job.fields.contains_key("ends pipeline"),
+            "{:?}",
+            job.fields
+        );
+        let plain = Request::AddJob(NewJob::new("A", json!(null))).encode();
+        assert!(!String::from_utf8_lossy(&plain).contains("ends pipeline"));
     }
 
     #[test]
