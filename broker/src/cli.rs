@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use clap::Args;
-use pypelinin_common::config::DaemonArgs;
+use pypelinin_common::daemon::config::DaemonArgs;
 
 use crate::{Broker, BrokerSettings, StoreFactory, WorkerRegistry};
 
@@ -49,7 +49,7 @@ pub async fn run(
     let settings = args.load()?;
     let broker =
         Broker::new(settings, registry, store_factory).context("cannot start the broker")?;
-    let shutdown = pypelinin_common::shutdown::token_on_signal();
+    let shutdown = pypelinin_common::daemon::shutdown::token_on_signal();
     broker.run(shutdown).await.context("the broker stopped")?;
     Ok(())
 }

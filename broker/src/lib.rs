@@ -28,11 +28,12 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use pypelinin_common::daemon::connect::wait_for_router;
 use pypelinin_common::ids::JobId;
 use pypelinin_common::protocol::reply::{decode_jobs_reply_value, decode_reply_value};
 use pypelinin_common::protocol::request::{GetJobs, JobFailed, JobFinished, RenewLeases};
 use pypelinin_common::protocol::{Answer, Event, JobAssignment, Request, WireDuration};
-use pypelinin_common::transport::{wait_for_router, ApiClient, ClientError, ClientOptions};
+use pypelinin_common::transport::{ApiClient, ClientError, ClientOptions};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::time::Instant;
@@ -44,7 +45,7 @@ pub use settings::BrokerSettings;
 pub use store::{FileStore, JobInfo, Store};
 pub use worker::{CommandWorker, JsonObject, TypedWorker, Worker, WorkerRegistry};
 
-use pypelinin_common::config::secs;
+use pypelinin_common::daemon::config::secs;
 use worker::BoxError;
 
 /// Builds the store from the cluster configuration the broker fetched from the router.

@@ -75,7 +75,7 @@ impl BrokerSettings {
     }
 }
 
-impl pypelinin_common::config::DaemonSettings for BrokerSettings {
+impl pypelinin_common::daemon::config::DaemonSettings for BrokerSettings {
     fn api_mut(&mut self) -> &mut String {
         &mut self.api
     }

@@ -1,26 +1,29 @@
-//! What every pypelinin process shares: the wire protocol, the pipeline model and the ZeroMQ
-//! transport, plus settings, logging and shutdown plumbing.
+//! What every pypelinin process shares, in three layers, each using only those above it:
 //!
-//! Layout:
-//! - [`ids`]: [`JobId`](ids::JobId) and [`PipelineId`](ids::PipelineId).
-//! - [`protocol`]: requests, replies and broadcast events in the legacy JSON spelling.
-//! - [`pipeline`]: [`Pipeline`](pipeline::Pipeline) DAGs, their legacy serialized form, DOT,
-//!   and the [`RunState`](pipeline::RunState) the pipeliner walks them with.
-//! - [`transport`]: every socket: the router's API server and publisher, the API client and
-//!   the subscriber.
-//! - [`config`]: TOML file + `PYPELININ_*` environment loading.
-//! - [`shutdown`], [`telemetry`]: Ctrl-C/SIGTERM and logging for the binaries.
-//! - `testing` (feature `test-util`): helpers for tests.
+//! 1. **Protocol** (no I/O): [`ids`] ([`JobId`](ids::JobId), [`PipelineId`](ids::PipelineId)),
+//!    [`protocol`] (requests, replies and broadcast events in the legacy JSON spelling) and
+//!    [`pipeline`] ([`Pipeline`](pipeline::Pipeline) DAGs, their legacy form, DOT, and the
+//!    [`RunState`](pipeline::RunState) a pipeliner walks them with).
+//! 2. **Transport** ([`transport`]): the ZeroMQ sockets — the router's API server and
+//!    publisher, the reconnecting API client with its typed requests, the subscriber.
+//! 3. **Daemon** (`daemon`, behind the cargo feature `daemon`): settings files and flags
+//!    (clap, config), logging (tracing-subscriber), Ctrl-C/SIGTERM, waiting for the router.
+//!    The client library does not enable it, so a program that only submits pipelines does
+//!    not compile the daemons' command-line and logging stacks.
+//!
+//! `testing` (feature `test-util`) has helpers for tests of the daemons.
 
-pub mod config;
 pub mod ids;
 pub mod pipeline;
 pub mod protocol;
-pub mod shutdown;
-pub mod telemetry;
+
+pub mod transport;
+
+#[cfg(feature = "daemon")]
+pub mod daemon;
+
 #[cfg(feature = "test-util")]
 pub mod testing;
-pub mod transport;
 
 /// The default API endpoint (loopback).
 pub const DEFAULT_API: &str = "tcp://127.0.0.1:5555";

@@ -2,7 +2,7 @@
 //! `my_pipeliner`.
 
 use clap::Args;
-use pypelinin_common::config::DaemonArgs;
+use pypelinin_common::daemon::config::DaemonArgs;
 
 use crate::{Pipeliner, PipelinerSettings};
 
@@ -31,7 +31,7 @@ impl PipelinerArgs {
 /// When the settings are invalid.
 pub async fn run(args: &PipelinerArgs) -> anyhow::Result<()> {
     let settings = args.load()?;
-    let shutdown = pypelinin_common::shutdown::token_on_signal();
+    let shutdown = pypelinin_common::daemon::shutdown::token_on_signal();
     Pipeliner::new(settings).run(shutdown).await;
     Ok(())
 }

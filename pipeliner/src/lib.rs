@@ -21,7 +21,8 @@ pub mod walks;
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use pypelinin_common::config::secs;
+use pypelinin_common::daemon::config::secs;
+use pypelinin_common::daemon::connect::wait_for_router;
 use pypelinin_common::protocol::reply::{
     decode_pipelines_reply_value, decode_reply_value, expect_answer_value,
 };
@@ -32,9 +33,7 @@ use pypelinin_common::protocol::PipelineAssignment;
 use pypelinin_common::protocol::{
     Answer, AnswerKind, Event, JobState, PipelineState, Request, WireDuration,
 };
-use pypelinin_common::transport::{
-    wait_for_router, ApiClient, ClientError, ClientOptions, Subscriber,
-};
+use pypelinin_common::transport::{ApiClient, ClientError, ClientOptions, Subscriber};
 use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio::time::Instant;

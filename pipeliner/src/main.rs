@@ -22,7 +22,7 @@ struct Cli {
 // wake-ups, which made every request ~30% slower on a 2-core machine (docs/performance.md).
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    pypelinin_common::telemetry::init();
+    pypelinin_common::daemon::telemetry::init();
     let cli = Cli::parse();
     match pypelinin_pipeliner::cli::run(&cli.pipeliner).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -47,7 +47,7 @@ impl Default for PipelinerSettings {
     }
 }
 
-impl pypelinin_common::config::DaemonSettings for PipelinerSettings {
+impl pypelinin_common::daemon::config::DaemonSettings for PipelinerSettings {
     fn api_mut(&mut self) -> &mut String {
         &mut self.api
     }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
-use pypelinin_common::config::DaemonArgs;
+use pypelinin_common::daemon::config::DaemonArgs;
 use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -96,7 +96,7 @@ pub async fn run_with_data_dir(
     default_data_dir: PathBuf,
 ) -> anyhow::Result<()> {
     // Listen for Ctrl-C/SIGTERM first: a signal during start-up then stops the router cleanly.
-    let shutdown: CancellationToken = pypelinin_common::shutdown::token_on_signal();
+    let shutdown: CancellationToken = pypelinin_common::daemon::shutdown::token_on_signal();
     let (settings, configuration) = args.load_with_data_dir(defaults, default_data_dir)?;
     match &settings.data_dir {
         Some(dir) => info!(data_dir = %dir.display(), "durable record"),

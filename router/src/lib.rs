@@ -11,14 +11,15 @@
 //! - [`settings`]: the router's own settings.
 //! - [`cli`]: the command line shared by `pypelinin-router` and the example's `my_router`.
 //!
-//! Inside [`Router::run`], three tasks: the receive loop decodes requests and answers
-//! malformed ones; the state task applies requests in batches (what arrived together is
-//! handled together) and keeps the requests that wait for work (`get jobs` with `wait ms`);
-//! each batch's replies, then its broadcasts, are sent with a timeout per reply so one client
-//! that stops reading cannot stall the others. A durable router sends them from its committer
-//! thread once the batch is on disk; the outbox task sends them for an in-memory router, and
-//! always answers malformed requests. Work handed to a waiting request whose reply cannot be
-//! delivered goes back to the state task, which queues it again.
+//! Inside [`Router::run`]: the receive loop decodes requests and answers malformed ones; the
+//! state task applies requests in batches (what arrived together is handled together) and keeps
+//! the requests that wait for work (`get jobs` with `wait ms`); a durable router's committer
+//! thread writes each group of batches to disk; the outbox task then sends their replies and
+//! broadcasts. The outbox never waits for a peer: a reply whose peer's queue is full is sent
+//! from a task of its own, and dropped after the reply timeout. Work handed to a waiting
+//! request whose reply cannot be delivered goes back to the state task, which queues it again.
+//! `run` watches every task and stops at once, with the error, when one ends unexpectedly (a
+//! committer that could not write, say).
 
 pub mod cli;
 pub mod persist;
@@ -52,6 +53,9 @@ pub enum Error {
     /// One of the router's tasks panicked.
     #[error("a router task failed")]
     Task(#[from] tokio::task::JoinError),
+    /// One of the router's tasks ended while the router was serving.
+    #[error("a router task ended unexpectedly")]
+    TaskEnded,
     /// The durable record cannot be opened or written.
     #[error(transparent)]
     Persist(#[from] PersistError),
@@ -143,40 +147,38 @@ impl Router {
             .api
             .split(self.settings.max_request_bytes, reply_timeout);
         let (request_tx, request_rx) = mpsc::channel::<(Envelope, Request)>(4 * BATCH);
-        let (out_tx, out_rx) = mpsc::channel::<Outgoing>(64);
-        let (commit_tx, commit_rx) = mpsc::channel::<Handled>(COMMIT_QUEUE);
+        let (out_tx, out_rx) = mpsc::channel::<Outgoing>(OUTBOX_QUEUE);
         // Bounded by the waiting requests (one reply each).
         let (back_tx, back_rx) = mpsc::unbounded_channel::<Handout>();
         let (durable, index) = match self.durable {
             Some((durable, index)) => (Some(durable), Some(index)),
             None => (None, None),
         };
-        // Without durability, batches go straight to the outbox (one task hop less).
-        // A durable router sends from the committer's thread (one thread hand-off less on every
-        // request); the outbox then sends only the answers to malformed requests.
-        let mut publisher = Some(self.publisher);
-        let (sink, commit_task) = match durable {
-            Some(durable) => (
-                Sink::Commit(commit_tx),
-                Some({
-                    let outbox = Outbox {
-                        runtime: tokio::runtime::Handle::current(),
-                        replier: replier.clone(),
-                        publisher: publisher.take().ok_or(TransportError::Closed)?,
-                        taken_back: back_tx.clone(),
-                    };
-                    tokio::task::spawn_blocking(move || commit_loop(&durable, commit_rx, outbox))
-                }),
-            ),
-            None => (Sink::Send(out_tx.clone()), None),
+        let mut tasks = tokio::task::JoinSet::new();
+        // A durable router hands each batch to the committer, which writes it and then passes
+        // it to the outbox; without durability batches go straight to the outbox.
+        let sink = match durable {
+            Some(durable) => {
+                let (commit_tx, commit_rx) = mpsc::channel::<Handled>(COMMIT_QUEUE);
+                let outbox = out_tx.clone();
+                tasks.spawn_blocking(move || commit_loop(&durable, commit_rx, &outbox));
+                Sink::Commit(commit_tx)
+            }
+            None => Sink::Send(out_tx.clone()),
         };
-        let state_task = tokio::spawn(state_loop(self.state, index, request_rx, back_rx, sink));
+        tasks.spawn(state_loop(self.state, index, request_rx, back_rx, sink));
+        tasks.spawn(outbox_loop(out_rx, replier, self.publisher, back_tx));
         let token = self.settings.token.clone().filter(|t| !t.is_empty());
-        let outbox_task = tokio::spawn(outbox_loop(out_rx, replier, publisher, back_tx));
 
+        // Set when a task ended before the router was asked to stop: it failed.
+        let mut ended_early = None;
         loop {
             let incoming = tokio::select! {
                 () = shutdown.cancelled() => break,
+                ended = tasks.join_next() => {
+                    ended_early = ended;
+                    break;
+                }
                 incoming = receiver.recv() => incoming,
             };
             let incoming = match incoming {
@@ -223,17 +225,44 @@ impl Router {
                 }
             }
         }
-        info!("router stopping");
+        if ended_early.is_some() {
+            error!("a router task ended unexpectedly; stopping");
+        } else {
+            info!("router stopping");
+        }
         drop(request_tx);
         drop(out_tx);
-        let state_result = state_task.await?;
-        let commit_result = match commit_task {
-            Some(task) => task.await?,
-            None => Ok(()),
-        };
-        outbox_task.await?;
-        info!("router stopped");
-        state_result.and(commit_result)
+        // Every task ends once the one before it in the chain has: the state task when the
+        // requests end, the committer when the state task is gone, the outbox after both.
+        let early = ended_early.is_some();
+        let mut result = Ok(());
+        let mut ended = ended_early;
+        loop {
+            let outcome = match ended.take() {
+                Some(outcome) => outcome,
+                None => match tasks.join_next().await {
+                    Some(outcome) => outcome,
+                    None => break,
+                },
+            };
+            let failure = match outcome {
+                Ok(Ok(())) => continue,
+                Ok(Err(e)) => e,
+                Err(e) => Error::Task(e),
+            };
+            error!(error = %failure, "router task failed");
+            if result.is_ok() {
+                result = Err(failure);
+            }
+        }
+        if early && result.is_ok() {
+            // The task that ended first said nothing of why; the router cannot go on without it.
+            result = Err(Error::TaskEnded);
+        }
+        if result.is_ok() {
+            info!("router stopped");
+        }
+        result
     }
 }
 
@@ -296,13 +325,8 @@ const COMMIT_QUEUE: usize = 8;
 /// Handled batches written in one transaction, at most.
 const COMMIT_GROUP: usize = 64;
 
-/// What the committer sends through, once a group is on disk.
-struct Outbox {
-    runtime: tokio::runtime::Handle,
-    replier: Replier,
-    publisher: Publisher,
-    taken_back: mpsc::UnboundedSender<Handout>,
-}
+/// Batches waiting for the outbox, at most.
+const OUTBOX_QUEUE: usize = 64;
 
 /// Where the state task hands handled batches.
 enum Sink {
@@ -404,12 +428,13 @@ async fn state_loop(
 }
 
 /// Group commit: writes the rows of every handled batch waiting (one write batch), and only
-/// then lets their replies and broadcasts go, in order. Runs on a thread of its own (a blocking
-/// task) for the router's life: a batch reaches the disk without a hop through the runtime.
+/// then hands their replies and broadcasts to the outbox, in order. Runs on a thread of its own
+/// (a blocking task) for the router's life; it only writes, so a peer that stops reading never
+/// delays a commit.
 fn commit_loop(
     durable: &Durable,
     mut handled: mpsc::Receiver<Handled>,
-    mut outbox: Outbox,
+    outbox: &mpsc::Sender<Outgoing>,
 ) -> Result<(), Error> {
     let mut group = Vec::with_capacity(COMMIT_GROUP);
     while let Some(first) = handled.blocking_recv() {
@@ -440,17 +465,12 @@ fn commit_loop(
                 return Err(e.into());
             }
         }
-        outbox.runtime.clone().block_on(async {
-            for h in group.drain(..) {
-                deliver(
-                    h.outgoing,
-                    &mut outbox.replier,
-                    Some(&mut outbox.publisher),
-                    &outbox.taken_back,
-                )
-                .await;
+        for h in group.drain(..) {
+            if outbox.blocking_send(h.outgoing).is_err() {
+                // The outbox is gone: the router is stopping.
+                return Ok(());
             }
-        });
+        }
     }
     Ok(())
 }
@@ -471,26 +491,30 @@ fn coalesce_wake_ups(events: &mut Vec<Event>) {
 /// by batch, in order.
 async fn outbox_loop(
     mut batches: mpsc::Receiver<Outgoing>,
-    mut replier: Replier,
-    mut publisher: Option<Publisher>,
+    replier: Replier,
+    mut publisher: Publisher,
     taken_back: mpsc::UnboundedSender<Handout>,
-) {
+) -> Result<(), Error> {
     while let Some(batch) = batches.recv().await {
-        deliver(batch, &mut replier, publisher.as_mut(), &taken_back).await;
+        deliver(batch, &replier, &mut publisher, &taken_back).await;
     }
+    Ok(())
 }
 
-/// Sends the replies of `batch`, then its broadcasts. Work handed to a waiting request whose
-/// reply cannot be delivered goes to `taken_back`.
+/// Sends the replies of `batch`, then its broadcasts, never waiting for a peer that does not
+/// read (its reply is dropped after the reply timeout, as a libzmq high-water mark would; the
+/// peer's request times out and it asks again). Work handed to a waiting request whose reply
+/// cannot be delivered goes to `taken_back`.
 async fn deliver(
     batch: Outgoing,
-    replier: &mut Replier,
-    publisher: Option<&mut Publisher>,
+    replier: &Replier,
+    publisher: &mut Publisher,
     taken_back: &mpsc::UnboundedSender<Handout>,
 ) {
     for (envelope, reply, handout) in batch.replies {
         let peer = envelope.peer();
-        if let Err(e) = replier.send(envelope, reply).await {
+        let taken_back = taken_back.clone();
+        replier.send_detached(envelope, reply, move |e| {
             if handout.is_empty() {
                 warn!(%peer, error = %e, "reply dropped");
             } else {
@@ -499,11 +523,8 @@ async fn deliver(
                 // The state task is gone only when the router stops.
                 let _ = taken_back.send(handout);
             }
-        }
+        });
     }
-    let Some(publisher) = publisher else {
-        return;
-    };
     for event in &batch.events {
         if let Err(e) = publisher.publish(event).await {
             warn!(%event, error = %e, "broadcast failed");

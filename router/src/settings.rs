@@ -86,7 +86,7 @@ impl Default for RouterSettings {
     }
 }
 
-impl pypelinin_common::config::DaemonSettings for RouterSettings {
+impl pypelinin_common::daemon::config::DaemonSettings for RouterSettings {
     fn api_mut(&mut self) -> &mut String {
         &mut self.api
     }

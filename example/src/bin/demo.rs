@@ -188,7 +188,7 @@ fn ctrl_c_flag() -> anyhow::Result<std::sync::Arc<std::sync::atomic::AtomicBool>
         else {
             return;
         };
-        runtime.block_on(pypelinin_common::shutdown::signal());
+        runtime.block_on(pypelinin_common::daemon::shutdown::signal());
         f.store(true, std::sync::atomic::Ordering::SeqCst);
     });
     Ok(flag)

@@ -24,7 +24,7 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    pypelinin_common::telemetry::init();
+    pypelinin_common::daemon::telemetry::init();
     let cli = Cli::parse();
     let result = async {
         let workers = pypelinin_example::workers::registry(cli.noop_workers)?;

@@ -34,7 +34,7 @@ struct Cli {
 // wake-ups, which made every request ~30% slower on a 2-core machine (docs/performance.md).
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    pypelinin_common::telemetry::init();
+    pypelinin_common::daemon::telemetry::init();
     let cli = Cli::parse();
     let home = cli.home.unwrap_or_else(cluster::default_home);
     let mut configuration = cluster::configuration(&home, cli.monitoring_interval);

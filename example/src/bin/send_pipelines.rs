@@ -38,7 +38,7 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    pypelinin_common::telemetry::init();
+    pypelinin_common::daemon::telemetry::init();
     match run(Cli::parse()).await {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,

@@ -1,0 +1,301 @@
+//! The typed requests of [`ApiClient`]: one method per command of the protocol.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use super::{ApiClient, ClientError};
+use crate::ids::{JobId, PipelineId};
+use crate::pipeline::Pipeline;
+use crate::protocol::reply::{
+    decode_batch_reply, decode_job_reply, decode_jobs_reply, decode_pipeline_reply,
+    decode_pipelines_reply, decode_reply, expect_answer,
+};
+use crate::protocol::request::{
+    GetJob, GetJobs, GetPipelines, JobFailed, JobFinished, JobStatusQuery, NewJob, NewPipeline,
+    PipelineFailed, PipelineFinished, PipelineStatusQuery, Probe, RenewLeases,
+};
+use crate::protocol::{
+    Answer, AnswerKind, JobAssignment, JobState, PipelineAssignment, PipelineStatus, ReplyError,
+    Request, WireDuration,
+};
+
+impl ApiClient {
+    /// `batch`: sends `requests` in one round trip; returns one reply per request, in order,
+    /// to read with the `_value` decoders of [`crate::protocol::reply`].
+    ///
+    /// # Errors
+    /// Transport failures, a refusal of the whole batch, or a reply that does not hold one
+    /// reply per request.
+    pub async fn batch(
+        &mut self,
+        requests: &[Request],
+    ) -> Result<Vec<serde_json::Value>, ClientError> {
+        let batch = Request::Batch(crate::protocol::Batch::of(requests));
+        let reply = self.request(&batch).await?;
+        let replies = decode_batch_reply(&reply)?;
+        if replies.len() != requests.len() {
+            return Err(ReplyError::Unexpected(format!(
+                "{} replies to a batch of {} requests",
+                replies.len(),
+                requests.len()
+            ))
+            .into());
+        }
+        Ok(replies)
+    }
+
+    /// `renew leases` for jobs this client runs and pipelines it walks.
+    ///
+    /// # Errors
+    /// Transport failures, or an error answer.
+    pub async fn renew_leases(&mut self, leases: RenewLeases) -> Result<(), ClientError> {
+        let reply = self.request(&Request::RenewLeases(leases)).await?;
+        expect_answer(&reply, AnswerKind::LeasesRenewed)?;
+        Ok(())
+    }
+
+    /// `get configuration`.
+    ///
+    /// # Errors
+    /// Transport failures, or a reply that is not a JSON object.
+    pub async fn get_configuration(
+        &mut self,
+    ) -> Result<serde_json::Map<String, serde_json::Value>, ClientError> {
+        let reply = self.request(&Request::GetConfiguration).await?;
+        Ok(decode_reply(&reply)?)
+    }
+
+    /// `add job`; returns the new job's id.
+    ///
+    /// # Errors
+    /// Transport failures, or the router's refusal.
+    pub async fn add_job(&mut self, job: NewJob) -> Result<JobId, ClientError> {
+        let reply = self.request(&Request::AddJob(job)).await?;
+        let answer = expect_answer(&reply, AnswerKind::JobAccepted)?;
+        answer
+            .job_id
+            .ok_or_else(|| ReplyError::Unexpected("job accepted without a job id".into()).into())
+    }
+
+    /// `get job`, for any worker (`None`) or only the given ones.
+    ///
+    /// # Errors
+    /// Transport failures, or the router's refusal.
+    pub async fn get_job(
+        &mut self,
+        workers: Option<Vec<String>>,
+    ) -> Result<Option<JobAssignment>, ClientError> {
+        let reply = self.request(&Request::GetJob(GetJob { workers })).await?;
+        Ok(decode_job_reply(&reply)?)
+    }
+
+    /// `get jobs`: up to `max` jobs at once (fewer when fewer are queued), oldest first.
+    ///
+    /// # Errors
+    /// Transport failures, or the router's refusal.
+    pub async fn get_jobs(
+        &mut self,
+        workers: Option<Vec<String>>,
+        max: usize,
+    ) -> Result<Vec<JobAssignment>, ClientError> {
+        let reply = self
+            .request(&Request::GetJobs(GetJobs::new(workers, max)))
+            .await?;
+        Ok(decode_jobs_reply(&reply)?)
+    }
+
+    /// `get jobs` that waits at the router up to `wait` (whole milliseconds) when no job is
+    /// queued, and returns the first jobs queued meanwhile (none once the wait is over).
+    ///
+    /// # Errors
+    /// Transport failures, or the router's refusal.
+    pub async fn wait_for_jobs(
+        &mut self,
+        workers: Option<Vec<String>>,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<JobAssignment>, ClientError> {
+        let get = GetJobs {
+            workers,
+            max,
+            wait_ms: Some(wait.as_millis() as u64),
+        };
+        let reply = self.request_waiting(&Request::GetJobs(get), wait).await?;
+        Ok(decode_jobs_reply(&reply)?)
+    }
+
+    /// `get pipelines` that waits as [`ApiClient::wait_for_jobs`] does.
+    ///
+    /// # Errors
+    /// Transport failures, or the router's refusal.
+    pub async fn wait_for_pipelines(
+        &mut self,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<PipelineAssignment>, ClientError> {
+        let get = GetPipelines {
+            max,
+            wait_ms: Some(wait.as_millis() as u64),
+        };
+        let reply = self
+            .request_waiting(&Request::GetPipelines(get), wait)
+            .await?;
+        Ok(decode_pipelines_reply(&reply)?)
+    }
+
+    /// `job finished`; returns the answer (`good job!` or `unknown job id`).
+    ///
+    /// # Errors
+    /// Transport failures, or an error answer.
+    pub async fn job_finished(
+        &mut self,
+        job_id: JobId,
+        duration: WireDuration,
+    ) -> Result<Answer, ClientError> {
+        let reply = self
+            .request(&Request::JobFinished(JobFinished { job_id, duration }))
+            .await?;
+        Ok(decode_reply(&reply)?)
+    }
+
+    /// `job failed`; returns the answer.
+    ///
+    /// # Errors
+    /// Transport failures, or an error answer.
+    pub async fn job_failed(&mut self, failure: JobFailed) -> Result<Answer, ClientError> {
+        let reply = self.request(&Request::JobFailed(failure)).await?;
+        Ok(decode_reply(&reply)?)
+    }
+
+    /// `add pipeline`; returns the new pipeline's id.
+    ///
+    /// # Errors
+    /// Transport failures, or the router's refusal (`invalid pipeline`, ...).
+    pub async fn add_pipeline(&mut self, pipeline: &Pipeline) -> Result<PipelineId, ClientError> {
+        self.add_pipeline_with_id(pipeline, None).await
+    }
+
+    /// `add pipeline` with a client request id: sending the same id again (after a lost reply)
+    /// gives the same pipeline instead of a second one.
+    ///
+    /// # Errors
+    /// Transport failures, or the router's refusal (`invalid pipeline`, `queue full`, ...).
+    pub async fn add_pipeline_with_id(
+        &mut self,
+        pipeline: &Pipeline,
+        request_id: Option<&str>,
+    ) -> Result<PipelineId, ClientError> {
+        let mut fields = serde_json::Map::new();
+        if let Some(id) = request_id {
+            fields.insert("request id".into(), id.into());
+        }
+        let request = Request::AddPipeline(NewPipeline {
+            pipeline: pipeline.to_legacy(),
+            fields,
+        });
+        let reply = self.request(&request).await?;
+        let answer = expect_answer(&reply, AnswerKind::PipelineAccepted)?;
+        answer.pipeline_id.ok_or_else(|| {
+            ReplyError::Unexpected("pipeline accepted without a pipeline id".into()).into()
+        })
+    }
+
+    /// `get pipeline`.
+    ///
+    /// # Errors
+    /// Transport failures, or the router's refusal.
+    pub async fn get_pipeline(&mut self) -> Result<Option<PipelineAssignment>, ClientError> {
+        let reply = self.request(&Request::GetPipeline).await?;
+        Ok(decode_pipeline_reply(&reply)?)
+    }
+
+    /// `get pipelines`: up to `max` pipelines at once, oldest first.
+    ///
+    /// # Errors
+    /// Transport failures, or the router's refusal.
+    pub async fn get_pipelines(
+        &mut self,
+        max: usize,
+    ) -> Result<Vec<PipelineAssignment>, ClientError> {
+        let reply = self
+            .request(&Request::GetPipelines(GetPipelines::new(max)))
+            .await?;
+        Ok(decode_pipelines_reply(&reply)?)
+    }
+
+    /// `pipeline finished`; returns the answer.
+    ///
+    /// # Errors
+    /// Transport failures, or an error answer.
+    pub async fn pipeline_finished(
+        &mut self,
+        pipeline_id: PipelineId,
+        duration: WireDuration,
+    ) -> Result<Answer, ClientError> {
+        let reply = self
+            .request(&Request::PipelineFinished(PipelineFinished {
+                pipeline_id,
+                duration,
+            }))
+            .await?;
+        Ok(decode_reply(&reply)?)
+    }
+
+    /// `pipeline failed`; returns the answer.
+    ///
+    /// # Errors
+    /// Transport failures, or an error answer.
+    pub async fn pipeline_failed(
+        &mut self,
+        failure: PipelineFailed,
+    ) -> Result<Answer, ClientError> {
+        let reply = self.request(&Request::PipelineFailed(failure)).await?;
+        Ok(decode_reply(&reply)?)
+    }
+
+    /// `job status` of `job_ids`.
+    ///
+    /// # Errors
+    /// Transport failures, or an error answer.
+    pub async fn job_status(
+        &mut self,
+        job_ids: Vec<JobId>,
+    ) -> Result<BTreeMap<JobId, JobState>, ClientError> {
+        let reply = self
+            .request(&Request::JobStatus(JobStatusQuery { job_ids }))
+            .await?;
+        let answer = expect_answer(&reply, AnswerKind::Status)?;
+        Ok(answer.jobs.unwrap_or_default())
+    }
+
+    /// `pipeline status` of `pipeline_ids`.
+    ///
+    /// # Errors
+    /// Transport failures, or an error answer.
+    pub async fn pipeline_status(
+        &mut self,
+        pipeline_ids: Vec<PipelineId>,
+    ) -> Result<BTreeMap<PipelineId, PipelineStatus>, ClientError> {
+        let reply = self
+            .request(&Request::PipelineStatus(PipelineStatusQuery {
+                pipeline_ids,
+            }))
+            .await?;
+        let answer = expect_answer(&reply, AnswerKind::Status)?;
+        Ok(answer.pipelines.unwrap_or_default())
+    }
+
+    /// `probe`: asks the router to broadcast `probe: <token>`.
+    ///
+    /// # Errors
+    /// Transport failures, or an error answer.
+    pub async fn probe(&mut self, token: &str) -> Result<(), ClientError> {
+        let reply = self
+            .request(&Request::Probe(Probe {
+                token: token.to_owned(),
+            }))
+            .await?;
+        expect_answer(&reply, AnswerKind::ProbeSent)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,258 @@
+//! The client's connection to the router's API: one REQ socket, rebuilt after any failure.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::time::timeout;
+use zeromq::{ReqSocket, Socket, SocketOptions, SocketRecv, SocketSend, ZmqError, ZmqMessage};
+
+use super::TransportError;
+use crate::protocol::Request;
+
+/// Timeouts of client sockets.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientOptions {
+    /// How long to wait for the router to accept a connection.
+    pub connect_timeout: Duration,
+    /// How long to wait for a reply.
+    pub request_timeout: Duration,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A client of the router's API: one request at a time, with bounded waits.
+///
+/// It owns its REQ socket and rebuilds it on the next request after any error or timeout.
+pub struct ApiClient {
+    endpoint: String,
+    options: ClientOptions,
+    socket: Option<ReqSocket>,
+    token: Option<String>,
+}
+
+impl ApiClient {
+    /// A client of `endpoint`; it connects on the first request.
+    pub fn new(endpoint: impl Into<String>, options: ClientOptions) -> Self {
+        Self {
+            endpoint: endpoint.into(),
+            options,
+            socket: None,
+            token: None,
+        }
+    }
+
+    /// Sends `token` with every request (for a router that requires a cluster token).
+    pub fn with_token(mut self, token: Option<String>) -> Self {
+        self.token = token.filter(|t| !t.is_empty());
+        self
+    }
+
+    /// A client that is connected already.
+    ///
+    /// # Errors
+    /// [`TransportError::Connect`] when the router does not answer within the connect timeout.
+    pub async fn connect(
+        endpoint: impl Into<String>,
+        options: ClientOptions,
+    ) -> Result<Self, TransportError> {
+        let mut client = Self::new(endpoint, options);
+        client.ensure_connected().await?;
+        Ok(client)
+    }
+
+    /// The router endpoint.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    async fn ensure_connected(&mut self) -> Result<&mut ReqSocket, TransportError> {
+        if self.socket.is_none() {
+            let mut options = SocketOptions::default();
+            options.connect_timeout(self.options.connect_timeout);
+            let mut socket = ReqSocket::with_options(options);
+            // The crate's own timeout covers the retries; ours also bounds a hung handshake.
+            let limit = self.options.connect_timeout + Duration::from_millis(500);
+            match timeout(limit, socket.connect(&self.endpoint)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(ZmqError::ConnectTimeout(_))) | Err(_) => {
+                    return Err(TransportError::Connect {
+                        endpoint: self.endpoint.clone(),
+                        timeout: self.options.connect_timeout,
+                    })
+                }
+                Ok(Err(source)) => {
+                    return Err(TransportError::ConnectFailed {
+                        endpoint: self.endpoint.clone(),
+                        source,
+                    })
+                }
+            }
+            self.socket = Some(socket);
+        }
+        // Set just above.
+        self.socket.as_mut().ok_or(TransportError::Closed)
+    }
+
+    /// Sends one request frame and returns the reply frame.
+    ///
+    /// # Errors
+    /// Any [`TransportError`]; the socket is then rebuilt on the next call.
+    pub async fn request_bytes(&mut self, body: Vec<u8>) -> Result<Bytes, TransportError> {
+        let limit = self.options.request_timeout;
+        self.request_bytes_within(body, limit).await
+    }
+
+    async fn request_bytes_within(
+        &mut self,
+        body: Vec<u8>,
+        request_timeout: Duration,
+    ) -> Result<Bytes, TransportError> {
+        let result = self.exchange(body, request_timeout).await;
+        if result.is_err() {
+            // A REQ that lost its reply can never send again: start afresh next time.
+            self.socket = None;
+        }
+        result
+    }
+
+    async fn exchange(
+        &mut self,
+        body: Vec<u8>,
+        request_timeout: Duration,
+    ) -> Result<Bytes, TransportError> {
+        let endpoint = self.endpoint.clone();
+        let socket = self.ensure_connected().await?;
+        let socket_err = |source| TransportError::Socket {
+            endpoint: endpoint.clone(),
+            source,
+        };
+        let exchange = async {
+            socket
+                .send(ZmqMessage::from(body))
+                .await
+                .map_err(socket_err)?;
+            socket.recv().await.map_err(socket_err)
+        };
+        let reply =
+            timeout(request_timeout, exchange)
+                .await
+                .map_err(|_| TransportError::Timeout {
+                    endpoint: endpoint.clone(),
+                    timeout: request_timeout,
+                })??;
+        let frames = reply.len();
+        match reply.into_vec().pop() {
+            Some(frame) if frames == 1 => Ok(frame),
+            _ => Err(TransportError::BadReply { endpoint, frames }),
+        }
+    }
+
+    /// Sends a request and returns the reply frame.
+    ///
+    /// # Errors
+    /// As [`ApiClient::request_bytes`].
+    pub async fn request(&mut self, request: &Request) -> Result<Bytes, TransportError> {
+        let limit = self.options.request_timeout;
+        self.request_within(request, limit).await
+    }
+
+    /// As [`ApiClient::request`], for a request the router may hold up to `wait` before
+    /// answering (on top of the request timeout).
+    pub(crate) async fn request_waiting(
+        &mut self,
+        request: &Request,
+        wait: Duration,
+    ) -> Result<Bytes, TransportError> {
+        let limit = self.options.request_timeout + wait;
+        self.request_within(request, limit).await
+    }
+
+    async fn request_within(
+        &mut self,
+        request: &Request,
+        request_timeout: Duration,
+    ) -> Result<Bytes, TransportError> {
+        let body = match &self.token {
+            None => request.encode(),
+            Some(token) => {
+                let mut value = serde_json::to_value(request).unwrap_or_default();
+                if let Some(map) = value.as_object_mut() {
+                    map.insert(
+                        crate::protocol::request::CLUSTER_TOKEN.into(),
+                        token.clone().into(),
+                    );
+                }
+                serde_json::to_vec(&value).unwrap_or_default()
+            }
+        };
+        self.request_bytes_within(body, request_timeout).await
+    }
+}
+
+/// Exponential back-off for loops that retry the router: each failure doubles the next wait,
+/// up to a cap; a success starts again from the first wait.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    first: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    /// Waits of `first`, doubling up to `max`.
+    pub const fn new(first: Duration, max: Duration) -> Self {
+        Self {
+            first,
+            max,
+            next: first,
+        }
+    }
+
+    /// The wait after one more failure.
+    pub fn next_delay(&mut self) -> Duration {
+        let delay = self.next;
+        self.next = self.next.saturating_mul(2).min(self.max);
+        delay
+    }
+
+    /// After a success: the next failure waits `first` again.
+    pub fn reset(&mut self) {
+        self.next = self.first;
+    }
+}
+
+impl Default for Backoff {
+    /// 100 ms, doubling up to 2 s: what the daemons use while the router is unreachable.
+    fn default() -> Self {
+        Self::new(Duration::from_millis(100), Duration::from_secs(2))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(350));
+        let waits: Vec<_> = (0..4).map(|_| b.next_delay().as_millis()).collect();
+        assert_eq!(waits, [100, 200, 350, 350]);
+        b.reset();
+        assert_eq!(b.next_delay(), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn backoff_never_overflows() {
+        let mut b = Backoff::new(Duration::MAX / 2, Duration::MAX);
+        for _ in 0..4 {
+            assert!(b.next_delay() <= Duration::MAX);
+        }
+    }
+}

@@ -1,0 +1,245 @@
+//! The router's sockets: the API server (ROUTER) and the publisher (PUB).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::time::timeout;
+use tracing::{debug, trace};
+use zeromq::{
+    PubSocket, RouterRecvHalf, RouterSendHalf, RouterSocket, Socket, SocketRecv, SocketSend,
+    ZmqError, ZmqMessage,
+};
+
+use super::TransportError;
+use crate::protocol::Event;
+
+/// The routing frames of a request (identity, any REQ_CORRELATE id, the empty delimiter), sent
+/// back unchanged in front of the reply.
+#[derive(Debug, Clone)]
+pub struct Envelope(Vec<Bytes>);
+
+impl Envelope {
+    /// The peer's identity, hex-encoded for logs.
+    pub fn peer(&self) -> String {
+        self.0
+            .first()
+            .map(|id| id.iter().map(|b| format!("{b:02x}")).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// One request received by the [`ApiServer`].
+#[derive(Debug)]
+pub struct Incoming {
+    /// Where the reply goes.
+    pub envelope: Envelope,
+    /// The single body frame, or why the frames are not one request.
+    pub body: Result<Bytes, String>,
+}
+
+/// The API socket of the router: a ROUTER that serves many REQ (and DEALER) clients at once.
+pub struct ApiServer {
+    socket: RouterSocket,
+    endpoint: String,
+}
+
+impl ApiServer {
+    /// Binds `endpoint` (`tcp://127.0.0.1:0` picks a free port; see [`ApiServer::endpoint`]).
+    ///
+    /// # Errors
+    /// [`TransportError::Bind`] when the endpoint cannot be bound.
+    pub async fn bind(endpoint: &str) -> Result<Self, TransportError> {
+        let mut socket = RouterSocket::new();
+        let bound = socket
+            .bind(endpoint)
+            .await
+            .map_err(|source| TransportError::Bind {
+                endpoint: endpoint.to_owned(),
+                source,
+            })?;
+        Ok(Self {
+            socket,
+            endpoint: bound.to_string(),
+        })
+    }
+
+    /// The endpoint actually bound (with the real port).
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// Splits into the receiving half and a cloneable replying half.
+    pub fn split(
+        self,
+        max_request_bytes: usize,
+        send_timeout: Duration,
+    ) -> (RequestReceiver, Replier) {
+        let (send, recv) = self.socket.split();
+        (
+            RequestReceiver {
+                recv,
+                max_request_bytes,
+            },
+            Replier { send, send_timeout },
+        )
+    }
+}
+
+/// Receives requests from the [`ApiServer`].
+pub struct RequestReceiver {
+    recv: RouterRecvHalf,
+    max_request_bytes: usize,
+}
+
+impl RequestReceiver {
+    /// The next request. Frames that do not make one request come back as `body: Err(..)`,
+    /// so the caller can answer them.
+    ///
+    /// # Errors
+    /// [`TransportError::Closed`] once the socket is shut down.
+    pub async fn recv(&mut self) -> Result<Incoming, TransportError> {
+        let message = match self.recv.recv().await {
+            Ok(m) => m,
+            Err(ZmqError::NoMessage) => return Err(TransportError::Closed),
+            Err(e) => {
+                // Per-peer failures; the crate already dropped the peer. Keep serving.
+                debug!(error = %e, "receive failed");
+                return Err(TransportError::Socket {
+                    endpoint: String::new(),
+                    source: e,
+                });
+            }
+        };
+        Ok(self.split_frames(message))
+    }
+
+    fn split_frames(&self, message: ZmqMessage) -> Incoming {
+        let mut frames = message.into_vec();
+        // frames[0] is the identity the ROUTER added; the envelope runs to the first empty frame.
+        let delimiter = frames
+            .iter()
+            .skip(1)
+            .position(|f| f.is_empty())
+            .map(|p| p + 1);
+        let body_start = delimiter.map_or(1, |d| d + 1);
+        let body: Vec<Bytes> = frames.split_off(body_start.min(frames.len()));
+        let envelope = Envelope(frames);
+        let body = match body.as_slice() {
+            [one] if one.len() > self.max_request_bytes => Err(format!(
+                "request of {} bytes exceeds the limit of {} bytes",
+                one.len(),
+                self.max_request_bytes
+            )),
+            [one] => Ok(one.clone()),
+            other => Err(format!("request has {} frames, expected 1", other.len())),
+        };
+        Incoming { envelope, body }
+    }
+}
+
+/// Sends replies through the [`ApiServer`]; clones share the socket.
+#[derive(Clone)]
+pub struct Replier {
+    send: RouterSendHalf,
+    send_timeout: Duration,
+}
+
+impl Replier {
+    /// Sends `body` to the peer of `envelope`. A peer that does not read within the send timeout
+    /// loses its reply rather than stalling everyone.
+    ///
+    /// # Errors
+    /// [`TransportError::Timeout`] or [`TransportError::Socket`]; the server keeps working.
+    pub async fn send(&mut self, envelope: Envelope, body: Vec<u8>) -> Result<(), TransportError> {
+        let mut frames = envelope.0;
+        frames.push(Bytes::from(body));
+        let message = ZmqMessage::try_from(frames).map_err(|_| TransportError::Closed)?;
+        match timeout(self.send_timeout, self.send.send(message)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(source)) => Err(TransportError::Socket {
+                endpoint: String::new(),
+                source,
+            }),
+            Err(_) => Err(TransportError::Timeout {
+                endpoint: String::new(),
+                timeout: self.send_timeout,
+            }),
+        }
+    }
+
+    /// Sends `body` to the peer of `envelope` without making the caller wait. The reply is
+    /// queued for the peer's connection at once in the usual case; when that queue is full
+    /// (a peer that stopped reading), the send goes on in a task of its own for up to the send
+    /// timeout, so one slow peer never holds up the replies to the others. `failed` is called
+    /// with the error when the reply could not be delivered.
+    ///
+    /// Call it inside the tokio runtime.
+    pub fn send_detached<F>(&self, envelope: Envelope, body: Vec<u8>, failed: F)
+    where
+        F: FnOnce(TransportError) + Send + 'static,
+    {
+        let mut replier = self.clone();
+        let mut send = Box::pin(async move { replier.send(envelope, body).await });
+        // One poll with a waker that does nothing: it completes whenever the peer's queue has
+        // room. If it cannot, the task below polls it again with a real waker.
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match std::future::Future::poll(send.as_mut(), &mut cx) {
+            std::task::Poll::Ready(Ok(())) => {}
+            std::task::Poll::Ready(Err(e)) => failed(e),
+            std::task::Poll::Pending => {
+                tokio::spawn(async move {
+                    if let Err(e) = send.await {
+                        failed(e);
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// The broadcast socket of the router.
+pub struct Publisher {
+    socket: PubSocket,
+    endpoint: String,
+}
+
+impl Publisher {
+    /// Binds `endpoint`.
+    ///
+    /// # Errors
+    /// [`TransportError::Bind`] when the endpoint cannot be bound.
+    pub async fn bind(endpoint: &str) -> Result<Self, TransportError> {
+        let mut socket = PubSocket::new();
+        let bound = socket
+            .bind(endpoint)
+            .await
+            .map_err(|source| TransportError::Bind {
+                endpoint: endpoint.to_owned(),
+                source,
+            })?;
+        Ok(Self {
+            socket,
+            endpoint: bound.to_string(),
+        })
+    }
+
+    /// The endpoint actually bound.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// Broadcasts `event` as one string frame.
+    ///
+    /// # Errors
+    /// [`TransportError::Socket`] when the socket fails.
+    pub async fn publish(&mut self, event: &Event) -> Result<(), TransportError> {
+        trace!(%event, "publish");
+        self.socket
+            .send(ZmqMessage::from(event.to_string()))
+            .await
+            .map_err(|source| TransportError::Socket {
+                endpoint: self.endpoint.clone(),
+                source,
+            })
+    }
+}
