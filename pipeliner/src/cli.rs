@@ -32,6 +32,6 @@ impl PipelinerArgs {
 pub async fn run(args: &PipelinerArgs) -> anyhow::Result<()> {
     let settings = args.load()?;
     let shutdown = pypelinin_common::daemon::shutdown::token_on_signal();
-    Pipeliner::new(settings).run(shutdown).await;
+    Pipeliner::new(settings).run(shutdown).await?;
     Ok(())
 }

@@ -59,12 +59,30 @@ impl DaemonArgs {
     }
 }
 
-/// A setting in seconds as a duration; a non-positive or non-finite value gives `fallback`.
-pub fn secs(value: f64, fallback: std::time::Duration) -> std::time::Duration {
-    if value.is_finite() && value > 0.0 {
-        std::time::Duration::from_secs_f64(value)
+/// The longest duration a setting may give: a year. Longer makes no sense for a lease, a
+/// timeout or a grace period, and would overflow the clock's arithmetic.
+pub const MAX_SETTING_SECS: f64 = 365.0 * 24.0 * 3600.0;
+
+/// The setting `name` in seconds as a duration; zero or a negative value gives `fallback`.
+///
+/// # Errors
+/// [`ConfigError::Value`] for a value that is not a number or is longer than
+/// [`MAX_SETTING_SECS`].
+pub fn secs(
+    name: &str,
+    value: f64,
+    fallback: std::time::Duration,
+) -> Result<std::time::Duration, ConfigError> {
+    if value.is_nan() || value > MAX_SETTING_SECS {
+        return Err(ConfigError::Value {
+            name: name.to_owned(),
+            reason: format!("{value} is not a number of seconds from 0 to {MAX_SETTING_SECS}"),
+        });
+    }
+    if value > 0.0 {
+        Ok(std::time::Duration::from_secs_f64(value))
     } else {
-        fallback
+        Ok(fallback)
     }
 }
 
@@ -97,6 +115,14 @@ pub enum ConfigError {
         /// Why.
         #[source]
         source: Box<config::ConfigError>,
+    },
+    /// A value is of the right type but cannot be used.
+    #[error("invalid setting {name}: {reason}")]
+    Value {
+        /// The setting.
+        name: String,
+        /// Why.
+        reason: String,
     },
 }
 
@@ -310,5 +336,17 @@ api = "tcp://127.0.0.1:7000"
             ConfigFile::read(&dir),
             Err(ConfigError::Read { .. })
         ));
+    }
+
+    #[test]
+    fn durations_past_a_year_or_not_a_number_are_refused_with_their_name() {
+        let fallback = std::time::Duration::from_secs(7);
+        assert_eq!(secs("x", 1.5, fallback).unwrap().as_millis(), 1500);
+        assert_eq!(secs("x", 0.0, fallback).unwrap(), fallback);
+        assert_eq!(secs("x", -3.0, fallback).unwrap(), fallback);
+        for bad in [f64::NAN, f64::INFINITY, 1e30, MAX_SETTING_SECS * 2.0] {
+            let e = secs("lease_renew_secs", bad, fallback).unwrap_err();
+            assert!(e.to_string().contains("lease_renew_secs"), "{e}");
+        }
     }
 }

@@ -6,8 +6,11 @@
 //! - [`telemetry`]: logging to stderr (tracing-subscriber).
 //! - [`shutdown`]: Ctrl-C and SIGTERM as a cancellation token.
 //! - [`connect`]: waiting for the router at start.
+//! - [`runloop`]: the loop the broker and the pipeliner share, around a
+//!   [`Machine`](runloop::Machine) that holds what each does.
 
 pub mod config;
 pub mod connect;
+pub mod runloop;
 pub mod shutdown;
 pub mod telemetry;

@@ -313,6 +313,13 @@ pub struct RenewLeases {
     pub pipeline_ids: Vec<PipelineId>,
 }
 
+impl RenewLeases {
+    /// Whether it renews nothing.
+    pub fn is_empty(&self) -> bool {
+        self.job_ids.is_empty() && self.pipeline_ids.is_empty()
+    }
+}
+
 /// `job status`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobStatusQuery {

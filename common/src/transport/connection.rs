@@ -165,6 +165,22 @@ impl ApiClient {
 
     /// As [`ApiClient::request`], for a request the router may hold up to `wait` before
     /// answering (on top of the request timeout).
+    /// Sends a request the router may hold up to `wait` (a request for work with `wait ms`)
+    /// and returns the reply as JSON.
+    ///
+    /// # Errors
+    /// Transport failures, or a reply that is not JSON.
+    pub async fn request_value_waiting(
+        &mut self,
+        request: &Request,
+        wait: Duration,
+    ) -> Result<serde_json::Value, super::ClientError> {
+        let reply = self.request_waiting(request, wait).await?;
+        serde_json::from_slice(&reply).map_err(|e| {
+            crate::protocol::ReplyError::Unexpected(format!("the reply is not JSON: {e}")).into()
+        })
+    }
+
     pub(crate) async fn request_waiting(
         &mut self,
         request: &Request,
