@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use pypelinin_common::daemon::runloop::Machine;
 use pypelinin_common::ids::JobId;
-use pypelinin_common::protocol::reply::{decode_jobs_reply_value, decode_reply_value};
+use pypelinin_common::protocol::reply::FromReply;
 use pypelinin_common::protocol::request::{GetJobs, JobFailed, JobFinished, RenewLeases};
 use pypelinin_common::protocol::{Answer, Event, JobAssignment, ReplyError, Request, WireDuration};
 use serde_json::{json, Value};
@@ -116,7 +116,7 @@ impl Machine for BrokerMachine {
     }
 
     fn decode_work(&self, reply: Value) -> Result<Vec<JobAssignment>, ReplyError> {
-        decode_jobs_reply_value(reply)
+        Vec::<JobAssignment>::from_reply(reply)
     }
 
     fn is_wake_up(&self, event: &Event) -> bool {
@@ -155,7 +155,7 @@ impl Machine for BrokerMachine {
 
     fn replied(&mut self, ran: Ran, reply: Value) {
         let id = &ran.job.job_id;
-        match decode_reply_value::<Answer>(reply) {
+        match Answer::from_reply(reply) {
             Ok(answer) if !answer.answer.is_error() => {
                 debug!(job_id = %id, answer = ?answer.answer, "reported");
             }

@@ -14,7 +14,7 @@
 //!     fn name(&self) -> &str { "Upper" }
 //!     fn requires(&self) -> Vec<String> { vec!["text".into()] }
 //!     fn process(&self, input: JsonObject) -> WorkerResult<JsonObject> {
-//!         let text = input["text"].as_str().ok_or("text must be a string")?;
+//!         let text = input.get("text").and_then(|t| t.as_str()).ok_or("text must be a string")?;
 //!         let mut out = JsonObject::new();
 //!         out.insert("upper".into(), text.to_uppercase().into());
 //!         Ok(out)

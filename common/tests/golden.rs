@@ -1,8 +1,9 @@
 //! Golden tests: literal JSON and broadcast strings as the Python side sends and reads them.
 
 use pypelinin_common::pipeline::Pipeline;
-use pypelinin_common::protocol::reply::{decode_job_reply, decode_pipeline_reply};
+use pypelinin_common::protocol::reply::decode_reply;
 use pypelinin_common::protocol::{decode_request, Event, Request};
+use pypelinin_common::protocol::{JobAssignment, PipelineAssignment};
 use serde_json::json;
 
 #[test]
@@ -39,12 +40,12 @@ fn the_legacy_example_requests_decode() {
 
 #[test]
 fn legacy_replies_decode() {
-    let job = decode_job_reply(br#"{"worker": "Upper", "data": {"filename": "a.json"}, "job id": "8e97badfa6d64d0faf032d25a6b0a127"}"#)
+    let job = decode_reply::<Option<JobAssignment>>(br#"{"worker": "Upper", "data": {"filename": "a.json"}, "job id": "8e97badfa6d64d0faf032d25a6b0a127"}"#)
         .unwrap()
         .unwrap();
     assert_eq!(job.worker, "Upper");
     assert_eq!(job.data(), &json!({"filename": "a.json"}));
-    let p = decode_pipeline_reply(br#"{"pipeline": [["graph", [[[["worker_name", "A"]], null]]], ["data", null]], "pipeline id": "85d7a61c89024dfcb5da7b622b9f4058"}"#)
+    let p = decode_reply::<Option<PipelineAssignment>>(br#"{"pipeline": [["graph", [[[["worker_name", "A"]], null]]], ["data", null]], "pipeline id": "85d7a61c89024dfcb5da7b622b9f4058"}"#)
         .unwrap()
         .unwrap();
     assert_eq!(p.pipeline_id.as_str(), "85d7a61c89024dfcb5da7b622b9f4058");

@@ -7,9 +7,7 @@ use std::time::{Duration, Instant};
 
 use pypelinin_common::daemon::runloop::Machine;
 use pypelinin_common::ids::{JobId, PipelineId};
-use pypelinin_common::protocol::reply::{
-    decode_pipelines_reply_value, decode_reply_value, expect_answer_value,
-};
+use pypelinin_common::protocol::reply::{expect_answer_value, FromReply};
 use pypelinin_common::protocol::request::{
     GetPipelines, JobStatusQuery, NewJob, PipelineFailed, PipelineFinished, PipelineStatusQuery,
     RenewLeases,
@@ -98,7 +96,7 @@ impl PipelinerMachine {
             Action::Finish {
                 pipeline_id,
                 duration,
-            } => match decode_reply_value::<Answer>(reply) {
+            } => match Answer::from_reply(reply) {
                 Ok(a) if a.answer == AnswerKind::GoodJob => {
                     info!(%pipeline_id, secs = duration.as_secs_f64(), "pipeline finished");
                 }
@@ -120,7 +118,7 @@ impl PipelinerMachine {
                 ..
             } => {
                 warn!(%pipeline_id, %job_id, worker, error, "pipeline failed");
-                if let Err(e) = decode_reply_value::<Answer>(reply) {
+                if let Err(e) = Answer::from_reply(reply) {
                     warn!(%pipeline_id, error = %e, "the router refused pipeline failed");
                 }
             }
@@ -219,7 +217,7 @@ impl Machine for PipelinerMachine {
     }
 
     fn decode_work(&self, reply: Value) -> Result<Vec<PipelineAssignment>, ReplyError> {
-        decode_pipelines_reply_value(reply)
+        Vec::<PipelineAssignment>::from_reply(reply)
     }
 
     fn is_wake_up(&self, event: &Event) -> bool {

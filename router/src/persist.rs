@@ -71,11 +71,30 @@ pub struct Loaded {
     pub index: Index,
 }
 
-/// A stored row: the record and its id.
+/// The format of the rows this router writes. A router reads rows of this version and of
+/// every earlier one (a later change of format adds a version and a conversion), and refuses a
+/// record written by a newer router rather than misread it.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// A stored row: the record, its id and the version of its format.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Row<I, T> {
+    /// The format's version; rows written before versions existed are version 1.
+    #[serde(rename = "v", default = "first_version")]
+    version: u32,
     id: I,
     record: T,
+}
+
+fn first_version() -> u32 {
+    1
+}
+
+/// Only the version of a row, to say why a row cannot be read.
+#[derive(serde::Deserialize)]
+struct RowVersion {
+    #[serde(rename = "v", default = "first_version")]
+    version: u32,
 }
 
 /// The key of every stored record, so a change rewrites or deletes the right row. Owned by
@@ -246,7 +265,11 @@ where
     match row {
         Some((key, record)) => {
             index.insert(id.clone(), key);
-            let value = encode(&Row { id, record })?;
+            let value = encode(&Row {
+                version: SCHEMA_VERSION,
+                id,
+                record,
+            })?;
             Ok(Some((key, Some(value))))
         }
         None => Ok(index.remove(id).map(|key| (key, None))),
@@ -303,8 +326,20 @@ where
         let key = <[u8; 8]>::try_from(&*key)
             .map(u64::from_be_bytes)
             .map_err(|_| PersistError::Corrupt(format!("a key of {} bytes", key.len())))?;
-        let row: Row<K, T> = serde_json::from_slice(&value)
-            .map_err(|e| PersistError::Corrupt(format!("row {key}: {e}")))?;
+        let row: Row<K, T> = serde_json::from_slice(&value).map_err(|e| {
+            match serde_json::from_slice::<RowVersion>(&value) {
+                Ok(RowVersion { version }) if version > SCHEMA_VERSION => PersistError::Corrupt(
+                    format!("row {key} has format version {version}, written by a newer router (this one reads up to {SCHEMA_VERSION}); run that router instead"),
+                ),
+                _ => PersistError::Corrupt(format!("row {key}: {e}")),
+            }
+        })?;
+        if row.version > SCHEMA_VERSION {
+            return Err(PersistError::Corrupt(format!(
+                "row {key} has format version {}, written by a newer router (this one reads up to {SCHEMA_VERSION}); run that router instead",
+                row.version
+            )));
+        }
         index.insert(row.id.clone(), key);
         out.push((row.id, row.record));
     }
@@ -553,6 +588,43 @@ mod tests {
             b"earlier"
         );
         assert!(!dir.join(DATABASE).exists(), "nothing created beside it");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn rows_without_a_version_are_read_and_rows_of_a_newer_router_refused() {
+        let dir = data_dir("versions");
+        let record = json!({
+            "status": {"state": "finished"}, "at": NOW, "request id": null
+        });
+        {
+            let (durable, _) = open(&dir);
+            // A row as routers wrote them before rows had versions.
+            let unversioned = json!({"id": "p-old", "record": record});
+            durable
+                .ended
+                .insert(
+                    0u64.to_be_bytes(),
+                    serde_json::to_vec(&unversioned).unwrap(),
+                )
+                .unwrap();
+            durable.db.persist(fjall::PersistMode::SyncAll).unwrap();
+        }
+        let (_, loaded) = open(&dir);
+        assert_eq!(loaded.ended.len(), 1, "the unversioned row is read");
+        {
+            let (durable, _) = open(&dir);
+            let newer = json!({"v": SCHEMA_VERSION + 1, "id": "p-new", "record": {"shape": "new"}});
+            durable
+                .ended
+                .insert(1u64.to_be_bytes(), serde_json::to_vec(&newer).unwrap())
+                .unwrap();
+            durable.db.persist(fjall::PersistMode::SyncAll).unwrap();
+        }
+        let Err(e) = Durable::open(&dir, CACHE) else {
+            panic!("a row of a newer format was read");
+        };
+        assert!(e.to_string().contains("newer router"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

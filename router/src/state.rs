@@ -1131,9 +1131,10 @@ mod tests {
         now: u64,
     ) -> Option<pypelinin_common::protocol::PipelineAssignment> {
         match state.handle(Request::GetPipeline, now, &mut vec![]) {
-            reply @ Reply::Pipeline(_) => {
-                pypelinin_common::protocol::reply::decode_pipeline_reply(&reply.encode()).unwrap()
-            }
+            reply @ Reply::Pipeline(_) => pypelinin_common::protocol::reply::decode_reply::<
+                Option<pypelinin_common::protocol::PipelineAssignment>,
+            >(&reply.encode())
+            .unwrap(),
             other => panic!("{other:?}"),
         }
     }

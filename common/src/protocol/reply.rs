@@ -404,44 +404,102 @@ pub enum ReplyError {
     Unexpected(String),
 }
 
-/// Reads a reply as `T`; an `{"answer": ...}` that is not a `T` becomes [`ReplyError::Refused`].
+/// A reply a client reads. One decoder serves every shape: [`decode_reply`] for the bytes of a
+/// reply, [`FromReply::from_reply`] for a reply already parsed (an item of a batch reply).
 ///
-/// # Errors
-/// [`ReplyError::Refused`] for an answer of another shape, [`ReplyError::Unexpected`] for bytes
-/// that are no known reply.
-pub fn decode_reply<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ReplyError> {
-    let value: Value = serde_json::from_slice(bytes)
-        .map_err(|e| ReplyError::Unexpected(format!("{e}: {}", String::from_utf8_lossy(bytes))))?;
-    decode_reply_value(value)
+/// ```
+/// use pypelinin_common::protocol::reply::{decode_reply, FromReply};
+/// use pypelinin_common::protocol::JobAssignment;
+/// let none: Option<JobAssignment> = decode_reply(br#"{"worker": null}"#).unwrap();
+/// assert!(none.is_none());
+/// let jobs = Vec::<JobAssignment>::from_reply(serde_json::json!({"answer": "jobs", "jobs": []}));
+/// assert_eq!(jobs.unwrap(), vec![]);
+/// ```
+pub trait FromReply: Sized {
+    /// Reads `value` as this reply.
+    ///
+    /// # Errors
+    /// [`ReplyError::Refused`] for an `{"answer": ...}` of another shape (an error answer),
+    /// [`ReplyError::Unexpected`] for a value that is no known reply.
+    fn from_reply(value: Value) -> Result<Self, ReplyError>;
 }
 
-/// Reads the reply to a `batch`: one reply per request, in order (read each with the `_value`
-/// decoders).
-///
-/// # Errors
-/// [`ReplyError::Refused`] when the router refused the batch as a whole (`unauthorized`, `syntax
-/// error`), [`ReplyError::Unexpected`] for bytes that are no batch reply.
-pub fn decode_batch_reply(bytes: &[u8]) -> Result<Vec<Value>, ReplyError> {
-    let mut value: Value = serde_json::from_slice(bytes)
-        .map_err(|e| ReplyError::Unexpected(format!("{e}: {}", String::from_utf8_lossy(bytes))))?;
-    if value.get("answer").and_then(Value::as_str) == Some("batch") {
-        if let Some(Value::Array(replies)) = value.get_mut("replies").map(Value::take) {
-            return Ok(replies);
+/// `{"answer": ...}`.
+impl FromReply for Answer {
+    fn from_reply(value: Value) -> Result<Self, ReplyError> {
+        plain(value)
+    }
+}
+
+/// The cluster configuration (`get configuration`).
+impl FromReply for Map<String, Value> {
+    fn from_reply(value: Value) -> Result<Self, ReplyError> {
+        plain(value)
+    }
+}
+
+/// `get job`: a job, or none (`{"worker": null}`).
+impl FromReply for Option<JobAssignment> {
+    fn from_reply(value: Value) -> Result<Self, ReplyError> {
+        if value.get("worker").is_some_and(Value::is_null) {
+            return Ok(None);
         }
-    }
-    match serde_json::from_value::<Answer>(value.clone()) {
-        Ok(a) => Err(ReplyError::Refused(Box::new(a))),
-        Err(_) => Err(ReplyError::Unexpected(format!(
-            "not a batch reply: {value}"
-        ))),
+        plain(value).map(Some)
     }
 }
 
-/// As [`decode_reply`], for a reply already parsed (an item of a batch reply).
+/// `get pipeline`: a pipeline, or none (`{"pipeline": null}`).
+impl FromReply for Option<PipelineAssignment> {
+    fn from_reply(value: Value) -> Result<Self, ReplyError> {
+        if value.get("pipeline").is_some_and(Value::is_null) {
+            return Ok(None);
+        }
+        plain(value).map(Some)
+    }
+}
+
+/// `get jobs`: `{"answer": "jobs", "jobs": [...]}`.
+impl FromReply for Vec<JobAssignment> {
+    fn from_reply(value: Value) -> Result<Self, ReplyError> {
+        list(value, "jobs")
+    }
+}
+
+/// `get pipelines`: `{"answer": "pipelines", "pipelines": [...]}`.
+impl FromReply for Vec<PipelineAssignment> {
+    fn from_reply(value: Value) -> Result<Self, ReplyError> {
+        list(value, "pipelines")
+    }
+}
+
+/// `batch`: `{"answer": "batch", "replies": [...]}`, one reply per request, in order (read each
+/// with [`FromReply::from_reply`]). A refusal of the whole batch (`unauthorized`, `syntax
+/// error`) is [`ReplyError::Refused`].
+impl FromReply for Vec<Value> {
+    fn from_reply(value: Value) -> Result<Self, ReplyError> {
+        list(value, "replies").map_err(|e| match e {
+            ReplyError::Unexpected(_) => ReplyError::Unexpected("not a batch reply".into()),
+            e => e,
+        })
+    }
+}
+
+/// Reads the bytes of a reply as `T` (see [`FromReply`]).
 ///
 /// # Errors
-/// As [`decode_reply`].
-pub fn decode_reply_value<T: DeserializeOwned>(value: Value) -> Result<T, ReplyError> {
+/// As [`FromReply::from_reply`]; [`ReplyError::Unexpected`] for bytes that are not JSON.
+pub fn decode_reply<T: FromReply>(bytes: &[u8]) -> Result<T, ReplyError> {
+    T::from_reply(parse(bytes)?)
+}
+
+/// A reply as JSON.
+fn parse(bytes: &[u8]) -> Result<Value, ReplyError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| ReplyError::Unexpected(format!("{e}: {}", String::from_utf8_lossy(bytes))))
+}
+
+/// Reads a reply as `T`; an `{"answer": ...}` that is not a `T` becomes [`ReplyError::Refused`].
+fn plain<T: DeserializeOwned>(value: Value) -> Result<T, ReplyError> {
     match serde_json::from_value::<T>(value.clone()) {
         Ok(t) => Ok(t),
         Err(e) => match serde_json::from_value::<Answer>(value.clone()) {
@@ -451,98 +509,19 @@ pub fn decode_reply_value<T: DeserializeOwned>(value: Value) -> Result<T, ReplyE
     }
 }
 
-/// Reads the reply to `get job`.
-///
-/// # Errors
-/// As [`decode_reply`].
-pub fn decode_job_reply(bytes: &[u8]) -> Result<Option<JobAssignment>, ReplyError> {
-    let value: Value = serde_json::from_slice(bytes)
-        .map_err(|e| ReplyError::Unexpected(format!("{e}: {}", String::from_utf8_lossy(bytes))))?;
-    decode_job_reply_value(value)
-}
-
-/// As [`decode_job_reply`], for a reply already parsed.
-///
-/// # Errors
-/// As [`decode_reply`].
-pub fn decode_job_reply_value(value: Value) -> Result<Option<JobAssignment>, ReplyError> {
-    if value.get("worker").is_some_and(Value::is_null) {
-        return Ok(None);
-    }
-    decode_reply_value(value).map(Some)
-}
-
-/// Reads the reply to `get pipeline`.
-///
-/// # Errors
-/// As [`decode_reply`].
-pub fn decode_pipeline_reply(bytes: &[u8]) -> Result<Option<PipelineAssignment>, ReplyError> {
-    let value: Value = serde_json::from_slice(bytes)
-        .map_err(|e| ReplyError::Unexpected(format!("{e}: {}", String::from_utf8_lossy(bytes))))?;
-    decode_pipeline_reply_value(value)
-}
-
-/// As [`decode_pipeline_reply`], for a reply already parsed.
-///
-/// # Errors
-/// As [`decode_reply`].
-pub fn decode_pipeline_reply_value(value: Value) -> Result<Option<PipelineAssignment>, ReplyError> {
-    if value.get("pipeline").is_some_and(Value::is_null) {
-        return Ok(None);
-    }
-    decode_reply_value(value).map(Some)
-}
-
-/// Reads the reply to `get jobs`.
-///
-/// # Errors
-/// As [`decode_reply`].
-pub fn decode_jobs_reply(bytes: &[u8]) -> Result<Vec<JobAssignment>, ReplyError> {
-    decode_jobs_reply_value(parse(bytes)?)
-}
-
-/// Reads the reply to `get pipelines`.
-///
-/// # Errors
-/// As [`decode_reply`].
-pub fn decode_pipelines_reply(bytes: &[u8]) -> Result<Vec<PipelineAssignment>, ReplyError> {
-    decode_pipelines_reply_value(parse(bytes)?)
-}
-
-/// A reply as JSON.
-fn parse(bytes: &[u8]) -> Result<Value, ReplyError> {
-    serde_json::from_slice(bytes)
-        .map_err(|e| ReplyError::Unexpected(format!("{e}: {}", String::from_utf8_lossy(bytes))))
-}
-
-/// As [`decode_jobs_reply`], for a reply already parsed (an item of a batch reply).
-///
-/// # Errors
-/// As [`decode_reply`].
-pub fn decode_jobs_reply_value(value: Value) -> Result<Vec<JobAssignment>, ReplyError> {
-    decode_list(value, "jobs")
-}
-
-/// As [`decode_pipelines_reply`], for a reply already parsed.
-///
-/// # Errors
-/// As [`decode_reply`].
-pub fn decode_pipelines_reply_value(value: Value) -> Result<Vec<PipelineAssignment>, ReplyError> {
-    decode_list(value, "pipelines")
-}
-
 /// Reads `{"answer": key, key: [...]}` as a list of `T`.
-fn decode_list<T: DeserializeOwned>(mut value: Value, key: &str) -> Result<Vec<T>, ReplyError> {
-    if value.get("answer").and_then(Value::as_str) == Some(key) {
+fn list<T: DeserializeOwned>(mut value: Value, key: &str) -> Result<Vec<T>, ReplyError> {
+    let answer = if key == "replies" { "batch" } else { key };
+    if value.get("answer").and_then(Value::as_str) == Some(answer) {
         if let Some(list @ Value::Array(_)) = value.get_mut(key).map(Value::take) {
             return serde_json::from_value(list)
-                .map_err(|e| ReplyError::Unexpected(format!("{e}: in a {key} reply")));
+                .map_err(|e| ReplyError::Unexpected(format!("{e}: in a {answer} reply")));
         }
     }
     match serde_json::from_value::<Answer>(value.clone()) {
         Ok(a) => Err(ReplyError::Refused(Box::new(a))),
         Err(_) => Err(ReplyError::Unexpected(format!(
-            "not a {key} reply: {value}"
+            "not a {answer} reply: {value}"
         ))),
     }
 }
@@ -560,7 +539,7 @@ pub fn expect_answer(bytes: &[u8], expected: AnswerKind) -> Result<Answer, Reply
 /// # Errors
 /// As [`expect_answer`].
 pub fn expect_answer_value(value: Value, expected: AnswerKind) -> Result<Answer, ReplyError> {
-    check_answer(decode_reply_value(value)?, expected)
+    check_answer(Answer::from_reply(value)?, expected)
 }
 
 fn check_answer(answer: Answer, expected: AnswerKind) -> Result<Answer, ReplyError> {
@@ -580,8 +559,14 @@ mod tests {
     fn empty_queues_answer_like_the_legacy_router() {
         assert_eq!(Reply::Job(None).encode(), br#"{"worker":null}"#);
         assert_eq!(Reply::Pipeline(None).encode(), br#"{"pipeline":null}"#);
-        assert_eq!(decode_job_reply(br#"{"worker": null}"#), Ok(None));
-        assert_eq!(decode_pipeline_reply(br#"{"pipeline": null}"#), Ok(None));
+        assert_eq!(
+            decode_reply::<Option<JobAssignment>>(br#"{"worker": null}"#),
+            Ok(None)
+        );
+        assert_eq!(
+            decode_reply::<Option<PipelineAssignment>>(br#"{"pipeline": null}"#),
+            Ok(None)
+        );
     }
 
     #[test]
@@ -601,7 +586,7 @@ mod tests {
             v,
             json!({"worker": "Upper", "data": {"filename": "a.json"}, "extra": 1, "job id": "j1"})
         );
-        assert_eq!(decode_job_reply(&bytes), Ok(Some(job)));
+        assert_eq!(decode_reply::<Option<JobAssignment>>(&bytes), Ok(Some(job)));
     }
 
     #[test]
@@ -616,13 +601,16 @@ mod tests {
         let v: Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(v["answer"], "jobs");
         assert_eq!(v["jobs"][1]["job id"], "j2");
-        assert_eq!(decode_jobs_reply(&bytes), Ok(vec![job("j1"), job("j2")]));
+        assert_eq!(
+            decode_reply::<Vec<JobAssignment>>(&bytes),
+            Ok(vec![job("j1"), job("j2")])
+        );
         assert_eq!(
             Reply::Jobs(vec![]).encode(),
             br#"{"answer":"jobs","jobs":[]}"#
         );
         assert_eq!(
-            decode_jobs_reply(br#"{"answer":"jobs","jobs":[]}"#),
+            decode_reply::<Vec<JobAssignment>>(br#"{"answer":"jobs","jobs":[]}"#),
             Ok(vec![])
         );
 
@@ -633,18 +621,18 @@ mod tests {
             fields: Map::new(),
         };
         let bytes = Reply::Pipelines(vec![handout]).encode();
-        let got = decode_pipelines_reply(&bytes).unwrap();
+        let got = decode_reply::<Vec<PipelineAssignment>>(&bytes).unwrap();
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].pipeline_id, "p1".into());
         assert_eq!(got[0].pipeline, json!([["graph", []]]));
 
         let refused = br#"{"answer":"syntax error","error":"get jobs takes at most 10000"}"#;
         assert!(matches!(
-            decode_jobs_reply(refused),
+            decode_reply::<Vec<JobAssignment>>(refused),
             Err(ReplyError::Refused(a)) if a.answer == AnswerKind::SyntaxError
         ));
         assert!(matches!(
-            decode_pipelines_reply(br#"{"answer":"jobs","jobs":[]}"#),
+            decode_reply::<Vec<PipelineAssignment>>(br#"{"answer":"jobs","jobs":[]}"#),
             Err(ReplyError::Unexpected(_))
         ));
     }
@@ -660,13 +648,13 @@ mod tests {
             String::from_utf8(bytes.clone()).unwrap(),
             r#"{"answer":"syntax error","error":"missing field `worker`"}"#
         );
-        let err = decode_job_reply(&bytes).unwrap_err();
+        let err = decode_reply::<Option<JobAssignment>>(&bytes).unwrap_err();
         assert!(matches!(err, ReplyError::Refused(a) if a.answer == AnswerKind::SyntaxError));
         let err =
             expect_answer(br#"{"answer": "unknown job id"}"#, AnswerKind::GoodJob).unwrap_err();
         assert!(err.to_string().contains("UnknownJobId"), "{err}");
         assert!(matches!(
-            decode_job_reply(b"nonsense"),
+            decode_reply::<Option<JobAssignment>>(b"nonsense"),
             Err(ReplyError::Unexpected(_))
         ));
     }
@@ -686,8 +674,11 @@ mod tests {
                 {"worker": null}, {"answer": "good job!"}, {"answer": "unknown command"}
             ]})
         );
-        let items = decode_batch_reply(&bytes).unwrap();
-        assert_eq!(decode_job_reply_value(items[0].clone()), Ok(None));
+        let items = decode_reply::<Vec<Value>>(&bytes).unwrap();
+        assert_eq!(
+            Option::<JobAssignment>::from_reply(items[0].clone()),
+            Ok(None)
+        );
         assert!(expect_answer_value(items[1].clone(), AnswerKind::GoodJob).is_ok());
         assert!(matches!(
             expect_answer_value(items[2].clone(), AnswerKind::GoodJob),
@@ -698,11 +689,11 @@ mod tests {
             br#"{"answer":"batch","replies":[]}"#
         );
         assert!(matches!(
-            decode_batch_reply(br#"{"answer": "unauthorized"}"#),
+            decode_reply::<Vec<Value>>(br#"{"answer": "unauthorized"}"#),
             Err(ReplyError::Refused(a)) if a.answer == AnswerKind::Unauthorized
         ));
         assert!(matches!(
-            decode_batch_reply(br#"{"worker": null}"#),
+            decode_reply::<Vec<Value>>(br#"{"worker": null}"#),
             Err(ReplyError::Unexpected(_))
         ));
     }

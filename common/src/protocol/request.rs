@@ -6,116 +6,89 @@ use serde_json::{Map, Value};
 use super::duration::WireDuration;
 use crate::ids::{JobId, PipelineId};
 
-/// A request on the router's API socket, in the legacy JSON spelling.
-///
-/// ```
-/// use pypelinin_common::protocol::{decode_request, Request};
-/// let req = decode_request(br#"{"command": "get job"}"#).unwrap();
-/// assert!(matches!(req, Request::GetJob(_)));
-/// assert_eq!(req.encode(), br#"{"command":"get job"}"#);
-/// ```
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "command")]
-pub enum Request {
+/// Declares [`Request`] with each command's wire name written once: the serde tag, the
+/// [`Request::COMMANDS`] list and [`Request::command`] all come from it.
+macro_rules! requests {
+    ($(
+        $(#[doc = $doc:literal])*
+        $name:literal => $variant:ident $(($inner:ty))?,
+    )*) => {
+        /// A request on the router's API socket, in the legacy JSON spelling.
+        ///
+        /// ```
+        /// use pypelinin_common::protocol::{decode_request, Request};
+        /// let req = decode_request(br#"{"command": "get job"}"#).unwrap();
+        /// assert!(matches!(req, Request::GetJob(_)));
+        /// assert_eq!(req.encode(), br#"{"command":"get job"}"#);
+        /// ```
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        #[serde(tag = "command")]
+        pub enum Request {
+            $(
+                $(#[doc = $doc])*
+                #[serde(rename = $name)]
+                $variant $(($inner))?,
+            )*
+        }
+
+        impl Request {
+            /// Every command name this router understands.
+            pub const COMMANDS: &'static [&'static str] = &[$($name),*];
+
+            /// The command name as sent on the wire.
+            pub fn command(&self) -> &'static str {
+                match self {
+                    $(requests!(@pattern $variant $(($inner))?) => $name,)*
+                }
+            }
+        }
+    };
+    (@pattern $variant:ident ($inner:ty)) => { Request::$variant(_) };
+    (@pattern $variant:ident) => { Request::$variant };
+}
+
+requests! {
     /// Asks for the cluster configuration (the router's TOML file as JSON).
-    #[serde(rename = "get configuration")]
-    GetConfiguration,
+    "get configuration" => GetConfiguration,
     /// Queues a job.
-    #[serde(rename = "add job")]
-    AddJob(NewJob),
+    "add job" => AddJob(NewJob),
     /// Takes the oldest queued job (of the given workers, when the broker names them).
-    #[serde(rename = "get job")]
-    GetJob(GetJob),
+    "get job" => GetJob(GetJob),
     /// Reports a job done.
-    #[serde(rename = "job finished")]
-    JobFinished(JobFinished),
+    "job finished" => JobFinished(JobFinished),
     /// Reports that a job failed, with the error.
-    #[serde(rename = "job failed")]
-    JobFailed(JobFailed),
+    "job failed" => JobFailed(JobFailed),
     /// Queues a pipeline.
-    #[serde(rename = "add pipeline")]
-    AddPipeline(NewPipeline),
+    "add pipeline" => AddPipeline(NewPipeline),
     /// Takes the oldest queued pipeline.
-    #[serde(rename = "get pipeline")]
-    GetPipeline,
+    "get pipeline" => GetPipeline,
     /// Extension: takes up to `max` of the oldest queued jobs at once, as that many `get job`
     /// would; answers `{"answer": "jobs", "jobs": [...]}` (an empty list when none is queued).
-    #[serde(rename = "get jobs")]
-    GetJobs(GetJobs),
+    "get jobs" => GetJobs(GetJobs),
     /// Extension: takes up to `max` of the oldest queued pipelines at once, as that many
     /// `get pipeline` would; answers `{"answer": "pipelines", "pipelines": [...]}`.
-    #[serde(rename = "get pipelines")]
-    GetPipelines(GetPipelines),
+    "get pipelines" => GetPipelines(GetPipelines),
     /// Reports a pipeline done.
-    #[serde(rename = "pipeline finished")]
-    PipelineFinished(PipelineFinished),
+    "pipeline finished" => PipelineFinished(PipelineFinished),
     /// Extension: reports that a pipeline cannot finish because one of its jobs failed.
-    #[serde(rename = "pipeline failed")]
-    PipelineFailed(PipelineFailed),
+    "pipeline failed" => PipelineFailed(PipelineFailed),
     /// Extension: renews the leases of jobs a broker runs and pipelines a pipeliner walks.
-    #[serde(rename = "renew leases")]
-    RenewLeases(RenewLeases),
+    "renew leases" => RenewLeases(RenewLeases),
     /// Extension: asks where jobs stand (to re-sync after missed broadcasts).
-    #[serde(rename = "job status")]
-    JobStatus(JobStatusQuery),
+    "job status" => JobStatus(JobStatusQuery),
     /// Extension: asks where pipelines stand (finished ones are kept for a retention time).
-    #[serde(rename = "pipeline status")]
-    PipelineStatus(PipelineStatusQuery),
+    "pipeline status" => PipelineStatus(PipelineStatusQuery),
     /// Extension: asks the router to broadcast `probe: <token>`, so a subscriber can tell when
     /// its subscription is live.
-    #[serde(rename = "probe")]
-    Probe(Probe),
+    "probe" => Probe(Probe),
     /// Extension: several requests in one round trip. The router handles them in order, with
     /// nothing in between, and writes their changes in one durable write; it answers
     /// `{"answer": "batch", "replies": [...]}`, one reply per request, each what the request
     /// alone would have got.
-    #[serde(rename = "batch")]
-    Batch(Batch),
+    "batch" => Batch(Batch),
 }
 
 impl Request {
-    /// Every command name this router understands.
-    pub const COMMANDS: &'static [&'static str] = &[
-        "get configuration",
-        "add job",
-        "get job",
-        "job finished",
-        "job failed",
-        "add pipeline",
-        "get pipeline",
-        "get jobs",
-        "get pipelines",
-        "pipeline finished",
-        "pipeline failed",
-        "renew leases",
-        "job status",
-        "pipeline status",
-        "probe",
-        "batch",
-    ];
-
-    /// The command name as sent on the wire.
-    pub fn command(&self) -> &'static str {
-        match self {
-            Request::GetConfiguration => "get configuration",
-            Request::AddJob(_) => "add job",
-            Request::GetJob(_) => "get job",
-            Request::JobFinished(_) => "job finished",
-            Request::JobFailed(_) => "job failed",
-            Request::AddPipeline(_) => "add pipeline",
-            Request::GetPipeline => "get pipeline",
-            Request::GetJobs(_) => "get jobs",
-            Request::GetPipelines(_) => "get pipelines",
-            Request::PipelineFinished(_) => "pipeline finished",
-            Request::PipelineFailed(_) => "pipeline failed",
-            Request::RenewLeases(_) => "renew leases",
-            Request::JobStatus(_) => "job status",
-            Request::PipelineStatus(_) => "pipeline status",
-            Request::Probe(_) => "probe",
-            Request::Batch(_) => "batch",
-        }
-    }
-
     /// The request as one JSON frame.
     pub fn encode(&self) -> Vec<u8> {
         // Serializing these types cannot fail: every map key is a string.

@@ -6,10 +6,7 @@ use std::time::Duration;
 use super::{ApiClient, ClientError};
 use crate::ids::{JobId, PipelineId};
 use crate::pipeline::Pipeline;
-use crate::protocol::reply::{
-    decode_batch_reply, decode_job_reply, decode_jobs_reply, decode_pipeline_reply,
-    decode_pipelines_reply, decode_reply, expect_answer,
-};
+use crate::protocol::reply::{decode_reply, expect_answer};
 use crate::protocol::request::{
     GetJob, GetJobs, GetPipelines, JobFailed, JobFinished, JobStatusQuery, NewJob, NewPipeline,
     PipelineFailed, PipelineFinished, PipelineStatusQuery, Probe, RenewLeases,
@@ -32,7 +29,7 @@ impl ApiClient {
     ) -> Result<Vec<serde_json::Value>, ClientError> {
         let batch = Request::Batch(crate::protocol::Batch::of(requests));
         let reply = self.request(&batch).await?;
-        let replies = decode_batch_reply(&reply)?;
+        let replies: Vec<serde_json::Value> = decode_reply(&reply)?;
         if replies.len() != requests.len() {
             return Err(ReplyError::Unexpected(format!(
                 "{} replies to a batch of {} requests",
@@ -86,7 +83,7 @@ impl ApiClient {
         workers: Option<Vec<String>>,
     ) -> Result<Option<JobAssignment>, ClientError> {
         let reply = self.request(&Request::GetJob(GetJob { workers })).await?;
-        Ok(decode_job_reply(&reply)?)
+        Ok(decode_reply(&reply)?)
     }
 
     /// `get jobs`: up to `max` jobs at once (fewer when fewer are queued), oldest first.
@@ -101,7 +98,7 @@ impl ApiClient {
         let reply = self
             .request(&Request::GetJobs(GetJobs::new(workers, max)))
             .await?;
-        Ok(decode_jobs_reply(&reply)?)
+        Ok(decode_reply(&reply)?)
     }
 
     /// `get jobs` that waits at the router up to `wait` (whole milliseconds) when no job is
@@ -121,7 +118,7 @@ impl ApiClient {
             wait_ms: Some(wait.as_millis() as u64),
         };
         let reply = self.request_waiting(&Request::GetJobs(get), wait).await?;
-        Ok(decode_jobs_reply(&reply)?)
+        Ok(decode_reply(&reply)?)
     }
 
     /// `get pipelines` that waits as [`ApiClient::wait_for_jobs`] does.
@@ -140,7 +137,7 @@ impl ApiClient {
         let reply = self
             .request_waiting(&Request::GetPipelines(get), wait)
             .await?;
-        Ok(decode_pipelines_reply(&reply)?)
+        Ok(decode_reply(&reply)?)
     }
 
     /// `job finished`; returns the answer (`good job!` or `unknown job id`).
@@ -206,7 +203,7 @@ impl ApiClient {
     /// Transport failures, or the router's refusal.
     pub async fn get_pipeline(&mut self) -> Result<Option<PipelineAssignment>, ClientError> {
         let reply = self.request(&Request::GetPipeline).await?;
-        Ok(decode_pipeline_reply(&reply)?)
+        Ok(decode_reply(&reply)?)
     }
 
     /// `get pipelines`: up to `max` pipelines at once, oldest first.
@@ -220,7 +217,7 @@ impl ApiClient {
         let reply = self
             .request(&Request::GetPipelines(GetPipelines::new(max)))
             .await?;
-        Ok(decode_pipelines_reply(&reply)?)
+        Ok(decode_reply(&reply)?)
     }
 
     /// `pipeline finished`; returns the answer.
