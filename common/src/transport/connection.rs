@@ -253,7 +253,65 @@ impl Default for Backoff {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)] // Test code: a failed unwrap is a failed test.
+
     use super::*;
+    use crate::transport::ApiServer;
+
+    fn quick() -> ClientOptions {
+        ClientOptions {
+            connect_timeout: Duration::from_millis(300),
+            request_timeout: Duration::from_millis(300),
+        }
+    }
+
+    #[tokio::test]
+    async fn nobody_listening_is_a_connect_error_within_the_connect_timeout() {
+        // Bind then drop: a port nobody listens on.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut client = ApiClient::new(format!("tcp://127.0.0.1:{port}"), quick());
+        let outcome = tokio::time::timeout(
+            Duration::from_secs(10),
+            client.request_bytes(b"{}".to_vec()),
+        )
+        .await
+        .expect("an answer within 10 s");
+        assert!(
+            matches!(outcome, Err(TransportError::Connect { .. })),
+            "{outcome:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn after_a_lost_reply_the_socket_is_rebuilt_and_the_next_request_works() {
+        let server = ApiServer::bind("tcp://127.0.0.1:0").await.unwrap();
+        let mut client = ApiClient::new(server.endpoint().to_owned(), quick());
+        let (mut receiver, replier) = server.split(1024, Duration::from_secs(1));
+        // The first request is never answered: a timeout.
+        let first = client.request_bytes(b"one".to_vec()).await;
+        assert!(
+            matches!(first, Err(TransportError::Timeout { .. })),
+            "{first:?}"
+        );
+        let ignored = receiver.recv().await.unwrap();
+        assert_eq!(ignored.body.as_deref().unwrap(), b"one");
+        // The second goes out on a new socket and is answered.
+        let server = tokio::spawn(async move {
+            let incoming = receiver.recv().await.unwrap();
+            assert_eq!(incoming.body.as_deref().unwrap(), b"two");
+            replier.send_detached(incoming.envelope, b"answer".to_vec(), |e| {
+                panic!("reply failed: {e}")
+            });
+            receiver
+        });
+        let second = client.request_bytes(b"two".to_vec()).await.unwrap();
+        assert_eq!(second, Bytes::from_static(b"answer"));
+        server.await.unwrap();
+    }
 
     #[test]
     fn backoff_doubles_up_to_its_cap_and_resets() {

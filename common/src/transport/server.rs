@@ -110,31 +110,32 @@ impl RequestReceiver {
                 });
             }
         };
-        Ok(self.split_frames(message))
+        Ok(split_frames(message, self.max_request_bytes))
     }
+}
 
-    fn split_frames(&self, message: ZmqMessage) -> Incoming {
-        let mut frames = message.into_vec();
-        // frames[0] is the identity the ROUTER added; the envelope runs to the first empty frame.
-        let delimiter = frames
-            .iter()
-            .skip(1)
-            .position(|f| f.is_empty())
-            .map(|p| p + 1);
-        let body_start = delimiter.map_or(1, |d| d + 1);
-        let body: Vec<Bytes> = frames.split_off(body_start.min(frames.len()));
-        let envelope = Envelope(frames);
-        let body = match body.as_slice() {
-            [one] if one.len() > self.max_request_bytes => Err(format!(
-                "request of {} bytes exceeds the limit of {} bytes",
-                one.len(),
-                self.max_request_bytes
-            )),
-            [one] => Ok(one.clone()),
-            other => Err(format!("request has {} frames, expected 1", other.len())),
-        };
-        Incoming { envelope, body }
-    }
+/// Splits a message the ROUTER received into the envelope and the single body frame.
+fn split_frames(message: ZmqMessage, max_request_bytes: usize) -> Incoming {
+    let mut frames = message.into_vec();
+    // frames[0] is the identity the ROUTER added; the envelope runs to the first empty frame.
+    let delimiter = frames
+        .iter()
+        .skip(1)
+        .position(|f| f.is_empty())
+        .map(|p| p + 1);
+    let body_start = delimiter.map_or(1, |d| d + 1);
+    let body: Vec<Bytes> = frames.split_off(body_start.min(frames.len()));
+    let envelope = Envelope(frames);
+    let body = match body.as_slice() {
+        [one] if one.len() > max_request_bytes => Err(format!(
+            "request of {} bytes exceeds the limit of {} bytes",
+            one.len(),
+            max_request_bytes
+        )),
+        [one] => Ok(one.clone()),
+        other => Err(format!("request has {} frames, expected 1", other.len())),
+    };
+    Incoming { envelope, body }
 }
 
 /// Sends replies through the [`ApiServer`]; clones share the socket.
@@ -241,5 +242,85 @@ impl Publisher {
                 endpoint: self.endpoint.clone(),
                 source,
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // Test code: a failed unwrap is a failed test.
+
+    use super::*;
+    use crate::transport::{ApiClient, ClientOptions};
+
+    fn message(frames: &[&[u8]]) -> ZmqMessage {
+        let frames: Vec<Bytes> = frames.iter().map(|f| Bytes::copy_from_slice(f)).collect();
+        ZmqMessage::try_from(frames).unwrap()
+    }
+
+    #[test]
+    fn the_envelope_runs_to_the_first_empty_frame_and_one_body_frame_follows() {
+        // A REQ_CORRELATE client adds a request id before the delimiter.
+        let incoming = split_frames(message(&[b"id", b"corr", b"", b"{}"]), 10);
+        assert_eq!(incoming.envelope.0.len(), 3);
+        assert_eq!(incoming.envelope.peer(), "6964");
+        assert_eq!(incoming.body.unwrap(), Bytes::from_static(b"{}"));
+        // A DEALER without a delimiter: the body follows the identity.
+        let incoming = split_frames(message(&[b"id", b"{}"]), 10);
+        assert_eq!(incoming.envelope.0.len(), 1);
+        assert!(incoming.body.is_ok());
+    }
+
+    #[test]
+    fn several_body_frames_or_an_oversized_body_are_refused_with_the_reason() {
+        let incoming = split_frames(message(&[b"id", b"", b"a", b"b"]), 10);
+        assert_eq!(
+            incoming.body.unwrap_err(),
+            "request has 2 frames, expected 1"
+        );
+        let incoming = split_frames(message(&[b"id", b""]), 10);
+        assert_eq!(
+            incoming.body.unwrap_err(),
+            "request has 0 frames, expected 1"
+        );
+        let incoming = split_frames(message(&[b"id", b"", b"0123456789A"]), 10);
+        assert!(incoming
+            .body
+            .unwrap_err()
+            .contains("exceeds the limit of 10"));
+    }
+
+    #[tokio::test]
+    async fn a_reply_goes_back_to_its_peer_and_one_to_an_unknown_peer_is_reported() {
+        let server = ApiServer::bind("tcp://127.0.0.1:0").await.unwrap();
+        let endpoint = server.endpoint().to_owned();
+        let (mut receiver, replier) = server.split(1024, Duration::from_secs(1));
+        let client = tokio::spawn(async move {
+            let mut client = ApiClient::new(endpoint, ClientOptions::default());
+            client.request_bytes(b"ping".to_vec()).await
+        });
+        let incoming = tokio::time::timeout(Duration::from_secs(10), receiver.recv())
+            .await
+            .expect("a request within 10 s")
+            .unwrap();
+        assert_eq!(incoming.body.as_deref().unwrap(), b"ping");
+        let stranger = Envelope(vec![Bytes::from_static(b"nobody"), Bytes::new()]);
+        let (failed_tx, failed_rx) = tokio::sync::oneshot::channel();
+        replier.send_detached(stranger, b"lost".to_vec(), move |e| {
+            let _ = failed_tx.send(e.to_string());
+        });
+        let failure = tokio::time::timeout(Duration::from_secs(10), failed_rx)
+            .await
+            .expect("the failure reported within 10 s")
+            .unwrap();
+        assert!(failure.contains("socket error"), "{failure}");
+        replier.send_detached(incoming.envelope, b"pong".to_vec(), |e| {
+            panic!("the reply to a connected peer failed: {e}")
+        });
+        let reply = tokio::time::timeout(Duration::from_secs(10), client)
+            .await
+            .expect("the reply within 10 s")
+            .unwrap()
+            .unwrap();
+        assert_eq!(reply, Bytes::from_static(b"pong"));
     }
 }
