@@ -311,8 +311,9 @@ impl DaemonLoop {
     ) -> bool {
         for _ in 0..self.settings.turn_round_trips.max(1) {
             let sent = machine.outbox().len().min(self.settings.max_batch);
-            let leases = machine.leases();
-            let renew = self.renew_due && !leases.is_empty();
+            // Collected only when due: it lists every lease the machine holds.
+            let leases = self.renew_due.then(|| machine.leases());
+            let renew = leases.as_ref().is_some_and(|l| !l.is_empty());
             let fetching = if fetch && self.want_work && self.waiting.is_none() {
                 machine.room()
             } else {
@@ -325,7 +326,7 @@ impl DaemonLoop {
             for out in machine.outbox().iter().take(sent) {
                 requests.push(M::request(out));
             }
-            if renew {
+            if let Some(leases) = leases.filter(|_| renew) {
                 requests.push(Request::RenewLeases(leases));
             }
             if fetching > 0 {
