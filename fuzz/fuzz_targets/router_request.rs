@@ -1,6 +1,7 @@
 //! Fuzzes the router's request handling: decoding a frame (UTF-8, JSON, command, fields,
 //! cluster token) and applying it to a long-lived state, as the router does, including the
-//! passing of time (leases, back-offs, retention). Any panic is a bug.
+//! passing of time (leases, back-offs, retention) and requests that wait for work. Any panic,
+//! and any broken invariant (`State::check_invariants` after every input), is a bug.
 #![no_main]
 
 use std::cell::RefCell;
@@ -18,7 +19,11 @@ thread_local! {
 }
 
 fn fresh() -> (State, u64, u64) {
-    (State::new(Default::default(), Policy::default()), 1_000_000, 0)
+    (
+        State::new(Default::default(), Policy::default()),
+        1_000_000,
+        0,
+    )
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -33,9 +38,19 @@ fuzz_target!(|data: &[u8]| {
         // Each input moves time on a little, so leases and back-offs expire now and then.
         *now += u64::from(data.first().copied().unwrap_or(0)) * 100;
         state.tick(*now, &mut events);
+        let ticket = guard_ticket(data);
         if let Ok((request, _token)) = decode_request_with_token(data) {
-            let reply = state.handle(request, *now, &mut events);
-            let _ = reply.encode();
+            if let Some(reply) = state.handle_or_wait(ticket, request, *now, &mut events) {
+                let _ = reply.encode();
+            }
+        }
+        let mut served = Vec::new();
+        state.serve_waiting(*now, &mut served);
+        for waited in served {
+            let _ = waited.reply.encode();
+        }
+        if let Err(broken) = state.check_invariants() {
+            panic!("invariant broken: {broken}");
         }
         for event in &events {
             let _ = event.to_string();
@@ -43,3 +58,9 @@ fuzz_target!(|data: &[u8]| {
         let _ = state.take_changes();
     });
 });
+
+/// A ticket for a request that may wait: any number does, the state only hands it back.
+fn guard_ticket(data: &[u8]) -> u64 {
+    data.iter()
+        .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(*b)))
+}

@@ -1047,6 +1047,132 @@ impl State {
     }
 }
 
+impl State {
+    /// Checks that the queues, the back-off set, the lease tables, the records and the
+    /// remembered outcomes agree: every pending job is in exactly the one place its state
+    /// says (its worker's queue at its sequence number, the back-off set until its time, or
+    /// the lease table until its lease ends), every pending pipeline likewise, and nothing
+    /// stale is left in any index. Run after every step of the property tests and of the fuzz
+    /// target; `Err` says what does not hold.
+    ///
+    /// # Errors
+    /// The first inconsistency found.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let (mut queued, mut delayed, mut leased) = (0, 0, 0);
+        for (id, r) in &self.jobs {
+            if r.seq >= self.next_seq {
+                return Err(format!(
+                    "job {id} has seq {} >= next seq {}",
+                    r.seq, self.next_seq
+                ));
+            }
+            let in_queue = self
+                .job_queues
+                .get(&r.worker)
+                .and_then(|q| q.get(&r.seq))
+                .is_some_and(|q| q == id);
+            match (r.state, r.not_before, r.lease_until) {
+                (JobState::Queued, None, None) if in_queue => queued += 1,
+                (JobState::Queued, Some(t), None)
+                    if !in_queue && self.delayed.contains(&(t, id.clone())) =>
+                {
+                    delayed += 1
+                }
+                (JobState::Running, None, Some(t))
+                    if !in_queue && self.job_leases.contains(&(t, id.clone())) =>
+                {
+                    leased += 1
+                }
+                (JobState::Finished | JobState::Failed, None, None)
+                    if !in_queue && r.pipeline_id.is_some() => {}
+                (state, not_before, lease) => {
+                    return Err(format!(
+                        "job {id} is {state:?} with back-off {not_before:?}, lease {lease:?}, \
+                         in its queue: {in_queue}"
+                    ))
+                }
+            }
+            if let Some(p) = &r.pipeline_id {
+                if !self.pipelines.get(p).is_some_and(|pr| pr.jobs.contains(id)) {
+                    return Err(format!(
+                        "job {id} names pipeline {p}, which does not list it"
+                    ));
+                }
+            }
+        }
+        let in_queues: usize = self.job_queues.values().map(BTreeMap::len).sum();
+        if self.job_queues.values().any(BTreeMap::is_empty) {
+            return Err("an empty job queue is kept".into());
+        }
+        if (in_queues, self.delayed.len(), self.job_leases.len()) != (queued, delayed, leased) {
+            return Err(format!(
+                "indexes hold {in_queues} queued, {} delayed, {} leased jobs; records say \
+                 {queued}, {delayed}, {leased}",
+                self.delayed.len(),
+                self.job_leases.len()
+            ));
+        }
+        let (mut queued, mut leased) = (0, 0);
+        for (id, r) in &self.pipelines {
+            if r.seq >= self.next_seq {
+                return Err(format!("pipeline {id} has seq {} >= next seq", r.seq));
+            }
+            match (r.state, r.lease_until) {
+                (PipelineState::Queued, None)
+                    if self.pipeline_queue.get(&r.seq).is_some_and(|q| q == id) =>
+                {
+                    queued += 1
+                }
+                (PipelineState::Running, Some(t))
+                    if self.pipeline_leases.contains(&(t, id.clone())) =>
+                {
+                    leased += 1
+                }
+                (state, lease) => {
+                    return Err(format!("pipeline {id} is {state:?} with lease {lease:?}"))
+                }
+            }
+            if let Some(job) = r.jobs.iter().find(|j| !self.jobs.contains_key(*j)) {
+                return Err(format!(
+                    "pipeline {id} lists job {job}, which has no record"
+                ));
+            }
+            if self.ended.contains_key(id) {
+                return Err(format!("pipeline {id} is both pending and ended"));
+            }
+        }
+        if (self.pipeline_queue.len(), self.pipeline_leases.len()) != (queued, leased) {
+            return Err(format!(
+                "indexes hold {} queued and {} leased pipelines; records say {queued}, {leased}",
+                self.pipeline_queue.len(),
+                self.pipeline_leases.len()
+            ));
+        }
+        if self.ended_order.len() != self.ended.len()
+            || self
+                .ended_order
+                .iter()
+                .any(|(at, id)| self.ended.get(id).is_none_or(|e| e.at != *at))
+        {
+            return Err("the order of ended pipelines does not match their outcomes".into());
+        }
+        for (request_id, id) in &self.request_ids {
+            if !self.pipelines.contains_key(id) && !self.ended.contains_key(id) {
+                return Err(format!(
+                    "request id {request_id} names unknown pipeline {id}"
+                ));
+            }
+        }
+        if self.waiting.len() > MAX_WAITING {
+            return Err(format!(
+                "{} requests wait, more than {MAX_WAITING}",
+                self.waiting.len()
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The answer to a `get jobs` / `get pipelines` asking for more than [`GetJobs::MAX`].
 fn too_many(command: &str, max: usize) -> Reply {
     Answer::error(
@@ -2044,6 +2170,209 @@ mod tests {
             }
             proptest::prop_assert_eq!(got, expected);
             proptest::prop_assert_eq!(batched.queued_jobs(), alone.queued_jobs());
+        }
+    }
+
+    /// One step of anything that can happen to the router's state.
+    #[derive(Debug, Clone)]
+    enum Op {
+        AddJob {
+            worker: u8,
+            pipeline: Option<u8>,
+            last: bool,
+        },
+        GetJobs {
+            worker: Option<u8>,
+            max: u8,
+            wait: bool,
+        },
+        Finish(u8),
+        Fail(u8),
+        Renew(u8),
+        AddPipeline {
+            request_id: Option<u8>,
+        },
+        GetPipelines {
+            max: u8,
+            wait: bool,
+        },
+        PipelineFinished(u8),
+        PipelineFailed(u8),
+        TakeBack(u8),
+        Advance(u16),
+        Restore,
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            3 => (0u8..3, proptest::option::of(any::<u8>()), any::<bool>())
+                .prop_map(|(worker, pipeline, last)| Op::AddJob { worker, pipeline, last }),
+            3 => (proptest::option::of(0u8..3), 1u8..4, any::<bool>())
+                .prop_map(|(worker, max, wait)| Op::GetJobs { worker, max, wait }),
+            2 => any::<u8>().prop_map(Op::Finish),
+            1 => any::<u8>().prop_map(Op::Fail),
+            1 => any::<u8>().prop_map(Op::Renew),
+            2 => proptest::option::of(0u8..4).prop_map(|request_id| Op::AddPipeline { request_id }),
+            2 => (1u8..3, any::<bool>()).prop_map(|(max, wait)| Op::GetPipelines { max, wait }),
+            1 => any::<u8>().prop_map(Op::PipelineFinished),
+            1 => any::<u8>().prop_map(Op::PipelineFailed),
+            1 => any::<u8>().prop_map(Op::TakeBack),
+            2 => (0u16..3000).prop_map(Op::Advance),
+            1 => Just(Op::Restore),
+        ]
+    }
+
+    fn pick<T: Clone>(seen: &[T], n: u8) -> Option<T> {
+        (!seen.is_empty()).then(|| seen[usize::from(n) % seen.len()].clone())
+    }
+
+    /// The state a restart restores from what `s` would have persisted.
+    fn restored(s: &State) -> State {
+        State::restore(
+            s.configuration.clone(),
+            s.policy.clone(),
+            s.jobs.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            s.pipelines
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            s.ended
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        )
+    }
+
+    proptest::proptest! {
+        /// Whatever happens — requests of every kind, waits, work taken back, time passing
+        /// (leases expire, back-offs end, outcomes are forgotten), restarts — the state keeps
+        /// its invariants after every step, and a restart restores the same queues, back-offs
+        /// and leases.
+        #[test]
+        fn the_invariants_hold_after_every_step(ops in proptest::collection::vec(op(), 1..120)) {
+            let policy = Policy {
+                max_attempts: 2,
+                retry_backoff_ms: 100,
+                job_lease_ms: 1_000,
+                pipeline_lease_ms: 1_000,
+                retention_ms: 5_000,
+                max_remembered: 5,
+                ..Policy::default()
+            };
+            let mut s = State::new(Map::new(), policy);
+            let mut now = T0;
+            let (mut jobs, mut pipelines): (Vec<JobId>, Vec<PipelineId>) = (vec![], vec![]);
+            let mut ticket = 0;
+            let mut served = Vec::new();
+            for op in ops {
+                let mut events = Vec::new();
+                let request = match op.clone() {
+                    Op::AddJob { worker, pipeline, last } => {
+                        let mut job = NewJob::new(format!("W{worker}"), json!({}));
+                        job.pipeline_id = pipeline.and_then(|n| pick(&pipelines, n));
+                        if last {
+                            job = job.ending_pipeline(std::time::Duration::from_millis(5));
+                        }
+                        Some(Request::AddJob(job))
+                    }
+                    Op::GetJobs { worker, max, wait } => Some(Request::GetJobs(GetJobs {
+                        workers: worker.map(|w| vec![format!("W{w}")]),
+                        max: usize::from(max),
+                        wait_ms: wait.then_some(500),
+                    })),
+                    Op::Finish(n) => pick(&jobs, n).map(|job_id| Request::JobFinished(JobFinished {
+                        job_id,
+                        duration: WireDuration::from_secs(0.1),
+                    })),
+                    Op::Fail(n) => pick(&jobs, n).map(|job_id| Request::JobFailed(JobFailed {
+                        job_id,
+                        error: "boom".into(),
+                        duration: None,
+                    })),
+                    Op::Renew(n) => Some(Request::RenewLeases(RenewLeases {
+                        job_ids: pick(&jobs, n).into_iter().collect(),
+                        pipeline_ids: pick(&pipelines, n).into_iter().collect(),
+                    })),
+                    Op::AddPipeline { request_id } => {
+                        let mut fields = Map::new();
+                        if let Some(r) = request_id {
+                            fields.insert(REQUEST_ID.into(), format!("r{r}").into());
+                        }
+                        Some(Request::AddPipeline(NewPipeline { pipeline: pipeline_json(), fields }))
+                    }
+                    Op::GetPipelines { max, wait } => Some(Request::GetPipelines(GetPipelines {
+                        max: usize::from(max),
+                        wait_ms: wait.then_some(500),
+                    })),
+                    Op::PipelineFinished(n) => pick(&pipelines, n).map(|pipeline_id| {
+                        Request::PipelineFinished(PipelineFinished {
+                            pipeline_id,
+                            duration: WireDuration::from_secs(1.0),
+                        })
+                    }),
+                    Op::PipelineFailed(n) => pick(&pipelines, n).map(|pipeline_id| {
+                        Request::PipelineFailed(PipelineFailed {
+                            pipeline_id,
+                            job_id: "j".into(),
+                            worker: "W0".into(),
+                            error: "boom".into(),
+                            duration: None,
+                        })
+                    }),
+                    Op::TakeBack(n) => {
+                        let job: Vec<JobId> = pick(&jobs, n).into_iter().collect();
+                        let pipeline: Vec<PipelineId> = pick(&pipelines, n).into_iter().collect();
+                        s.take_back(&job, &pipeline, &mut events);
+                        None
+                    }
+                    Op::Advance(ms) => {
+                        now += u64::from(ms);
+                        s.tick(now, &mut events);
+                        None
+                    }
+                    Op::Restore => {
+                        let r = restored(&s);
+                        proptest::prop_assert_eq!(r.check_invariants(), Ok(()));
+                        proptest::prop_assert_eq!(&r.job_queues, &s.job_queues);
+                        proptest::prop_assert_eq!(&r.delayed, &s.delayed);
+                        proptest::prop_assert_eq!(&r.job_leases, &s.job_leases);
+                        proptest::prop_assert_eq!(&r.pipeline_queue, &s.pipeline_queue);
+                        proptest::prop_assert_eq!(&r.pipeline_leases, &s.pipeline_leases);
+                        proptest::prop_assert_eq!(&r.jobs, &s.jobs);
+                        proptest::prop_assert_eq!(&r.ended, &s.ended);
+                        proptest::prop_assert_eq!(&r.request_ids, &s.request_ids);
+                        // Sequence numbers of records that are gone are not kept: new ones still come after every live one.
+                        proptest::prop_assert!(r.next_seq <= s.next_seq);
+                        // Waiting requests live in memory only: a restart answers none of them.
+                        s = r;
+                        None
+                    }
+                };
+                if let Some(request) = request {
+                    let reply = s.handle_or_wait(ticket, request, now, &mut events);
+                    ticket += 1;
+                    let mut replies: Vec<Reply> = reply.into_iter().collect();
+                    s.serve_waiting(now, &mut served);
+                    replies.extend(served.drain(..).map(|w| w.reply));
+                    for reply in replies {
+                        match reply {
+                            Reply::Answer(a) => {
+                                jobs.extend(a.job_id);
+                                pipelines.extend(a.pipeline_id);
+                            }
+                            Reply::Jobs(js) => jobs.extend(js.into_iter().map(|j| j.job_id)),
+                            Reply::Pipelines(ps) => {
+                                pipelines.extend(ps.into_iter().map(|p| p.pipeline_id))
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                if let Err(broken) = s.check_invariants() {
+                    proptest::prop_assert!(false, "after {op:?}: {broken}");
+                }
+            }
         }
     }
 }
