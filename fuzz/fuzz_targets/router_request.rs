@@ -8,7 +8,7 @@ use std::cell::RefCell;
 
 use libfuzzer_sys::fuzz_target;
 use pypelinin_common::protocol::decode_request_with_token;
-use pypelinin_router::state::{Policy, State};
+use pypelinin_router::state::{Ids, Policy, State};
 
 /// The state is kept across inputs (so sequences of requests meet), and started afresh every
 /// this many inputs, so its records do not grow past libFuzzer's memory limit.
@@ -19,11 +19,9 @@ thread_local! {
 }
 
 fn fresh() -> (State, u64, u64) {
-    (
-        State::new(Default::default(), Policy::default()),
-        1_000_000,
-        0,
-    )
+    // Counter ids: a crash found replays exactly.
+    let state = State::new(Default::default(), Policy::default()).with_ids(Ids::Counter(0));
+    (state, 1_000_000, 0)
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -51,6 +49,14 @@ fuzz_target!(|data: &[u8]| {
         }
         if let Err(broken) = state.check_invariants() {
             panic!("invariant broken: {broken}");
+        }
+        // Now and then a restart: it must restore the same queues, back-offs and leases.
+        if data.len() > 1 && data[1] % 16 == 0 {
+            let restarted = state.restarted();
+            if let Err(broken) = state.check_restored(&restarted) {
+                panic!("restart: {broken}");
+            }
+            *state = restarted;
         }
         for event in &events {
             let _ = event.to_string();

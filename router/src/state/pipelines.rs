@@ -1,0 +1,247 @@
+//! Pipelines: where each pending one is — the queue or the lease table — and the transitions
+//! that move it. As for jobs, [`State::move_pipeline`] is the one function that changes where
+//! a pipeline is; [`State::end_pipeline`] takes it out of both for good.
+
+use pypelinin_common::ids::PipelineId;
+use pypelinin_common::pipeline::Pipeline;
+use pypelinin_common::protocol::request::{NewPipeline, PipelineFailed, PipelineFinished};
+use pypelinin_common::protocol::{
+    Answer, AnswerKind, Event, PipelineHandout, PipelineState, PipelineStatus, Reply, SubmittedJob,
+};
+use serde_json::Value;
+use tracing::warn;
+
+use super::jobs::JobPlace;
+use super::records::PipelineRecord;
+use super::{State, REQUEST_ID};
+
+/// Where a pending pipeline goes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) enum PipelinePlace {
+    /// The queue, in its FIFO place.
+    Queued,
+    /// Handed out, leased until this time.
+    Leased(u64),
+}
+
+impl State {
+    /// Moves pending pipeline `id` to `to`, its record and the indexes together. Marks it
+    /// changed.
+    pub(super) fn move_pipeline(&mut self, id: &PipelineId, to: PipelinePlace) {
+        let Self {
+            pipelines,
+            pipeline_queue,
+            pipeline_leases,
+            changes,
+            ..
+        } = self;
+        let Some(record) = pipelines.get_mut(id) else {
+            return;
+        };
+        changes.pipelines.insert(id.clone());
+        match (record.state, record.lease_until.take()) {
+            (PipelineState::Running, Some(t)) => {
+                pipeline_leases.remove(t, id);
+            }
+            (PipelineState::Queued, _) => {
+                pipeline_queue.remove(&record.seq);
+            }
+            _ => {}
+        }
+        match to {
+            PipelinePlace::Queued => {
+                record.state = PipelineState::Queued;
+                pipeline_queue.insert(record.seq, id.clone());
+            }
+            PipelinePlace::Leased(until) => {
+                record.state = PipelineState::Running;
+                record.lease_until = Some(until);
+                pipeline_leases.insert(until, id.clone());
+            }
+        }
+    }
+
+    pub(super) fn add_pipeline(&mut self, new: NewPipeline, events: &mut Vec<Event>) -> Reply {
+        let request_id = new
+            .fields
+            .get(REQUEST_ID)
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        if let Some(existing) = request_id.as_ref().and_then(|r| self.request_ids.get(r)) {
+            // The client retried a request whose answer it lost: same pipeline, same id.
+            return Answer::new(AnswerKind::PipelineAccepted)
+                .with_pipeline_id(existing.clone())
+                .into();
+        }
+        if let Err(e) = Pipeline::from_legacy(&new.pipeline) {
+            return Answer::error(AnswerKind::InvalidPipeline, e.to_string()).into();
+        }
+        let Ok(pipeline) = serde_json::value::to_raw_value(&new.pipeline) else {
+            return Answer::error(
+                AnswerKind::InvalidPipeline,
+                "the pipeline cannot be encoded",
+            )
+            .into();
+        };
+        if self.pipeline_queue.len() >= self.policy.max_queued_pipelines {
+            return Answer::error(
+                AnswerKind::QueueFull,
+                format!(
+                    "{} pipelines are queued; retry later",
+                    self.pipeline_queue.len()
+                ),
+            )
+            .into();
+        }
+        let id = self.ids.pipeline();
+        let seq = self.next_seq();
+        if let Some(r) = request_id {
+            self.request_ids.insert(r, id.clone());
+        }
+        // Unknown with no place yet: `move_pipeline` queues it.
+        self.pipelines.insert(
+            id.clone(),
+            PipelineRecord {
+                seq,
+                pipeline,
+                fields: new.fields,
+                state: PipelineState::Unknown,
+                jobs: Vec::new(),
+                lease_until: None,
+            },
+        );
+        self.move_pipeline(&id, PipelinePlace::Queued);
+        events.push(Event::NewPipeline);
+        Answer::new(AnswerKind::PipelineAccepted)
+            .with_pipeline_id(id)
+            .into()
+    }
+
+    /// Hands out the oldest queued pipeline, with the jobs submitted for it so far.
+    pub(super) fn get_pipeline(&mut self, now: u64) -> Option<PipelineHandout> {
+        let (_, id) = self.pipeline_queue.first_key_value()?;
+        let id = id.clone();
+        let lease_until = now.saturating_add(self.policy.pipeline_lease_ms);
+        self.move_pipeline(&id, PipelinePlace::Leased(lease_until));
+        let record = self.pipelines.get(&id)?;
+        let submitted_jobs = record
+            .jobs
+            .iter()
+            .filter_map(|job_id| {
+                self.jobs.get(job_id).map(|j| SubmittedJob {
+                    job_id: job_id.clone(),
+                    worker: j.worker.clone(),
+                    state: j.state,
+                })
+            })
+            .collect();
+        Some(PipelineHandout {
+            pipeline_id: id,
+            pipeline: record.pipeline.clone(),
+            submitted_jobs,
+            fields: record.fields.clone(),
+        })
+    }
+
+    /// Ends a pending pipeline: forgets it and its jobs, remembers `status` for the
+    /// retention time. False when the pipeline is not pending.
+    pub(super) fn end_pipeline(
+        &mut self,
+        id: &PipelineId,
+        status: PipelineStatus,
+        now: u64,
+    ) -> bool {
+        let Some(record) = self.pipelines.get(id) else {
+            return false;
+        };
+        match (record.state, record.lease_until) {
+            (PipelineState::Running, Some(t)) => {
+                self.pipeline_leases.remove(t, id);
+            }
+            _ => {
+                self.pipeline_queue.remove(&record.seq);
+            }
+        }
+        let jobs = record.jobs.clone();
+        let request_id = record
+            .fields
+            .get(REQUEST_ID)
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        for job in &jobs {
+            self.move_job(job, JobPlace::Gone);
+        }
+        self.pipelines.remove(id);
+        self.changes.pipelines.insert(id.clone());
+        self.remember(id.clone(), status, now, request_id);
+        true
+    }
+
+    pub(super) fn pipeline_finished(
+        &mut self,
+        done: PipelineFinished,
+        now: u64,
+        events: &mut Vec<Event>,
+    ) -> Reply {
+        let status = PipelineStatus {
+            duration: Some(done.duration.clone()),
+            ..PipelineStatus::of(PipelineState::Finished)
+        };
+        if !self.end_pipeline(&done.pipeline_id, status, now) {
+            // Not pending (as the legacy router answers), ended already included.
+            return Answer::new(AnswerKind::UnknownPipelineId).into();
+        }
+        events.push(Event::pipeline_finished(done.pipeline_id, &done.duration));
+        Answer::new(AnswerKind::GoodJob).into()
+    }
+
+    pub(super) fn pipeline_failed(
+        &mut self,
+        failed: PipelineFailed,
+        now: u64,
+        events: &mut Vec<Event>,
+    ) -> Reply {
+        let status = PipelineStatus {
+            state: PipelineState::Failed,
+            duration: failed.duration.clone(),
+            job_id: Some(failed.job_id.clone()),
+            worker: Some(failed.worker.clone()),
+            error: Some(failed.error.clone()),
+        };
+        if !self.end_pipeline(&failed.pipeline_id, status, now) {
+            return Answer::new(AnswerKind::UnknownPipelineId).into();
+        }
+        events.push(Event::pipeline_failed(
+            failed.pipeline_id,
+            failed.job_id,
+            &failed.worker,
+            &failed.error,
+        ));
+        Answer::new(AnswerKind::FailureRecorded).into()
+    }
+
+    /// Extends the leases of the running pipelines among `ids`.
+    pub(super) fn renew_pipeline_leases(&mut self, ids: Vec<PipelineId>, now: u64) {
+        let until = now.saturating_add(self.policy.pipeline_lease_ms);
+        for id in ids {
+            if self
+                .pipelines
+                .get(&id)
+                .is_some_and(|r| r.state == PipelineState::Running)
+            {
+                self.move_pipeline(&id, PipelinePlace::Leased(until));
+            }
+        }
+    }
+
+    /// Pipelines whose lease ended by `now` go back to the queue for another pipeliner.
+    pub(super) fn expire_pipeline_leases(&mut self, now: u64, events: &mut Vec<Event>) {
+        while let Some((_, id)) = self.pipeline_leases.pop_due(now) {
+            if self.pipelines.contains_key(&id) {
+                warn!(pipeline_id = %id, "pipeline lease expired; handing the pipeline to another pipeliner");
+                self.move_pipeline(&id, PipelinePlace::Queued);
+                events.push(Event::NewPipeline);
+            }
+        }
+    }
+}

@@ -1,0 +1,40 @@
+//! How the router treats failures, leases and load.
+
+use std::collections::HashMap;
+
+/// How the router treats failures, leases and load.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    /// Attempts of a job before it fails for good (a failure or an expired lease is one).
+    pub max_attempts: u32,
+    /// Per-worker overrides of `max_attempts`.
+    pub attempts_per_worker: HashMap<String, u32>,
+    /// Wait before the first retry; doubles with each attempt, up to 30 s.
+    pub retry_backoff_ms: u64,
+    /// How long a job handed to a broker stays leased without a renewal.
+    pub job_lease_ms: u64,
+    /// How long a pipeline handed to a pipeliner stays leased without a renewal.
+    pub pipeline_lease_ms: u64,
+    /// How long the outcome of an ended pipeline is kept.
+    pub retention_ms: u64,
+    /// Outcomes kept at most: past it the oldest are forgotten before their retention time,
+    /// so memory stays flat however fast pipelines end.
+    pub max_remembered: usize,
+    /// Above this many queued pipelines, `add pipeline` answers `queue full`.
+    pub max_queued_pipelines: usize,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 3,
+            attempts_per_worker: HashMap::new(),
+            retry_backoff_ms: 500,
+            job_lease_ms: 30_000,
+            pipeline_lease_ms: 30_000,
+            retention_ms: 300_000,
+            max_remembered: 100_000,
+            max_queued_pipelines: 100_000,
+        }
+    }
+}

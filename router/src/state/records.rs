@@ -1,0 +1,72 @@
+//! The records the router keeps and persists: one per pending job, per pending pipeline, and
+//! per remembered outcome. Their serialized form is the durable record's rows (see
+//! `persist.rs`, which versions it).
+
+use pypelinin_common::ids::{JobId, PipelineId};
+use pypelinin_common::protocol::{JobState, PipelineState, PipelineStatus};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+
+/// A job as the router records it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// Position in the global FIFO order.
+    pub seq: u64,
+    /// Its worker.
+    pub worker: String,
+    /// `data` and the other keys `add job` sent.
+    pub fields: Map<String, Value>,
+    /// Its pipeline, while that pipeline is pending.
+    pub pipeline_id: Option<PipelineId>,
+    /// Where it stands.
+    pub state: JobState,
+    /// Attempts that failed or whose lease expired.
+    pub attempts: u32,
+    /// While running: when its lease ends (ms since the epoch).
+    pub lease_until: Option<u64>,
+    /// While queued after a failure: not before this time (ms since the epoch).
+    pub not_before: Option<u64>,
+    /// The last error.
+    pub error: Option<String>,
+    /// The last job of its pipeline: the router ends the pipeline when the job finishes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ends_pipeline: Option<EndsPipeline>,
+}
+
+/// What the router needs to end a pipeline with its last job (`"ends pipeline"` of `add job`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EndsPipeline {
+    /// Seconds the pipeline had run when the job was added (the pipeliner's clock).
+    pub elapsed: f64,
+    /// When the job was added (ms since the epoch, the router's clock).
+    pub added_at: u64,
+}
+
+/// A pipeline as the router records it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PipelineRecord {
+    /// Position in the FIFO order.
+    pub seq: u64,
+    /// The serialized pipeline, as sent (JSON text: stored and handed out without re-encoding).
+    pub pipeline: Box<RawValue>,
+    /// The other keys `add pipeline` sent.
+    pub fields: Map<String, Value>,
+    /// Queued or running.
+    pub state: PipelineState,
+    /// Jobs submitted for it, in order.
+    pub jobs: Vec<JobId>,
+    /// While running: when its lease ends (ms since the epoch).
+    pub lease_until: Option<u64>,
+}
+
+/// The outcome of an ended pipeline, kept for the retention time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EndedRecord {
+    /// How it ended.
+    pub status: PipelineStatus,
+    /// When (ms since the epoch).
+    pub at: u64,
+    /// The client's request id of its `add pipeline`, if any.
+    pub request_id: Option<String>,
+}

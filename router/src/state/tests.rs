@@ -1,0 +1,1168 @@
+//! Tests of the router state: each transition, and properties of random runs.
+
+use super::*;
+use pypelinin_common::protocol::request::{
+    GetPipelines, JobFailed, JobFinished, JobStatusQuery, NewJob, NewPipeline, PipelineFailed,
+    PipelineFinished, PipelineStatusQuery, RenewLeases,
+};
+use pypelinin_common::protocol::{JobAssignment, SubmittedJob, WireDuration};
+use serde_json::json;
+
+const T0: u64 = 1_000_000;
+
+fn add_in(state: &mut State, worker: &str, pipeline: Option<&PipelineId>) -> JobId {
+    let mut job = NewJob::new(worker, json!({"w": worker}));
+    job.pipeline_id = pipeline.cloned();
+    let reply = state.handle(Request::AddJob(job), T0, &mut vec![]);
+    let Reply::Answer(Answer {
+        job_id: Some(id), ..
+    }) = reply
+    else {
+        panic!("{reply:?}")
+    };
+    id
+}
+
+fn add(state: &mut State, worker: &str) -> JobId {
+    add_in(state, worker, None)
+}
+
+fn get_at(state: &mut State, workers: Option<&[&str]>, now: u64) -> Option<JobAssignment> {
+    let workers = workers.map(|w| w.iter().map(|s| s.to_string()).collect());
+    match state.handle(Request::GetJob(GetJob { workers }), now, &mut vec![]) {
+        Reply::Job(j) => j,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn get(state: &mut State, workers: Option<&[&str]>) -> Option<JobAssignment> {
+    get_at(state, workers, T0)
+}
+
+fn pipeline_json() -> Value {
+    json!([
+        ["graph", [[[["worker_name", "A"]], [["worker_name", "B"]]]]],
+        ["data", null]
+    ])
+}
+
+fn add_pipeline(state: &mut State, fields: Map<String, Value>) -> Reply {
+    state.handle(
+        Request::AddPipeline(NewPipeline {
+            pipeline: pipeline_json(),
+            fields,
+        }),
+        T0,
+        &mut vec![],
+    )
+}
+
+fn new_pipeline(state: &mut State) -> PipelineId {
+    let Reply::Answer(Answer {
+        pipeline_id: Some(id),
+        ..
+    }) = add_pipeline(state, Map::new())
+    else {
+        panic!()
+    };
+    id
+}
+
+fn take_pipeline(
+    state: &mut State,
+    now: u64,
+) -> Option<pypelinin_common::protocol::PipelineAssignment> {
+    match state.handle(Request::GetPipeline, now, &mut vec![]) {
+        reply @ Reply::Pipeline(_) => pypelinin_common::protocol::reply::decode_reply::<
+            Option<pypelinin_common::protocol::PipelineAssignment>,
+        >(&reply.encode())
+        .unwrap(),
+        other => panic!("{other:?}"),
+    }
+}
+
+fn job_state(state: &mut State, id: &JobId) -> JobState {
+    let q = JobStatusQuery {
+        job_ids: vec![id.clone()],
+    };
+    let Reply::Answer(Answer {
+        jobs: Some(jobs), ..
+    }) = state.handle(Request::JobStatus(q), T0, &mut vec![])
+    else {
+        panic!()
+    };
+    jobs[id]
+}
+
+fn pipeline_state(state: &mut State, id: &PipelineId) -> PipelineStatus {
+    let q = PipelineStatusQuery {
+        pipeline_ids: vec![id.clone()],
+    };
+    let Reply::Answer(Answer {
+        pipelines: Some(mut p),
+        ..
+    }) = state.handle(Request::PipelineStatus(q), T0, &mut vec![])
+    else {
+        panic!()
+    };
+    p.remove(id).unwrap()
+}
+
+fn fail(state: &mut State, id: &JobId, now: u64, events: &mut Vec<Event>) -> Reply {
+    let f = JobFailed {
+        job_id: id.clone(),
+        error: "boom".into(),
+        duration: None,
+    };
+    state.handle(Request::JobFailed(f), now, events)
+}
+
+fn finish(state: &mut State, id: &JobId, events: &mut Vec<Event>) -> Reply {
+    let done = JobFinished {
+        job_id: id.clone(),
+        duration: WireDuration::from_secs(1.5),
+    };
+    state.handle(Request::JobFinished(done), T0, events)
+}
+
+#[test]
+fn jobs_come_out_fifo_across_and_within_workers() {
+    let mut s = State::default();
+    let ids: Vec<_> = ["A", "B", "A", "C"]
+        .iter()
+        .map(|w| add(&mut s, w))
+        .collect();
+    let got: Vec<_> = std::iter::from_fn(|| get(&mut s, None))
+        .map(|j| j.job_id)
+        .collect();
+    assert_eq!(got, ids);
+}
+
+fn wait_for(workers: &[&str], max: usize, wait_ms: u64) -> Request {
+    Request::GetJobs(GetJobs {
+        workers: Some(workers.iter().map(|w| w.to_string()).collect()),
+        max,
+        wait_ms: Some(wait_ms),
+    })
+}
+
+/// The job ids of each served reply, by ticket.
+fn served_jobs(served: Vec<Served>) -> Vec<(u64, Vec<JobId>)> {
+    served
+        .into_iter()
+        .map(|s| match s.reply {
+            Reply::Jobs(jobs) => (s.ticket, jobs.into_iter().map(|j| j.job_id).collect()),
+            other => panic!("{other:?}"),
+        })
+        .collect()
+}
+
+#[test]
+fn waiting_requests_take_the_jobs_queued_after_them_in_order() {
+    let mut s = State::default();
+    let mut events = vec![];
+    assert!(s
+        .handle_or_wait(1, wait_for(&["A"], 2, 1_000), T0, &mut events)
+        .is_none());
+    assert!(s
+        .handle_or_wait(2, wait_for(&["B"], 1, 1_000), T0, &mut events)
+        .is_none());
+    assert!(s
+        .handle_or_wait(3, wait_for(&["A"], 5, 1_000), T0, &mut events)
+        .is_none());
+    assert_eq!(s.waiting(), 3);
+    s.take_changes();
+    let a1 = add(&mut s, "A");
+    let b1 = add(&mut s, "B");
+    let a2 = add(&mut s, "A");
+    let b2 = add(&mut s, "B");
+    let mut served = vec![];
+    s.serve_waiting(T0, &mut served);
+    // The longest waiting first, each up to its max; the third waits on.
+    assert_eq!(
+        served_jobs(served),
+        vec![(1, vec![a1.clone(), a2.clone()]), (2, vec![b1.clone()])]
+    );
+    assert_eq!(s.waiting(), 1);
+    for id in [&a1, &a2, &b1] {
+        assert_eq!(s.job(id).unwrap().state, JobState::Running);
+        assert_eq!(s.job(id).unwrap().lease_until, Some(T0 + 30_000));
+    }
+    // Handed out in the same batch: their leases are in this batch's durable write.
+    assert!(s.take_changes().jobs.contains(&a1));
+    assert_eq!(get(&mut s, None).unwrap().job_id, b2);
+    // A request that finds jobs queued is answered at once.
+    let a3 = add(&mut s, "A");
+    let mut served = vec![];
+    s.serve_waiting(T0, &mut served);
+    assert_eq!(served_jobs(served), vec![(3, vec![a3])]);
+    let b3 = add(&mut s, "B");
+    match s.handle_or_wait(4, wait_for(&["B"], 1, 1_000), T0, &mut events) {
+        Some(Reply::Jobs(jobs)) => assert_eq!(jobs[0].job_id, b3),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_wait_ends_empty_at_its_deadline_or_when_the_router_stops() {
+    let mut s = State::default();
+    let mut events = vec![];
+    assert!(s
+        .handle_or_wait(7, wait_for(&["A"], 1, 500), T0, &mut events)
+        .is_none());
+    let pipelines = Request::GetPipelines(GetPipelines {
+        max: 3,
+        wait_ms: Some(GetJobs::MAX_WAIT_MS + 1),
+    });
+    assert!(s.handle_or_wait(8, pipelines, T0, &mut events).is_none());
+    let mut served = vec![];
+    s.serve_waiting(T0 + 499, &mut served);
+    assert!(served.is_empty());
+    s.serve_waiting(T0 + 500, &mut served);
+    assert_eq!(served_jobs(served), vec![(7, vec![])]);
+    // A longer wait than the most granted waits that long.
+    let mut served = vec![];
+    s.serve_waiting(T0 + GetJobs::MAX_WAIT_MS - 1, &mut served);
+    assert!(served.is_empty());
+    s.serve_waiting(T0 + GetJobs::MAX_WAIT_MS, &mut served);
+    assert!(
+        matches!(&served[..], [Served { ticket: 8, reply: Reply::Pipelines(p) }] if p.is_empty())
+    );
+    assert!(s
+        .handle_or_wait(9, wait_for(&["A"], 1, 500), T0, &mut events)
+        .is_none());
+    let mut served = vec![];
+    s.stop_waiting(&mut served);
+    assert_eq!(served_jobs(served), vec![(9, vec![])]);
+    assert_eq!(s.waiting(), 0);
+    // The queued pipeline a waiting request would have taken stays for the next one.
+    let p = new_pipeline(&mut s);
+    let mut served = vec![];
+    s.serve_waiting(T0, &mut served);
+    assert!(served.is_empty());
+    assert_eq!(take_pipeline(&mut s, T0).unwrap().pipeline_id, p);
+}
+
+#[test]
+fn only_a_lone_get_jobs_or_get_pipelines_with_a_wait_waits() {
+    let mut s = State::default();
+    let mut events = vec![];
+    let answered_at_once = [
+        Request::GetJobs(GetJobs::new(None, 1)),
+        wait_for(&["A"], 1, 0),
+        wait_for(&["A"], 0, 1_000),
+        wait_for(&["A"], GetJobs::MAX + 1, 1_000),
+        Request::GetPipelines(GetPipelines::new(1)),
+        Request::Batch(Batch::of(&[wait_for(&["A"], 1, 1_000)])),
+        Request::GetJob(GetJob { workers: None }),
+    ];
+    for request in answered_at_once {
+        let shown = format!("{request:?}");
+        assert!(
+            s.handle_or_wait(1, request, T0, &mut events).is_some(),
+            "{shown}"
+        );
+    }
+    assert_eq!(s.waiting(), 0);
+}
+
+#[test]
+fn work_taken_back_is_queued_in_its_old_place_without_using_an_attempt() {
+    let mut s = State::default();
+    let mut events = vec![];
+    let j1 = add(&mut s, "A");
+    let j2 = add(&mut s, "A");
+    let p1 = new_pipeline(&mut s);
+    let p2 = new_pipeline(&mut s);
+    let got = get(&mut s, None).unwrap();
+    assert_eq!(got.job_id, j1);
+    assert_eq!(take_pipeline(&mut s, T0).unwrap().pipeline_id, p1);
+    s.take_changes();
+    s.take_back(
+        std::slice::from_ref(&j1),
+        std::slice::from_ref(&p1),
+        &mut events,
+    );
+    assert_eq!(events, vec![Event::NewJob, Event::NewPipeline]);
+    let changes = s.take_changes();
+    assert!(changes.jobs.contains(&j1) && changes.pipelines.contains(&p1));
+    let record = s.job(&j1).unwrap();
+    assert_eq!(
+        (record.state, record.attempts, record.lease_until),
+        (JobState::Queued, 0, None)
+    );
+    // No lease left to expire.
+    let mut later = vec![];
+    s.tick(T0 + 60_000, &mut later);
+    assert_eq!(s.job(&j1).unwrap().attempts, 0);
+    assert_eq!(get(&mut s, None).unwrap().job_id, j1);
+    assert_eq!(get(&mut s, None).unwrap().job_id, j2);
+    assert_eq!(take_pipeline(&mut s, T0).unwrap().pipeline_id, p1);
+    assert_eq!(take_pipeline(&mut s, T0).unwrap().pipeline_id, p2);
+    // Only running work is taken back: a finished job stays finished.
+    let mut events = vec![];
+    finish(&mut s, &j2, &mut events);
+    s.take_back(std::slice::from_ref(&j2), &[], &mut events);
+    assert!(s.job(&j2).is_none());
+    assert!(get(&mut s, None).is_none());
+}
+
+#[test]
+fn routing_hands_out_only_the_named_workers_fifo() {
+    let mut s = State::default();
+    let a1 = add(&mut s, "A");
+    let b1 = add(&mut s, "B");
+    let c1 = add(&mut s, "C");
+    let a2 = add(&mut s, "A");
+    assert_eq!(get(&mut s, Some(&["C", "A"])).unwrap().job_id, a1);
+    assert_eq!(get(&mut s, Some(&["C", "A"])).unwrap().job_id, c1);
+    assert_eq!(get(&mut s, Some(&["C", "A"])).unwrap().job_id, a2);
+    assert!(get(&mut s, Some(&["C", "A"])).is_none());
+    assert!(get(&mut s, Some(&[])).is_none());
+    assert!(get(&mut s, Some(&["Z"])).is_none());
+    assert_eq!(get(&mut s, None).unwrap().job_id, b1);
+    assert!(s.job_queues.is_empty());
+}
+
+#[test]
+fn finishing_twice_is_unknown_and_broadcasts_once() {
+    let mut s = State::default();
+    let id = add(&mut s, "A");
+    let mut events = vec![];
+    assert_eq!(
+        finish(&mut s, &id, &mut events),
+        Answer::new(AnswerKind::GoodJob).into()
+    );
+    assert_eq!(
+        finish(&mut s, &id, &mut events),
+        Answer::new(AnswerKind::UnknownJobId).into()
+    );
+    assert_eq!(
+        events,
+        vec![Event::job_finished(id, &WireDuration::from_secs(1.5))]
+    );
+    assert!(
+        get(&mut s, None).is_none(),
+        "a job finished before it was taken is not handed out"
+    );
+    assert_eq!(s.job_records(), 0);
+}
+
+#[test]
+fn a_failed_job_is_retried_with_backoff_then_failed_for_good() {
+    let mut s = State::default();
+    let id = add(&mut s, "A");
+    let mut events = vec![];
+    for attempt in 1..=2u64 {
+        get(&mut s, None).unwrap();
+        assert_eq!(
+            fail(&mut s, &id, T0, &mut events),
+            Answer::new(AnswerKind::FailureRecorded).into()
+        );
+        assert_eq!(job_state(&mut s, &id), JobState::Queued);
+        assert!(get(&mut s, None).is_none(), "backing off");
+        let backoff = 500 * (1 << (attempt - 1));
+        s.tick(T0 + backoff - 1, &mut events);
+        assert!(get(&mut s, None).is_none());
+        s.tick(T0 + backoff, &mut events);
+        assert!(events.contains(&Event::NewJob));
+        events.clear();
+    }
+    get(&mut s, None).unwrap();
+    fail(&mut s, &id, T0, &mut events);
+    assert_eq!(events.len(), 1);
+    assert!(
+        matches!(&events[0], Event::JobFailed { error, .. } if error == "boom (failed 3 of 3 attempts)"),
+        "{events:?}"
+    );
+    assert_eq!(
+        fail(&mut s, &id, T0, &mut events),
+        Answer::new(AnswerKind::UnknownJobId).into()
+    );
+}
+
+#[test]
+fn attempts_are_configured_per_worker() {
+    let policy = Policy {
+        attempts_per_worker: HashMap::from([("Once".to_owned(), 1)]),
+        ..Policy::default()
+    };
+    let mut s = State::new(Map::new(), policy);
+    let id = add(&mut s, "Once");
+    get(&mut s, None).unwrap();
+    let mut events = vec![];
+    fail(&mut s, &id, T0, &mut events);
+    assert!(matches!(&events[..], [Event::JobFailed { error, .. }] if error == "boom"));
+}
+
+#[test]
+fn an_expired_lease_requeues_the_job_and_a_renewed_one_does_not() {
+    let mut s = State::default();
+    let a = add(&mut s, "A");
+    let b = add(&mut s, "A");
+    get(&mut s, None).unwrap();
+    get(&mut s, None).unwrap();
+    let mut events = vec![];
+    let renew = RenewLeases {
+        job_ids: vec![b.clone()],
+        pipeline_ids: vec![],
+    };
+    assert_eq!(
+        s.handle(Request::RenewLeases(renew), T0 + 20_000, &mut events),
+        Answer::new(AnswerKind::LeasesRenewed).into()
+    );
+    s.tick(T0 + 30_000, &mut events);
+    assert_eq!(job_state(&mut s, &a), JobState::Queued, "a's lease expired");
+    assert_eq!(
+        job_state(&mut s, &b),
+        JobState::Running,
+        "b's lease was renewed"
+    );
+    assert_eq!(s.job(&a).unwrap().attempts, 1);
+    s.tick(T0 + 30_500, &mut events);
+    assert_eq!(
+        get_at(&mut s, None, T0 + 30_500).unwrap().job_id,
+        a,
+        "handed out again"
+    );
+    // The late report of the first holder still counts once; the second holder's is ignored.
+    assert_eq!(
+        finish(&mut s, &a, &mut events),
+        Answer::new(AnswerKind::GoodJob).into()
+    );
+    assert_eq!(
+        finish(&mut s, &a, &mut events),
+        Answer::new(AnswerKind::UnknownJobId).into()
+    );
+}
+
+#[test]
+fn an_expired_pipeline_lease_hands_the_pipeline_out_again_with_its_jobs() {
+    let mut s = State::default();
+    let p = new_pipeline(&mut s);
+    assert!(take_pipeline(&mut s, T0).unwrap().submitted_jobs.is_empty());
+    let a = add_in(&mut s, "A", Some(&p));
+    finish(&mut s, &a, &mut vec![]);
+    assert!(take_pipeline(&mut s, T0).is_none());
+    let mut events = vec![];
+    s.tick(T0 + 30_000, &mut events);
+    assert_eq!(events, vec![Event::NewPipeline]);
+    let again = take_pipeline(&mut s, T0 + 30_000).unwrap();
+    assert_eq!(again.pipeline_id, p);
+    assert_eq!(
+        again.submitted_jobs,
+        vec![SubmittedJob {
+            job_id: a,
+            worker: "A".into(),
+            state: JobState::Finished
+        }]
+    );
+}
+
+#[test]
+fn ended_pipelines_forget_their_jobs_and_are_remembered_for_the_retention_time() {
+    let mut s = State::default();
+    let p = new_pipeline(&mut s);
+    take_pipeline(&mut s, T0);
+    let a = add_in(&mut s, "A", Some(&p));
+    let queued = add_in(&mut s, "B", Some(&p));
+    finish(&mut s, &a, &mut vec![]);
+    assert_eq!(job_state(&mut s, &a), JobState::Finished);
+    let done = PipelineFinished {
+        pipeline_id: p.clone(),
+        duration: WireDuration::from_secs(2.0),
+    };
+    s.handle(Request::PipelineFinished(done), T0, &mut vec![]);
+    assert_eq!(
+        (job_state(&mut s, &a), job_state(&mut s, &queued)),
+        (JobState::Unknown, JobState::Unknown)
+    );
+    assert!(
+        get(&mut s, None).is_none(),
+        "the ended pipeline's queued job is gone"
+    );
+    assert_eq!(s.job_records(), 0);
+    assert_eq!(pipeline_state(&mut s, &p).state, PipelineState::Finished);
+    s.tick(T0 + 299_999, &mut vec![]);
+    assert_eq!(pipeline_state(&mut s, &p).state, PipelineState::Finished);
+    s.tick(T0 + 300_000, &mut vec![]);
+    assert_eq!(pipeline_state(&mut s, &p).state, PipelineState::Unknown);
+    assert_eq!(s.remembered_pipelines(), 0);
+}
+
+fn add_last(state: &mut State, worker: &str, pipeline: &PipelineId, now: u64) -> Answer {
+    let job = NewJob::new(worker, json!(null))
+        .in_pipeline(pipeline.clone())
+        .ending_pipeline(std::time::Duration::from_millis(250));
+    match state.handle(Request::AddJob(job), now, &mut vec![]) {
+        Reply::Answer(a) => a,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_pipeline_ends_with_its_last_job_in_the_same_transition() {
+    let mut s = State::default();
+    let p = new_pipeline(&mut s);
+    take_pipeline(&mut s, T0);
+    let a = add_in(&mut s, "A", Some(&p));
+    finish(&mut s, &a, &mut vec![]);
+    let accepted = add_last(&mut s, "B", &p, T0);
+    assert!(accepted.ends_pipeline, "{accepted:?}");
+    let b = accepted.job_id.unwrap();
+    assert_eq!(get(&mut s, None).unwrap().job_id, b);
+    let mut events = vec![];
+    let done = JobFinished {
+        job_id: b.clone(),
+        duration: WireDuration::from_secs(0.1),
+    };
+    s.handle(Request::JobFinished(done), T0 + 1_500, &mut events);
+    let shown: Vec<String> = events.iter().map(ToString::to_string).collect();
+    assert_eq!(shown.len(), 2, "{shown:?}");
+    assert_eq!(shown[0], format!("job finished: {b} duration: 0.1"));
+    assert_eq!(
+        shown[1],
+        format!("pipeline finished: id={p}, duration=1.75"),
+        "run time: 0.25 s before its last job was added, then 1.5 s"
+    );
+    let status = pipeline_state(&mut s, &p);
+    assert_eq!(status.state, PipelineState::Finished);
+    assert_eq!(status.duration, Some(WireDuration::from_secs(1.75)));
+    assert_eq!(s.job_records(), 0, "its jobs are forgotten with it");
+    // A pipeliner's own report, if one comes, finds it ended and changes nothing.
+    let mut events = vec![];
+    let report = PipelineFinished {
+        pipeline_id: p.clone(),
+        duration: WireDuration::from_secs(2.0),
+    };
+    let reply = s.handle(Request::PipelineFinished(report), T0, &mut events);
+    assert!(matches!(reply, Reply::Answer(a) if a.answer == AnswerKind::UnknownPipelineId));
+    assert!(events.is_empty(), "{events:?}");
+    assert_eq!(
+        pipeline_state(&mut s, &p).duration,
+        Some(WireDuration::from_secs(1.75))
+    );
+}
+
+#[test]
+fn a_last_job_that_fails_or_has_no_pending_pipeline_ends_nothing() {
+    let mut s = State::new(
+        Map::new(),
+        Policy {
+            max_attempts: 1,
+            ..Policy::default()
+        },
+    );
+    let p = new_pipeline(&mut s);
+    take_pipeline(&mut s, T0);
+    let b = add_last(&mut s, "B", &p, T0).job_id.unwrap();
+    get(&mut s, None).unwrap();
+    let mut events = vec![];
+    fail(&mut s, &b, T0, &mut events);
+    assert_eq!(events.len(), 1, "only the job's failure: {events:?}");
+    assert_eq!(
+        pipeline_state(&mut s, &p).state,
+        PipelineState::Running,
+        "the pipeliner reports the failed pipeline"
+    );
+
+    let unknown = add_last(&mut s, "C", &PipelineId::from("nope"), T0);
+    assert!(!unknown.ends_pipeline, "no pending pipeline to end");
+    let c = unknown.job_id.unwrap();
+    get(&mut s, None).unwrap();
+    let mut events = vec![];
+    finish(&mut s, &c, &mut events);
+    assert_eq!(events.len(), 1, "{events:?}");
+}
+
+#[test]
+fn past_the_cap_the_oldest_outcomes_go_first() {
+    let mut s = State::new(
+        Map::new(),
+        Policy {
+            max_remembered: 2,
+            ..Policy::default()
+        },
+    );
+    let ids: Vec<PipelineId> = (0..3)
+        .map(|_| {
+            let p = new_pipeline(&mut s);
+            take_pipeline(&mut s, T0);
+            let done = PipelineFinished {
+                pipeline_id: p.clone(),
+                duration: WireDuration::from_secs(1.0),
+            };
+            s.handle(Request::PipelineFinished(done), T0, &mut vec![]);
+            p
+        })
+        .collect();
+    s.tick(T0, &mut vec![]);
+    assert_eq!(s.remembered_pipelines(), 2);
+    let states: Vec<_> = ids
+        .iter()
+        .map(|p| pipeline_state(&mut s, p).state)
+        .collect();
+    assert_eq!(
+        states,
+        [
+            PipelineState::Unknown,
+            PipelineState::Finished,
+            PipelineState::Finished
+        ]
+    );
+}
+
+#[test]
+fn remembered_outcomes_never_grow_their_tables_under_churn() {
+    // 20 times the cap ends, each with a request id: the oldest outcomes leave as new ones
+    // come, and the tables sized at start take it without growing.
+    let mut s = State::new(
+        Map::new(),
+        Policy {
+            max_remembered: 1_000,
+            ..Policy::default()
+        },
+    );
+    let capacities = |s: &State| (s.ended.capacity(), s.request_ids.capacity());
+    let at_start = capacities(&s);
+    for n in 0..20_000 {
+        let mut fields = Map::new();
+        fields.insert(REQUEST_ID.to_owned(), json!(format!("r{n}")));
+        let Reply::Answer(Answer {
+            pipeline_id: Some(p),
+            ..
+        }) = add_pipeline(&mut s, fields)
+        else {
+            panic!("add pipeline refused")
+        };
+        take_pipeline(&mut s, T0);
+        let done = PipelineFinished {
+            pipeline_id: p,
+            duration: WireDuration::from_secs(1.0),
+        };
+        s.handle(Request::PipelineFinished(done), T0, &mut vec![]);
+        s.tick(T0, &mut vec![]);
+    }
+    assert_eq!(s.remembered_pipelines(), 1_000);
+    // `capacity` is what fits before the next growth: tombstones lower it until an
+    // in-place rehash; a table that doubled would show more than at start.
+    let (ended, ids) = capacities(&s);
+    assert!(
+        ended <= at_start.0 && ids <= at_start.1,
+        "a table grew: {:?} at start, {:?} now",
+        at_start,
+        (ended, ids)
+    );
+}
+
+#[test]
+fn a_failed_pipeline_is_reported_with_its_job_and_error() {
+    let mut s = State::default();
+    let p = new_pipeline(&mut s);
+    let a = add_in(&mut s, "A", Some(&p));
+    let mut events = vec![];
+    let failed = PipelineFailed {
+        pipeline_id: p.clone(),
+        job_id: a.clone(),
+        worker: "A".into(),
+        error: "boom".into(),
+        duration: None,
+    };
+    let reply = s.handle(Request::PipelineFailed(failed.clone()), T0, &mut events);
+    assert_eq!(reply, Answer::new(AnswerKind::FailureRecorded).into());
+    assert_eq!(
+        events,
+        vec![Event::pipeline_failed(p.clone(), a.clone(), "A", "boom")]
+    );
+    let status = pipeline_state(&mut s, &p);
+    assert_eq!(
+        (status.state, status.error.as_deref(), status.job_id),
+        (PipelineState::Failed, Some("boom"), Some(a))
+    );
+    assert_eq!(
+        s.handle(Request::PipelineFailed(failed), T0, &mut vec![]),
+        Answer::new(AnswerKind::UnknownPipelineId).into()
+    );
+}
+
+#[test]
+fn a_full_queue_refuses_pipelines_until_one_is_taken() {
+    let mut s = State::new(
+        Map::new(),
+        Policy {
+            max_queued_pipelines: 2,
+            ..Policy::default()
+        },
+    );
+    new_pipeline(&mut s);
+    new_pipeline(&mut s);
+    let Reply::Answer(a) = add_pipeline(&mut s, Map::new()) else {
+        panic!()
+    };
+    assert_eq!(a.answer, AnswerKind::QueueFull);
+    assert!(a.error.unwrap().contains("2 pipelines are queued"));
+    take_pipeline(&mut s, T0);
+    new_pipeline(&mut s);
+}
+
+#[test]
+fn a_repeated_request_id_gives_the_same_pipeline() {
+    let mut s = State::default();
+    let fields: Map<String, Value> = json!({"request id": "r-1"}).as_object().cloned().unwrap();
+    let first = add_pipeline(&mut s, fields.clone());
+    assert_eq!(add_pipeline(&mut s, fields), first);
+    assert_eq!(s.pending_pipelines(), 1);
+}
+
+#[test]
+fn invalid_pipelines_are_refused_at_add() {
+    let mut s = State::default();
+    let cyclic = json!([
+        [
+            "graph",
+            [
+                [[["worker_name", "A"]], [["worker_name", "B"]]],
+                [[["worker_name", "B"]], [["worker_name", "A"]]]
+            ]
+        ],
+        ["data", null]
+    ]);
+    let reply = s.handle(
+        Request::AddPipeline(NewPipeline {
+            pipeline: cyclic,
+            fields: Map::new(),
+        }),
+        T0,
+        &mut vec![],
+    );
+    let Reply::Answer(a) = reply else { panic!() };
+    assert_eq!(a.answer, AnswerKind::InvalidPipeline);
+    assert!(a.error.unwrap().contains("cycle"));
+    assert_eq!(s.pending_pipelines(), 0);
+}
+
+#[test]
+fn restoring_the_records_gives_back_queues_leases_and_backoffs() {
+    let mut s = State::default();
+    let p = new_pipeline(&mut s);
+    let queued = add(&mut s, "A");
+    let running = add(&mut s, "B");
+    let retrying = add(&mut s, "C");
+    let later = add(&mut s, "A");
+    get(&mut s, Some(&["B"])).unwrap();
+    get(&mut s, Some(&["C"])).unwrap();
+    fail(&mut s, &retrying, T0, &mut vec![]);
+    let jobs = s.jobs.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let pipelines = s
+        .pipelines
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let mut r = State::restore(Map::new(), Policy::default(), jobs, pipelines, vec![]);
+    assert_eq!(get(&mut r, None).unwrap().job_id, queued);
+    assert_eq!(get(&mut r, None).unwrap().job_id, later);
+    assert!(get(&mut r, None).is_none());
+    let mut events = vec![];
+    finish(&mut r, &queued, &mut events);
+    finish(&mut r, &later, &mut events);
+    r.tick(T0 + 500, &mut events);
+    assert_eq!(get(&mut r, None).unwrap().job_id, retrying);
+    r.tick(T0 + 30_000, &mut events);
+    assert!(
+        get_at(&mut r, None, T0 + 30_000).is_none(),
+        "an expired lease counts as an attempt: back-off"
+    );
+    r.tick(T0 + 30_500, &mut events);
+    let again = get_at(&mut r, None, T0 + 30_500).unwrap();
+    assert_eq!(
+        again.job_id, running,
+        "its lease survived the restart, then expired"
+    );
+    assert_eq!(take_pipeline(&mut r, T0).unwrap().pipeline_id, p);
+    let next = add(&mut r, "Z");
+    assert!(r.job(&next).unwrap().seq > s.job(&later).unwrap().seq);
+}
+
+fn batch(state: &mut State, requests: &[Request], events: &mut Vec<Event>) -> Vec<Reply> {
+    let mut batch = Batch::of(requests);
+    batch.requests.push(json!({"command": "no such command"}));
+    match state.handle(Request::Batch(batch), T0, events) {
+        Reply::Batch(mut replies) => {
+            assert_eq!(
+                replies.pop(),
+                Some(Reply::for_error(
+                    &pypelinin_common::protocol::RequestError::UnknownCommand
+                ))
+            );
+            replies
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_batch_is_its_requests_in_order() {
+    let mut state = State::default();
+    let mut events = vec![];
+    let add = |w: &str| Request::AddJob(NewJob::new(w, json!({"w": w})));
+    let get = Request::GetJob(GetJob::default());
+    let replies = batch(
+        &mut state,
+        &[add("A"), add("B"), get.clone(), get.clone(), get.clone()],
+        &mut events,
+    );
+    assert_eq!(replies.len(), 5);
+    let Reply::Answer(Answer {
+        job_id: Some(a), ..
+    }) = &replies[0]
+    else {
+        panic!("{replies:?}")
+    };
+    let jobs: Vec<_> = replies[2..]
+        .iter()
+        .map(|r| match r {
+            Reply::Job(j) => j.as_ref().map(|j| j.worker.clone()),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(jobs, [Some("A".into()), Some("B".into()), None]);
+    assert_eq!(events, [Event::NewJob, Event::NewJob]);
+    // A later batch reports on jobs of an earlier one; a second report is refused.
+    let done = Request::JobFinished(JobFinished {
+        job_id: a.clone(),
+        duration: WireDuration::from_secs(0.1),
+    });
+    let replies = batch(&mut state, &[done.clone(), done], &mut events);
+    let answers: Vec<_> = replies
+        .iter()
+        .map(|r| match r {
+            Reply::Answer(a) => a.answer,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(answers, [AnswerKind::GoodJob, AnswerKind::UnknownJobId]);
+    assert_eq!(job_state(&mut state, a), JobState::Unknown);
+}
+
+#[test]
+fn oversized_batches_are_refused_whole() {
+    let mut state = State::default();
+    let requests = vec![json!({"command": "add job", "worker": "A"}); Batch::MAX_REQUESTS + 1];
+    let reply = state.handle(Request::Batch(Batch { requests }), T0, &mut vec![]);
+    assert!(
+        matches!(&reply, Reply::Answer(a) if a.answer == AnswerKind::SyntaxError),
+        "{reply:?}"
+    );
+    assert_eq!(state.queued_jobs(), 0);
+}
+
+/// One step of a client of the queues: add a job of a worker, or take one (of any worker,
+/// or of one worker).
+#[derive(Debug, Clone)]
+enum Step {
+    Add(u8),
+    Take(Option<u8>),
+}
+
+fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+    use proptest::prelude::*;
+    prop_oneof![
+        (0u8..3).prop_map(Step::Add),
+        proptest::option::of(0u8..3).prop_map(Step::Take),
+    ]
+}
+
+fn request(step: &Step, n: usize) -> Request {
+    match step {
+        Step::Add(w) => Request::AddJob(NewJob::new(format!("W{w}"), json!(n))),
+        Step::Take(w) => Request::GetJob(GetJob {
+            workers: w.map(|w| vec![format!("W{w}")]),
+        }),
+    }
+}
+
+/// What a reply tells, without the random ids.
+fn gist(reply: &Reply) -> String {
+    match reply {
+        Reply::Answer(a) => format!("{:?}", a.answer),
+        Reply::Job(j) => format!("{:?}", j.as_ref().map(|j| (&j.worker, j.data()))),
+        other => format!("{other:?}"),
+    }
+}
+
+#[test]
+fn asking_for_too_many_at_once_is_refused_and_takes_nothing() {
+    let mut s = State::default();
+    add(&mut s, "A");
+    new_pipeline(&mut s);
+    for request in [
+        Request::GetJobs(GetJobs::new(None, GetJobs::MAX + 1)),
+        Request::GetPipelines(GetPipelines::new(GetJobs::MAX + 1)),
+    ] {
+        let reply = s.handle(request, T0, &mut vec![]);
+        assert!(
+            matches!(&reply, Reply::Answer(a) if a.answer == AnswerKind::SyntaxError
+                && a.error.as_deref().is_some_and(|e| e.contains("at most 10000"))),
+            "{reply:?}"
+        );
+    }
+    assert_eq!(s.queued_jobs(), 1);
+    assert!(take_pipeline(&mut s, T0).is_some());
+}
+
+proptest::proptest! {
+    /// `get jobs` / `get pipelines` with `max` k hand out exactly what k `get job` /
+    /// `get pipeline` would: the same jobs and pipelines, in the same FIFO order.
+    #[test]
+    fn taking_several_at_once_is_taking_one_by_one(
+        adds in proptest::collection::vec(0u8..3, 0..40),
+        takes in proptest::collection::vec((proptest::option::of(0u8..3), 0usize..6), 1..12),
+    ) {
+        let mut many = State::default();
+        let mut one = State::default();
+        for (n, w) in adds.iter().enumerate() {
+            for s in [&mut many, &mut one] {
+                s.handle(Request::AddJob(NewJob::new(format!("W{w}"), json!(n))), T0, &mut vec![]);
+                if n % 4 == 0 {
+                    let fields = json!({"n": n}).as_object().cloned().unwrap();
+                    add_pipeline(s, fields);
+                }
+            }
+        }
+        for (w, k) in &takes {
+            let workers = w.map(|w| vec![format!("W{w}")]);
+            let got = match many.handle(
+                Request::GetJobs(GetJobs::new(workers.clone(), *k)),
+                T0,
+                &mut vec![],
+            ) {
+                Reply::Jobs(jobs) => jobs,
+                other => panic!("{other:?}"),
+            };
+            let names: Option<Vec<&str>> =
+                workers.as_ref().map(|w| w.iter().map(String::as_str).collect());
+            let expected: Vec<_> = (0..*k)
+                .filter_map(|_| get(&mut one, names.as_deref()))
+                .collect();
+            let ids = |jobs: &[JobAssignment]| jobs.iter().map(|j| (j.worker.clone(), j.data().clone())).collect::<Vec<_>>();
+            proptest::prop_assert_eq!(ids(&got), ids(&expected));
+            let got = match many.handle(Request::GetPipelines(GetPipelines::new(*k)), T0, &mut vec![]) {
+                Reply::Pipelines(p) => p.into_iter().map(|p| p.fields["n"].clone()).collect::<Vec<_>>(),
+                other => panic!("{other:?}"),
+            };
+            let expected: Vec<_> = (0..*k)
+                .filter_map(|_| take_pipeline(&mut one, T0))
+                .map(|p| p.fields["n"].clone())
+                .collect();
+            proptest::prop_assert_eq!(got, expected);
+        }
+        proptest::prop_assert_eq!(many.queued_jobs(), one.queued_jobs());
+        proptest::prop_assert_eq!(many.pending_pipelines(), one.pending_pipelines());
+    }
+
+    /// Batching changes nothing but the number of round trips: every job is handed out
+    /// once, in the same FIFO order, and every reply is the one of the lone request.
+    #[test]
+    fn batches_answer_as_requests_one_by_one(
+        steps in proptest::collection::vec(step(), 0..60),
+        cuts in proptest::collection::vec(1usize..8, 1..20),
+    ) {
+        let requests: Vec<_> = steps.iter().enumerate().map(|(n, s)| request(s, n)).collect();
+        let mut alone = State::default();
+        let expected: Vec<_> = requests
+            .iter()
+            .map(|r| gist(&alone.handle(r.clone(), T0, &mut vec![])))
+            .collect();
+        let mut batched = State::default();
+        let mut got = Vec::new();
+        let mut rest = &requests[..];
+        for cut in cuts.iter().cycle() {
+            if rest.is_empty() {
+                break;
+            }
+            let (now, later) = rest.split_at((*cut).min(rest.len()));
+            got.extend(batch(&mut batched, now, &mut vec![]).iter().map(gist));
+            rest = later;
+        }
+        proptest::prop_assert_eq!(got, expected);
+        proptest::prop_assert_eq!(batched.queued_jobs(), alone.queued_jobs());
+    }
+}
+
+/// One step of anything that can happen to the router's state.
+#[derive(Debug, Clone)]
+enum Op {
+    AddJob {
+        worker: u8,
+        pipeline: Option<u8>,
+        last: bool,
+    },
+    GetJobs {
+        worker: Option<u8>,
+        max: u8,
+        wait: bool,
+    },
+    Finish(u8),
+    Fail(u8),
+    Renew(u8),
+    AddPipeline {
+        request_id: Option<u8>,
+    },
+    GetPipelines {
+        max: u8,
+        wait: bool,
+    },
+    PipelineFinished(u8),
+    PipelineFailed(u8),
+    TakeBack(u8),
+    Advance(u16),
+    Restore,
+}
+
+fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+    use proptest::prelude::*;
+    prop_oneof![
+        3 => (0u8..3, proptest::option::of(any::<u8>()), any::<bool>())
+            .prop_map(|(worker, pipeline, last)| Op::AddJob { worker, pipeline, last }),
+        3 => (proptest::option::of(0u8..3), 1u8..4, any::<bool>())
+            .prop_map(|(worker, max, wait)| Op::GetJobs { worker, max, wait }),
+        2 => any::<u8>().prop_map(Op::Finish),
+        1 => any::<u8>().prop_map(Op::Fail),
+        1 => any::<u8>().prop_map(Op::Renew),
+        2 => proptest::option::of(0u8..4).prop_map(|request_id| Op::AddPipeline { request_id }),
+        2 => (1u8..3, any::<bool>()).prop_map(|(max, wait)| Op::GetPipelines { max, wait }),
+        1 => any::<u8>().prop_map(Op::PipelineFinished),
+        1 => any::<u8>().prop_map(Op::PipelineFailed),
+        1 => any::<u8>().prop_map(Op::TakeBack),
+        2 => (0u16..3000).prop_map(Op::Advance),
+        1 => Just(Op::Restore),
+    ]
+}
+
+fn pick<T: Clone>(seen: &[T], n: u8) -> Option<T> {
+    (!seen.is_empty()).then(|| seen[usize::from(n) % seen.len()].clone())
+}
+
+proptest::proptest! {
+    /// Whatever happens — requests of every kind, waits, work taken back, time passing
+    /// (leases expire, back-offs end, outcomes are forgotten), restarts — the state keeps
+    /// its invariants after every step, and a restart restores the same queues, back-offs
+    /// and leases.
+    #[test]
+    fn the_invariants_hold_after_every_step(ops in proptest::collection::vec(op(), 1..120)) {
+        let policy = Policy {
+            max_attempts: 2,
+            retry_backoff_ms: 100,
+            job_lease_ms: 1_000,
+            pipeline_lease_ms: 1_000,
+            retention_ms: 5_000,
+            max_remembered: 5,
+            ..Policy::default()
+        };
+        let mut s = State::new(Map::new(), policy);
+        let mut now = T0;
+        let (mut jobs, mut pipelines): (Vec<JobId>, Vec<PipelineId>) = (vec![], vec![]);
+        let mut ticket = 0;
+        let mut served = Vec::new();
+        for op in ops {
+            let mut events = Vec::new();
+            let request = match op.clone() {
+                Op::AddJob { worker, pipeline, last } => {
+                    let mut job = NewJob::new(format!("W{worker}"), json!({}));
+                    job.pipeline_id = pipeline.and_then(|n| pick(&pipelines, n));
+                    if last {
+                        job = job.ending_pipeline(std::time::Duration::from_millis(5));
+                    }
+                    Some(Request::AddJob(job))
+                }
+                Op::GetJobs { worker, max, wait } => Some(Request::GetJobs(GetJobs {
+                    workers: worker.map(|w| vec![format!("W{w}")]),
+                    max: usize::from(max),
+                    wait_ms: wait.then_some(500),
+                })),
+                Op::Finish(n) => pick(&jobs, n).map(|job_id| Request::JobFinished(JobFinished {
+                    job_id,
+                    duration: WireDuration::from_secs(0.1),
+                })),
+                Op::Fail(n) => pick(&jobs, n).map(|job_id| Request::JobFailed(JobFailed {
+                    job_id,
+                    error: "boom".into(),
+                    duration: None,
+                })),
+                Op::Renew(n) => Some(Request::RenewLeases(RenewLeases {
+                    job_ids: pick(&jobs, n).into_iter().collect(),
+                    pipeline_ids: pick(&pipelines, n).into_iter().collect(),
+                })),
+                Op::AddPipeline { request_id } => {
+                    let mut fields = Map::new();
+                    if let Some(r) = request_id {
+                        fields.insert(REQUEST_ID.into(), format!("r{r}").into());
+                    }
+                    Some(Request::AddPipeline(NewPipeline { pipeline: pipeline_json(), fields }))
+                }
+                Op::GetPipelines { max, wait } => Some(Request::GetPipelines(GetPipelines {
+                    max: usize::from(max),
+                    wait_ms: wait.then_some(500),
+                })),
+                Op::PipelineFinished(n) => pick(&pipelines, n).map(|pipeline_id| {
+                    Request::PipelineFinished(PipelineFinished {
+                        pipeline_id,
+                        duration: WireDuration::from_secs(1.0),
+                    })
+                }),
+                Op::PipelineFailed(n) => pick(&pipelines, n).map(|pipeline_id| {
+                    Request::PipelineFailed(PipelineFailed {
+                        pipeline_id,
+                        job_id: "j".into(),
+                        worker: "W0".into(),
+                        error: "boom".into(),
+                        duration: None,
+                    })
+                }),
+                Op::TakeBack(n) => {
+                    let job: Vec<JobId> = pick(&jobs, n).into_iter().collect();
+                    let pipeline: Vec<PipelineId> = pick(&pipelines, n).into_iter().collect();
+                    s.take_back(&job, &pipeline, &mut events);
+                    None
+                }
+                Op::Advance(ms) => {
+                    now += u64::from(ms);
+                    s.tick(now, &mut events);
+                    None
+                }
+                Op::Restore => {
+                    let r = s.restarted();
+                    if let Err(broken) = s.check_restored(&r) {
+                        proptest::prop_assert!(false, "{broken}");
+                    }
+                    // Waiting requests live in memory only: a restart answers none of them.
+                    s = r;
+                    None
+                }
+            };
+            if let Some(request) = request {
+                let reply = s.handle_or_wait(ticket, request, now, &mut events);
+                ticket += 1;
+                let mut replies: Vec<Reply> = reply.into_iter().collect();
+                s.serve_waiting(now, &mut served);
+                replies.extend(served.drain(..).map(|w| w.reply));
+                for reply in replies {
+                    match reply {
+                        Reply::Answer(a) => {
+                            jobs.extend(a.job_id);
+                            pipelines.extend(a.pipeline_id);
+                        }
+                        Reply::Jobs(js) => jobs.extend(js.into_iter().map(|j| j.job_id)),
+                        Reply::Pipelines(ps) => {
+                            pipelines.extend(ps.into_iter().map(|p| p.pipeline_id))
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            if let Err(broken) = s.check_invariants() {
+                proptest::prop_assert!(false, "after {op:?}: {broken}");
+            }
+        }
+    }
+}
