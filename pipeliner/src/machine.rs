@@ -72,6 +72,16 @@ impl PipelinerMachine {
         self.outbox.extend(actions.into_iter().map(Out::Walk));
     }
 
+    /// Stops walking `pipeline_id`, with the submissions it still had to send.
+    fn drop_walk(&mut self, pipeline_id: &PipelineId) {
+        self.walks.drop_pipeline(pipeline_id);
+        let walks = &self.walks;
+        self.outbox.retain(|out| match out {
+            Out::Walk(Action::Submit { pipeline_id, .. }) => walks.contains(pipeline_id),
+            _ => true,
+        });
+    }
+
     /// Takes in the router's reply to an action.
     fn performed(&mut self, action: Action, reply: Value) {
         match action {
@@ -91,6 +101,12 @@ impl PipelinerMachine {
                         .submitted(&pipeline_id, job, job_id, ends_pipeline, Instant::now());
                 }
                 Ok(_) => warn!(%pipeline_id, worker, "job accepted without a job id"),
+                Err(ReplyError::Refused(a)) if a.answer == AnswerKind::UnknownPipelineId => {
+                    // It ended meanwhile (another pipeliner took it over after our lease
+                    // lapsed, or it was ended otherwise): nothing is left to walk.
+                    info!(%pipeline_id, "the pipeline is no longer pending; dropping it");
+                    self.drop_walk(&pipeline_id);
+                }
                 Err(e) => warn!(%pipeline_id, worker, error = %e, "the router refused a job"),
             },
             Action::Finish {
@@ -190,14 +206,7 @@ impl PipelinerMachine {
                 }
                 _ => {
                     warn!(%pipeline_id, "the router no longer knows this pipeline; dropping it");
-                    self.walks.drop_pipeline(&pipeline_id);
-                    let walks = &self.walks;
-                    self.outbox.retain(|out| match out {
-                        Out::Walk(Action::Submit { pipeline_id, .. }) => {
-                            walks.contains(pipeline_id)
-                        }
-                        _ => true,
-                    });
+                    self.drop_walk(&pipeline_id);
                 }
             }
         }
@@ -492,5 +501,16 @@ mod tests {
         m.replied(out, refused);
         assert!(m.outbox().is_empty());
         assert_eq!(m.held(), 1);
+    }
+
+    #[test]
+    fn a_job_refused_because_its_pipeline_ended_drops_the_walk() {
+        let mut m = PipelinerMachine::new(10, Duration::from_secs(60));
+        m.take_in(vec![chain_of_two("p1")]);
+        let out = m.outbox().pop_front().unwrap();
+        let refused = Answer::error(AnswerKind::UnknownPipelineId, "pipeline p1 is not pending");
+        m.replied(out, reply(refused));
+        assert_eq!(m.held(), 0, "the walk is dropped");
+        assert!(m.outbox().is_empty());
     }
 }

@@ -28,8 +28,9 @@ pub mod state;
 
 use std::time::Duration;
 
+use pypelinin_common::daemon::telemetry::Throttle;
 use pypelinin_common::protocol::{
-    decode_request_with_token, Answer, AnswerKind, Event, Reply, Request, RequestError,
+    Answer, AnswerKind, Event, Reply, Request, RequestError, RequestFrame,
 };
 use pypelinin_common::transport::{ApiServer, Envelope, Publisher, Replier, TransportError};
 use serde_json::{Map, Value};
@@ -53,6 +54,9 @@ pub enum Error {
     /// One of the router's tasks panicked.
     #[error("a router task failed")]
     Task(#[from] tokio::task::JoinError),
+    /// A setting cannot be used.
+    #[error("invalid settings: {0}")]
+    Settings(String),
     /// One of the router's tasks ended while the router was serving.
     #[error("a router task ended unexpectedly")]
     TaskEnded,
@@ -90,6 +94,13 @@ impl Router {
         settings: RouterSettings,
         configuration: Map<String, Value>,
     ) -> Result<Self, Error> {
+        if settings.token.as_deref() == Some("") {
+            return Err(Error::Settings(
+                "the cluster token is empty: set a long random string, or remove it to run \
+                 without a token"
+                    .into(),
+            ));
+        }
         let policy = settings.policy();
         let (state, durable) = match &settings.data_dir {
             Some(dir) => {
@@ -168,7 +179,8 @@ impl Router {
         };
         tasks.spawn(state_loop(self.state, index, request_rx, back_rx, sink));
         tasks.spawn(outbox_loop(out_rx, replier, self.publisher, back_tx));
-        let token = self.settings.token.clone().filter(|t| !t.is_empty());
+        let token = self.settings.token.clone();
+        let mut unauthorized_log = Throttle::new(Duration::from_secs(10));
 
         // Set when a task ended before the router was asked to stop: it failed.
         let mut ended_early = None;
@@ -189,14 +201,25 @@ impl Router {
                     continue;
                 }
             };
-            let decoded = incoming
-                .body
-                .map_err(RequestError::Malformed)
-                .and_then(|body| decode_request_with_token(&body));
-            let decoded = match decoded {
-                Ok((_, sent)) if token.is_some() && sent != token => Err(None),
-                Ok((request, _)) => Ok(request),
-                Err(e) => Err(Some(e)),
+            let decoded = match incoming.body.map_err(RequestError::Malformed) {
+                Ok(body) => RequestFrame::read(&body),
+                Err(e) => Err(e),
+            };
+            // With a cluster token, nothing of a request is looked at before its token: any
+            // frame without the right one, well-formed or not, is unauthorized.
+            let decoded = match (&token, decoded) {
+                (Some(expected), frame)
+                    if !frame
+                        .as_ref()
+                        .is_ok_and(|f| same_token(f.token(), expected)) =>
+                {
+                    if let Some(suppressed) = unauthorized_log.allow() {
+                        warn!(peer = %incoming.envelope.peer(), suppressed, "request without the right cluster token");
+                    }
+                    Err(None)
+                }
+                (_, Ok(frame)) => frame.decode().map_err(Some),
+                (_, Err(e)) => Err(Some(e)),
             };
             match decoded {
                 Ok(request) => {
@@ -210,10 +233,7 @@ impl Router {
                             debug!(peer = %incoming.envelope.peer(), %error, "rejected request");
                             Reply::for_error(&error).encode()
                         }
-                        None => {
-                            warn!(peer = %incoming.envelope.peer(), "request without the cluster token");
-                            Reply::from(Answer::new(AnswerKind::Unauthorized)).encode()
-                        }
+                        None => Reply::from(Answer::new(AnswerKind::Unauthorized)).encode(),
                     };
                     let batch = Outgoing {
                         replies: vec![(incoming.envelope, reply, Handout::default())],
@@ -264,6 +284,13 @@ impl Router {
         }
         result
     }
+}
+
+/// Whether `sent` is the cluster token, compared in constant time (the time taken does not
+/// tell how much of a guess was right).
+fn same_token(sent: Option<&str>, expected: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    sent.is_some_and(|sent| bool::from(sent.as_bytes().ct_eq(expected.as_bytes())))
 }
 
 /// Replies and broadcasts of one batch, sent in that order.

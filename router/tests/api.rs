@@ -587,16 +587,26 @@ async fn with_a_cluster_token_requests_without_it_are_unauthorized_and_change_no
     };
     let router = TestRouter::start_settings(serde_json::Map::new(), settings).await;
     let mut anonymous = router.client().await;
+    // The token is checked before anything else: a request that is incomplete, unknown or
+    // not even JSON is unauthorized too, not answered with what is wrong with it.
     for request in [
         json!({"command": "add job", "worker": "A"}),
         json!({"command": "add job", "worker": "A", "cluster token": "wrong"}),
+        json!({"command": "add job", "worker": "A", "cluster token": "s3cre"}),
         json!({"command": "get configuration"}),
+        json!({"command": "add job"}),
+        json!({"command": "no such command"}),
+        json!({"worker": "A"}),
     ] {
         assert_eq!(
             router.ask(&mut anonymous, request).await,
             json!({"answer": "unauthorized"})
         );
     }
+    assert_eq!(
+        router.raw(&mut anonymous, b"not json at all").await,
+        json!({"answer": "unauthorized"})
+    );
     let mut member = ApiClient::connect(router.api.clone(), ClientOptions::default())
         .await
         .unwrap()
@@ -614,6 +624,34 @@ async fn with_a_cluster_token_requests_without_it_are_unauthorized_and_change_no
         .await
         .unwrap();
     assert_eq!(member.get_job(None).await.unwrap().unwrap().job_id, id);
+
+    // A token inside a request of a batch is dropped: never stored or handed out.
+    let batch = json!({"command": "batch", "cluster token": "s3cret", "requests": [
+        {"command": "add job", "worker": "B", "data": {"n": 1}, "cluster token": "leak"}
+    ]});
+    let reply = router.ask(&mut anonymous, batch).await;
+    assert_eq!(reply["replies"][0]["answer"], "job accepted", "{reply}");
+    let job = member.get_job(None).await.unwrap().unwrap();
+    assert_eq!(job.worker, "B");
+    assert!(
+        !job.fields.contains_key("cluster token"),
+        "the inner token was handed out: {:?}",
+        job.fields
+    );
+}
+
+#[tokio::test]
+async fn an_empty_cluster_token_is_refused_at_start() {
+    let settings = RouterSettings {
+        api: "tcp://127.0.0.1:0".into(),
+        broadcast: "tcp://127.0.0.1:0".into(),
+        token: Some(String::new()),
+        ..RouterSettings::default()
+    };
+    let Err(e) = pypelinin_router::Router::bind(settings, serde_json::Map::new()).await else {
+        panic!("a router with an empty token started");
+    };
+    assert!(e.to_string().contains("cluster token is empty"), "{e}");
 }
 
 #[tokio::test]

@@ -49,6 +49,14 @@ impl DaemonArgs {
         if settings.token_mut().is_none() {
             *settings.token_mut() = file.cluster_token()?;
         }
+        if settings.token_mut().as_deref() == Some("") {
+            return Err(ConfigError::Value {
+                name: "token".into(),
+                reason: "the cluster token is empty: set a long random string, or remove it to \
+                         run without a token"
+                    .into(),
+            });
+        }
         if let Some(api) = &self.api {
             settings.api_mut().clone_from(api);
         }

@@ -28,4 +28,6 @@ pub use reply::{
     Answer, AnswerKind, JobAssignment, JobState, PipelineAssignment, PipelineHandout,
     PipelineState, PipelineStatus, Reply, ReplyError, SubmittedJob,
 };
-pub use request::{decode_request, decode_request_with_token, Batch, Request, RequestError};
+pub use request::{
+    decode_request, decode_request_with_token, Batch, Limits, Request, RequestError, RequestFrame,
+};

@@ -378,18 +378,52 @@ pub enum RequestError {
 /// The key of the cluster token in a request.
 pub const CLUSTER_TOKEN: &str = "cluster token";
 
+/// A request frame read as a JSON object, with the [`CLUSTER_TOKEN`] it carried taken out:
+/// a router that requires a token checks it ([`RequestFrame::token`]) before it looks at
+/// anything else of the request, then [`decodes`](RequestFrame::decode) it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestFrame {
+    object: Map<String, Value>,
+    token: Option<String>,
+}
+
+impl RequestFrame {
+    /// Reads `bytes` as one JSON object.
+    ///
+    /// # Errors
+    /// [`RequestError::Malformed`] for bytes that are not one UTF-8 JSON object.
+    pub fn read(bytes: &[u8]) -> Result<Self, RequestError> {
+        let mut object = decode_object(bytes)?;
+        let token = match object.remove(CLUSTER_TOKEN) {
+            Some(Value::String(t)) => Some(t),
+            _ => None,
+        };
+        Ok(Self { object, token })
+    }
+
+    /// The cluster token the frame carried, if any.
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
+    /// The request.
+    ///
+    /// # Errors
+    /// As [`decode_request`].
+    pub fn decode(self) -> Result<Request, RequestError> {
+        dispatch(self.object)
+    }
+}
+
 /// Decodes one request frame, also returning the [`CLUSTER_TOKEN`] it carried (removed from
 /// the request), for routers that require a cluster token.
 ///
 /// # Errors
 /// As [`decode_request`].
 pub fn decode_request_with_token(bytes: &[u8]) -> Result<(Request, Option<String>), RequestError> {
-    let mut map = decode_object(bytes)?;
-    let token = match map.remove(CLUSTER_TOKEN) {
-        Some(Value::String(t)) => Some(t),
-        _ => None,
-    };
-    Ok((dispatch(map)?, token))
+    let frame = RequestFrame::read(bytes)?;
+    let token = frame.token.clone();
+    Ok((frame.decode()?, token))
 }
 
 /// Decodes one request frame.
@@ -398,9 +432,10 @@ pub fn decode_request_with_token(bytes: &[u8]) -> Result<(Request, Option<String
 /// [`RequestError::Malformed`] for bytes that are not one UTF-8 JSON object;
 /// [`RequestError::UndefinedCommand`] when `"command"` is missing;
 /// [`RequestError::UnknownCommand`] when it is not a known command name;
-/// [`RequestError::Syntax`] when a known command lacks a key or has one of the wrong type.
+/// [`RequestError::Syntax`] when a known command lacks a key or has one of the wrong type, or
+/// a value is past its limit (see [`Limits`]).
 pub fn decode_request(bytes: &[u8]) -> Result<Request, RequestError> {
-    dispatch(decode_object(bytes)?)
+    RequestFrame::read(bytes)?.decode()
 }
 
 fn decode_object(bytes: &[u8]) -> Result<Map<String, Value>, RequestError> {
@@ -416,13 +451,83 @@ fn decode_object(bytes: &[u8]) -> Result<Map<String, Value>, RequestError> {
     }
 }
 
-fn dispatch(map: Map<String, Value>) -> Result<Request, RequestError> {
+fn dispatch(mut map: Map<String, Value>) -> Result<Request, RequestError> {
     match map.get("command") {
         None => return Err(RequestError::UndefinedCommand),
         Some(Value::String(c)) if Request::COMMANDS.contains(&c.as_str()) => {}
         Some(_) => return Err(RequestError::UnknownCommand),
     }
-    serde_json::from_value(Value::Object(map)).map_err(|e| RequestError::Syntax(e.to_string()))
+    // A token inside a request (of a batch) is never kept with it, stored or handed out.
+    map.remove(CLUSTER_TOKEN);
+    let request: Request = serde_json::from_value(Value::Object(map))
+        .map_err(|e| RequestError::Syntax(e.to_string()))?;
+    Limits::apply(request)
+}
+
+/// The limits the router puts on what it stores, broadcasts and logs.
+#[derive(Debug)]
+pub struct Limits;
+
+impl Limits {
+    /// Worker names (in `add job`, `get job`, `get jobs`, `pipeline failed`) and probe tokens:
+    /// at most this many bytes, and no control characters.
+    pub const MAX_NAME_BYTES: usize = 256;
+    /// Error texts of `job failed` and `pipeline failed`: longer ones are cut to this many bytes
+    /// (their end is dropped).
+    pub const MAX_ERROR_BYTES: usize = 64 * 1024;
+
+    /// `request` within the limits: error texts cut, names checked.
+    fn apply(request: Request) -> Result<Request, RequestError> {
+        let name = |what: &str, value: &str| {
+            if value.len() > Self::MAX_NAME_BYTES {
+                Err(RequestError::Syntax(format!(
+                    "{what} is {} bytes long; at most {} are allowed",
+                    value.len(),
+                    Self::MAX_NAME_BYTES
+                )))
+            } else if value.chars().any(char::is_control) {
+                Err(RequestError::Syntax(format!(
+                    "{what} must not contain control characters"
+                )))
+            } else {
+                Ok(())
+            }
+        };
+        let workers = |workers: &Option<Vec<String>>| {
+            workers
+                .iter()
+                .flatten()
+                .try_for_each(|w| name("a worker name", w))
+        };
+        match request {
+            Request::AddJob(ref job) => name("\"worker\"", &job.worker)?,
+            Request::GetJob(ref get) => workers(&get.workers)?,
+            Request::GetJobs(ref get) => workers(&get.workers)?,
+            Request::Probe(ref probe) => name("\"token\"", &probe.token)?,
+            Request::JobFailed(mut failed) => {
+                cut(&mut failed.error, Self::MAX_ERROR_BYTES);
+                return Ok(Request::JobFailed(failed));
+            }
+            Request::PipelineFailed(mut failed) => {
+                name("\"worker\"", &failed.worker)?;
+                cut(&mut failed.error, Self::MAX_ERROR_BYTES);
+                return Ok(Request::PipelineFailed(failed));
+            }
+            _ => {}
+        }
+        Ok(request)
+    }
+}
+
+/// Cuts `text` to at most `max` bytes, on a character boundary.
+fn cut(text: &mut String, max: usize) {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
 }
 
 #[cfg(test)]
@@ -669,5 +774,53 @@ mod tests {
             decode(json!({"command": "batch"})),
             Err(RequestError::Syntax(_))
         ));
+    }
+
+    #[test]
+    fn the_token_is_read_apart_and_never_kept_with_a_request() {
+        let frame = RequestFrame::read(
+            json!({"command": "batch", "cluster token": "t", "requests": [
+                {"command": "add job", "worker": "A", "cluster token": "inner"}
+            ]})
+            .to_string()
+            .as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(frame.token(), Some("t"));
+        let Request::Batch(batch) = frame.decode().unwrap() else {
+            panic!("not a batch")
+        };
+        let Ok(Request::AddJob(job)) = batch.decode().remove(0) else {
+            panic!("not an add job")
+        };
+        assert!(!job.fields.contains_key(CLUSTER_TOKEN), "{:?}", job.fields);
+        // A token is read before the command is looked at.
+        let frame = RequestFrame::read(br#"{"command": "nonsense", "cluster token": "t"}"#);
+        assert_eq!(frame.unwrap().token(), Some("t"));
+    }
+
+    #[test]
+    fn names_past_their_limit_are_refused_and_long_errors_cut() {
+        let long = "W".repeat(Limits::MAX_NAME_BYTES + 1);
+        for bad in [
+            json!({"command": "add job", "worker": long}),
+            json!({"command": "add job", "worker": "a\nb"}),
+            json!({"command": "get jobs", "workers": ["ok", "\u{1b}[31m"], "max": 1}),
+            json!({"command": "probe", "token": "x".repeat(1000)}),
+        ] {
+            assert!(
+                matches!(decode(bad.clone()), Err(RequestError::Syntax(_))),
+                "{bad}"
+            );
+        }
+        let error = "é".repeat(Limits::MAX_ERROR_BYTES);
+        let Request::JobFailed(failed) =
+            decode(json!({"command": "job failed", "job id": "j", "error": error})).unwrap()
+        else {
+            panic!("not job failed")
+        };
+        assert!(failed.error.len() <= Limits::MAX_ERROR_BYTES && failed.error.len() > 60_000);
+        let ok = decode(json!({"command": "add job", "worker": "W".repeat(256)}));
+        assert!(ok.is_ok());
     }
 }

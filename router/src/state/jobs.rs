@@ -120,11 +120,21 @@ impl State {
         if job.worker.is_empty() {
             return Answer::error(AnswerKind::SyntaxError, "\"worker\" must not be empty").into();
         }
+        // A job may name only a pending pipeline: one that ended (or never was) takes no job.
+        if let Some(p) = job
+            .pipeline_id
+            .as_ref()
+            .filter(|p| !self.pipelines.contains_key(*p))
+        {
+            return Answer::error(
+                AnswerKind::UnknownPipelineId,
+                format!("pipeline {p} is not pending (unknown, or ended already)"),
+            )
+            .into();
+        }
         let id = self.ids.job();
         let seq = self.next_seq();
-        // A job names its pipeline only while that pipeline is pending; otherwise it is a
-        // job of its own.
-        let pipeline_id = job.pipeline_id.filter(|p| self.pipelines.contains_key(p));
+        let pipeline_id = job.pipeline_id;
         if let Some(p) = &pipeline_id {
             if let Some(record) = self.pipelines.get_mut(p) {
                 record.jobs.push(id.clone());

@@ -545,7 +545,7 @@ fn a_pipeline_ends_with_its_last_job_in_the_same_transition() {
 }
 
 #[test]
-fn a_last_job_that_fails_or_has_no_pending_pipeline_ends_nothing() {
+fn a_last_job_that_fails_ends_nothing_and_one_of_no_pending_pipeline_is_refused() {
     let mut s = State::new(
         Map::new(),
         Policy {
@@ -566,13 +566,14 @@ fn a_last_job_that_fails_or_has_no_pending_pipeline_ends_nothing() {
         "the pipeliner reports the failed pipeline"
     );
 
+    // A job may name only a pending pipeline: one that does not exist takes no job.
     let unknown = add_last(&mut s, "C", &PipelineId::from("nope"), T0);
-    assert!(!unknown.ends_pipeline, "no pending pipeline to end");
-    let c = unknown.job_id.unwrap();
-    get(&mut s, None).unwrap();
-    let mut events = vec![];
-    finish(&mut s, &c, &mut events);
-    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(unknown.answer, AnswerKind::UnknownPipelineId);
+    assert!(
+        unknown.job_id.is_none() && unknown.error.is_some(),
+        "{unknown:?}"
+    );
+    assert_eq!(s.queued_jobs(), 0, "nothing was queued");
 }
 
 #[test]
