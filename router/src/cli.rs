@@ -24,6 +24,11 @@ pub struct RouterArgs {
     /// Keep the queues in memory only: a crash loses them (for benchmarks of durability's cost).
     #[arg(long)]
     pub no_durability: bool,
+    /// Start even when the durable record lost writes it had acknowledged (a journal cut or
+    /// deleted by a disk fault), going on with what is left; without it such a router refuses
+    /// to start and says what is missing.
+    #[arg(long)]
+    pub accept_loss: bool,
 }
 
 /// The default folder of the router's durable record.
@@ -61,6 +66,7 @@ impl RouterArgs {
         if let Some(dir) = &self.data_dir {
             settings.data_dir = Some(dir.clone());
         }
+        settings.accept_loss = self.accept_loss;
         if self.no_durability {
             settings.data_dir = None;
         } else if settings.data_dir.is_none() {

@@ -106,8 +106,11 @@ impl Router {
             Some(dir) => {
                 let dir = dir.clone();
                 let cache_bytes = settings.durable_cache_mb.max(1) * 1024 * 1024;
-                let (durable, loaded) =
-                    tokio::task::spawn_blocking(move || Durable::open(&dir, cache_bytes)).await??;
+                let accept_loss = settings.accept_loss;
+                let (durable, loaded) = tokio::task::spawn_blocking(move || {
+                    Durable::open(&dir, cache_bytes, accept_loss)
+                })
+                .await??;
                 info!(
                     jobs = loaded.jobs.len(),
                     pipelines = loaded.pipelines.len(),

@@ -25,6 +25,21 @@ const ENDED: &str = "ended.by-seq";
 /// The folder of the database inside the data dir.
 const DATABASE: &str = "router-db";
 
+/// The keyspace of the record's own bookkeeping: the number of commits (key [`COMMITS`]).
+const META: &str = "meta";
+
+/// The key of the number of commits written, in [`META`].
+const COMMITS: &[u8] = b"commits";
+
+/// The file beside the database that holds a number of commits known to be on disk, kept
+/// apart from fjall's journal: a record that restores fewer commits than it says lost
+/// acknowledged writes.
+const MARK: &str = "acknowledged";
+
+/// How often the mark is brought up to date (plus at every clean stop). Writes acknowledged
+/// within the last period before a loss are not covered by the check.
+const MARK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The file an earlier version of the router kept its record in (redb).
 const EARLIER_RECORD: &str = "router.redb";
 
@@ -53,6 +68,23 @@ pub enum PersistError {
     /// A record cannot be decoded.
     #[error("a record of the router's data is corrupt: {0}")]
     Corrupt(String),
+    /// The record holds fewer commits than were acknowledged: writes were lost (a journal
+    /// cut, zeroed or deleted by a disk or file system fault).
+    #[error(
+        "the router's durable record at {path} lost acknowledged writes: it holds {found} \
+         commits, but {acknowledged} were acknowledged (the last {} commits' jobs and pipelines \
+         are missing, or all of them if the record was deleted). Restore the data dir from a \
+         backup, or start the router with --accept-loss to go on with what is left",
+        acknowledged - found
+    )]
+    Lost {
+        /// The data dir.
+        path: PathBuf,
+        /// Commits the mark says were on disk.
+        acknowledged: u64,
+        /// Commits the record holds.
+        found: u64,
+    },
 }
 
 fn io<E: std::fmt::Display>(e: E) -> PersistError {
@@ -113,6 +145,13 @@ pub struct Durable {
     jobs: Keyspace,
     pipelines: Keyspace,
     ended: Keyspace,
+    meta: Keyspace,
+    /// The data dir (where the mark is).
+    dir: PathBuf,
+    /// Commits written so far.
+    commits: std::sync::atomic::AtomicU64,
+    /// When the mark was last written.
+    marked: std::sync::Mutex<std::time::Instant>,
 }
 
 impl Durable {
@@ -122,8 +161,14 @@ impl Durable {
     /// # Errors
     /// [`PersistError::Open`] when the database cannot be opened — for instance another router
     /// uses it, or `dir` holds the record of an earlier version — and
-    /// [`PersistError::Corrupt`] for a record that cannot be read.
-    pub fn open(dir: &Path, cache_bytes: usize) -> Result<(Self, Loaded), PersistError> {
+    /// [`PersistError::Corrupt`] for a record that cannot be read, [`PersistError::Lost`] when
+    /// it holds fewer commits than the mark beside it says were acknowledged (unless
+    /// `accept_loss`: then it goes on with what is left, says so, and marks it).
+    pub fn open(
+        dir: &Path,
+        cache_bytes: usize,
+        accept_loss: bool,
+    ) -> Result<(Self, Loaded), PersistError> {
         let path = dir.join(DATABASE);
         let open_err = |message: String| PersistError::Open {
             path: path.clone(),
@@ -157,6 +202,25 @@ impl Durable {
             .map_err(|e| open_err(e.to_string()))
         };
         let (jobs, pipelines, ended) = (keyspace(JOBS)?, keyspace(PIPELINES)?, keyspace(ENDED)?);
+        let meta = keyspace(META)?;
+        let found = match meta.get(COMMITS).map_err(io)? {
+            Some(v) => <[u8; 8]>::try_from(&*v)
+                .map(u64::from_be_bytes)
+                .map_err(|_| PersistError::Corrupt("the commit count".into()))?,
+            None => 0,
+        };
+        let acknowledged = read_mark(dir)?;
+        if acknowledged > found {
+            let lost = PersistError::Lost {
+                path: dir.to_owned(),
+                acknowledged,
+                found,
+            };
+            if !accept_loss {
+                return Err(lost);
+            }
+            tracing::error!(error = %lost, "going on with what is left (--accept-loss)");
+        }
         let mut index = Index::default();
         let loaded_jobs = read_all(&jobs, &mut index.jobs)?;
         let loaded_pipelines = read_all(&pipelines, &mut index.pipelines)?;
@@ -173,7 +237,13 @@ impl Durable {
             jobs,
             pipelines,
             ended,
+            meta,
+            dir: dir.to_owned(),
+            commits: std::sync::atomic::AtomicU64::new(found),
+            marked: std::sync::Mutex::new(std::time::Instant::now()),
         };
+        // Checked: from now on the mark counts from what is there.
+        durable.write_mark()?;
         Ok((durable, loaded))
     }
 
@@ -247,8 +317,71 @@ impl Durable {
                 }
             }
         }
-        batch.commit().map_err(io)
+        let commits = self.commits.load(std::sync::atomic::Ordering::Relaxed) + 1;
+        batch.insert(&self.meta, COMMITS, commits.to_be_bytes());
+        batch.commit().map_err(io)?;
+        self.commits
+            .store(commits, std::sync::atomic::Ordering::Relaxed);
+        let due = lock(&self.marked).elapsed() >= MARK_EVERY;
+        if due {
+            self.write_mark()?;
+        }
+        Ok(())
     }
+
+    /// Commits written so far.
+    pub fn commits(&self) -> u64 {
+        self.commits.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Writes the number of commits on disk to the mark beside the database (a new file, synced,
+    /// then renamed over the old one).
+    ///
+    /// # Errors
+    /// [`PersistError::Io`] when the file cannot be written.
+    pub fn write_mark(&self) -> Result<(), PersistError> {
+        use std::io::Write;
+        let commits = self.commits();
+        let tmp = self.dir.join(format!("{MARK}.tmp"));
+        let mut file = std::fs::File::create(&tmp).map_err(io)?;
+        file.write_all(format!("{commits}\n").as_bytes())
+            .map_err(io)?;
+        file.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, self.dir.join(MARK)).map_err(io)?;
+        if let Ok(dir) = std::fs::File::open(&self.dir) {
+            dir.sync_all().map_err(io)?;
+        }
+        *lock(&self.marked) = std::time::Instant::now();
+        Ok(())
+    }
+}
+
+impl Drop for Durable {
+    /// A clean stop leaves an exact mark.
+    fn drop(&mut self) {
+        if let Err(e) = self.write_mark() {
+            tracing::warn!(error = %e, "cannot write the acknowledged mark");
+        }
+    }
+}
+
+/// The number of commits the mark in `dir` says were on disk (0 without a mark: a new data
+/// dir, or one of a router from before the mark).
+fn read_mark(dir: &Path) -> Result<u64, PersistError> {
+    match std::fs::read_to_string(dir.join(MARK)) {
+        Ok(text) => text.trim().parse().map_err(|_| {
+            PersistError::Corrupt(format!(
+                "the mark {} is not a number",
+                dir.join(MARK).display()
+            ))
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(io(e)),
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The row to write for record `id` (`row`: its key and record, `None` when it is gone),
@@ -366,7 +499,7 @@ mod tests {
     }
 
     fn open(dir: &Path) -> (Durable, Loaded) {
-        Durable::open(dir, CACHE).expect("open the durable record")
+        Durable::open(dir, CACHE, false).expect("open the durable record")
     }
 
     fn restore(loaded: Loaded) -> (State, Index) {
@@ -563,7 +696,7 @@ mod tests {
     fn a_second_router_on_the_same_data_dir_is_refused() {
         let dir = data_dir("locked");
         let (first, _) = open(&dir);
-        let Err(e) = Durable::open(&dir, CACHE) else {
+        let Err(e) = Durable::open(&dir, CACHE, false) else {
             panic!("a second open of a data dir in use succeeded");
         };
         assert!(
@@ -579,7 +712,7 @@ mod tests {
         let dir = data_dir("earlier");
         std::fs::create_dir_all(&dir).expect("mkdir");
         std::fs::write(dir.join("router.redb"), b"earlier").expect("write");
-        let Err(e) = Durable::open(&dir, CACHE) else {
+        let Err(e) = Durable::open(&dir, CACHE, false) else {
             panic!("a data dir with router.redb was opened");
         };
         assert!(e.to_string().contains("earlier pypelinin router"), "{e}");
@@ -621,10 +754,65 @@ mod tests {
                 .unwrap();
             durable.db.persist(fjall::PersistMode::SyncAll).unwrap();
         }
-        let Err(e) = Durable::open(&dir, CACHE) else {
+        let Err(e) = Durable::open(&dir, CACHE, false) else {
             panic!("a row of a newer format was read");
         };
         assert!(e.to_string().contains("newer router"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The largest journal file of the database in `dir`.
+    fn journal(dir: &Path) -> PathBuf {
+        let mut journals: Vec<_> = std::fs::read_dir(dir.join(DATABASE))
+            .expect("read the database dir")
+            .map(|e| e.expect("entry").path())
+            .filter(|p| p.extension().is_some_and(|e| e == "jnl"))
+            .collect();
+        journals.sort_by_key(|p| std::fs::metadata(p).map_or(0, |m| m.len()));
+        journals.pop().expect("a journal file")
+    }
+
+    #[test]
+    fn a_record_that_lost_acknowledged_commits_is_refused_unless_the_loss_is_accepted() {
+        let dir = data_dir("lost");
+        {
+            let (durable, loaded) = open(&dir);
+            let (mut state, mut index) = restore(loaded);
+            for n in 0..300 {
+                apply(&durable, &mut index, &mut state, vec![add_job(n, 100)]);
+            }
+            assert_eq!(durable.commits(), 300);
+        }
+        // A disk fault zeroes the journal past the half of what it holds (fjall allocates the
+        // file ahead: its end is zeros already).
+        let journal = journal(&dir);
+        let mut bytes = std::fs::read(&journal).expect("read the journal");
+        let used = bytes.iter().rposition(|b| *b != 0).map_or(0, |p| p + 1);
+        bytes[used / 2..].fill(0);
+        std::fs::write(&journal, &bytes).expect("zero the journal");
+        let Err(e) = Durable::open(&dir, CACHE, false) else {
+            panic!("a record that lost half its commits was opened");
+        };
+        assert!(
+            matches!(e, PersistError::Lost { acknowledged: 300, found, .. } if found < 300),
+            "{e}"
+        );
+        assert!(e.to_string().contains("--accept-loss"), "{e}");
+        // Accepted: the router goes on with what is left, and the mark follows it.
+        {
+            let (durable, loaded) =
+                Durable::open(&dir, CACHE, true).expect("open accepting the loss");
+            assert!(loaded.jobs.len() < 300, "{} jobs", loaded.jobs.len());
+            assert!(durable.commits() < 300);
+        }
+        let (durable, _) = open(&dir);
+        drop(durable);
+        // A deleted database is a loss too.
+        std::fs::remove_dir_all(dir.join(DATABASE)).expect("delete the database");
+        let Err(e) = Durable::open(&dir, CACHE, false) else {
+            panic!("a data dir whose database was deleted was opened");
+        };
+        assert!(matches!(e, PersistError::Lost { found: 0, .. }), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

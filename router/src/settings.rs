@@ -45,6 +45,10 @@ pub struct RouterSettings {
     pub max_queued_pipelines: usize,
     /// The cluster token every request must carry (`[cluster] token`, `PYPELININ_TOKEN`).
     pub token: Option<String>,
+    /// Start even when the durable record lost acknowledged writes (`--accept-loss`; never
+    /// from a settings file).
+    #[serde(skip)]
+    pub accept_loss: bool,
 }
 
 impl RouterSettings {
@@ -82,6 +86,7 @@ impl Default for RouterSettings {
             pipeline_lease_secs: 30.0,
             max_queued_pipelines: 100_000,
             token: None,
+            accept_loss: false,
         }
     }
 }
