@@ -38,7 +38,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, trace, warn};
 
-use persist::{Durable, Index, PersistError, Writes};
+use persist::{Durable, Index, OpenOptions, PersistError, Writes};
 use pypelinin_common::ids::{JobId, PipelineId};
 pub use settings::RouterSettings;
 use state::{Served, State};
@@ -105,12 +105,13 @@ impl Router {
         let (state, durable) = match &settings.data_dir {
             Some(dir) => {
                 let dir = dir.clone();
-                let cache_bytes = settings.durable_cache_mb.max(1) * 1024 * 1024;
-                let accept_loss = settings.accept_loss;
-                let (durable, loaded) = tokio::task::spawn_blocking(move || {
-                    Durable::open(&dir, cache_bytes, accept_loss)
-                })
-                .await??;
+                let options = OpenOptions {
+                    cache_bytes: settings.durable_cache_mb.max(1) * 1024 * 1024,
+                    accept_loss: settings.accept_loss,
+                    min_free_bytes: settings.min_free_disk_mb.saturating_mul(1024 * 1024),
+                };
+                let (durable, loaded) =
+                    tokio::task::spawn_blocking(move || Durable::open(&dir, &options)).await??;
                 info!(
                     jobs = loaded.jobs.len(),
                     pipelines = loaded.pipelines.len(),
@@ -491,7 +492,33 @@ fn commit_loop(
                 "group commit"
             );
             if let Err(e) = written {
-                error!(error = %e, "cannot write the durable record; stopping without acknowledging");
+                error!(error = %e, "cannot write the durable record; answering unavailable and stopping");
+                // Nothing of this group, nor of the batches behind it, was written: each of
+                // their requests is answered `unavailable` (so its sender asks again, of the
+                // restarted router) and nothing is broadcast.
+                while let Ok(h) = handled.try_recv() {
+                    group.push(h);
+                }
+                let answer = Reply::from(Answer::error(
+                    AnswerKind::Unavailable,
+                    format!("cannot write the durable record: {e}"),
+                ))
+                .encode();
+                for h in group.drain(..) {
+                    let replies = h
+                        .outgoing
+                        .replies
+                        .into_iter()
+                        .map(|(envelope, _, _)| (envelope, answer.clone(), Handout::default()))
+                        .collect();
+                    let unavailable = Outgoing {
+                        replies,
+                        events: Vec::new(),
+                    };
+                    if outbox.blocking_send(unavailable).is_err() {
+                        break;
+                    }
+                }
                 return Err(e.into());
             }
         }

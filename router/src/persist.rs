@@ -139,6 +139,43 @@ pub struct Index {
     next_ended: u64,
 }
 
+/// How to open the durable record.
+#[derive(Debug, Clone, Copy)]
+pub struct OpenOptions {
+    /// fjall's block cache.
+    pub cache_bytes: usize,
+    /// Go on with what is left when the record lost acknowledged writes.
+    pub accept_loss: bool,
+    /// Refuse to start when the data dir's disk has less free.
+    pub min_free_bytes: u64,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        Self {
+            cache_bytes: 8 * 1024 * 1024,
+            accept_loss: false,
+            min_free_bytes: 0,
+        }
+    }
+}
+
+/// Bytes free for the router on the file system of `dir` (`None` where it cannot be told).
+fn free_bytes(dir: &Path) -> Option<u64> {
+    #[cfg(unix)]
+    {
+        let stats = nix::sys::statvfs::statvfs(dir).ok()?;
+        // Their types differ between platforms (u64 here, u32 elsewhere).
+        #[allow(clippy::useless_conversion)]
+        Some(u64::from(stats.blocks_available()).saturating_mul(u64::from(stats.fragment_size())))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = dir;
+        None
+    }
+}
+
 /// The durable record.
 pub struct Durable {
     db: Database,
@@ -164,11 +201,12 @@ impl Durable {
     /// [`PersistError::Corrupt`] for a record that cannot be read, [`PersistError::Lost`] when
     /// it holds fewer commits than the mark beside it says were acknowledged (unless
     /// `accept_loss`: then it goes on with what is left, says so, and marks it).
-    pub fn open(
-        dir: &Path,
-        cache_bytes: usize,
-        accept_loss: bool,
-    ) -> Result<(Self, Loaded), PersistError> {
+    pub fn open(dir: &Path, options: &OpenOptions) -> Result<(Self, Loaded), PersistError> {
+        let OpenOptions {
+            cache_bytes,
+            accept_loss,
+            min_free_bytes,
+        } = *options;
         let path = dir.join(DATABASE);
         let open_err = |message: String| PersistError::Open {
             path: path.clone(),
@@ -184,6 +222,14 @@ impl Durable {
             });
         }
         std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
+        if let Some(free) = free_bytes(dir).filter(|free| *free < min_free_bytes) {
+            return Err(open_err(format!(
+                "its disk has {} MiB free, less than the {} MiB the router keeps free \
+                 (min_free_disk_mb): free some space, or move the data dir",
+                free / (1024 * 1024),
+                min_free_bytes / (1024 * 1024)
+            )));
+        }
         let db = Database::builder(&path)
             .cache_size(cache_bytes as u64)
             .worker_threads(1)
@@ -242,6 +288,8 @@ impl Durable {
             commits: std::sync::atomic::AtomicU64::new(found),
             marked: std::sync::Mutex::new(std::time::Instant::now()),
         };
+        // A record that cannot be written is refused now, not at the first request.
+        durable.check_writable()?;
         // Checked: from now on the mark counts from what is there.
         durable.write_mark()?;
         Ok((durable, loaded))
@@ -324,9 +372,25 @@ impl Durable {
             .store(commits, std::sync::atomic::Ordering::Relaxed);
         let due = lock(&self.marked).elapsed() >= MARK_EVERY;
         if due {
-            self.write_mark()?;
+            // The commit is on disk whatever happens to the mark: a mark that cannot be
+            // written only narrows what the check at start covers.
+            if let Err(e) = self.write_mark() {
+                tracing::warn!(error = %e, "cannot update the acknowledged mark");
+                *lock(&self.marked) = std::time::Instant::now();
+            }
         }
         Ok(())
+    }
+
+    /// Writes the commit count again, synced, to see that the disk takes writes.
+    fn check_writable(&self) -> Result<(), PersistError> {
+        let mut batch = fjall::OwnedWriteBatch::with_capacity(self.db.clone(), 1)
+            .durability(Some(PersistMode::SyncData));
+        batch.insert(&self.meta, COMMITS, self.commits().to_be_bytes());
+        batch.commit().map_err(|e| PersistError::Open {
+            path: self.dir.join(DATABASE),
+            message: format!("cannot write to it: {e}"),
+        })
     }
 
     /// Commits written so far.
@@ -490,6 +554,14 @@ mod tests {
     const NOW: u64 = 1_000_000;
     const CACHE: usize = 1024 * 1024;
 
+    fn options(accept_loss: bool) -> OpenOptions {
+        OpenOptions {
+            cache_bytes: CACHE,
+            accept_loss,
+            min_free_bytes: 0,
+        }
+    }
+
     /// A fresh data dir of this test.
     fn data_dir(name: &str) -> PathBuf {
         let dir =
@@ -499,7 +571,7 @@ mod tests {
     }
 
     fn open(dir: &Path) -> (Durable, Loaded) {
-        Durable::open(dir, CACHE, false).expect("open the durable record")
+        Durable::open(dir, &options(false)).expect("open the durable record")
     }
 
     fn restore(loaded: Loaded) -> (State, Index) {
@@ -696,7 +768,7 @@ mod tests {
     fn a_second_router_on_the_same_data_dir_is_refused() {
         let dir = data_dir("locked");
         let (first, _) = open(&dir);
-        let Err(e) = Durable::open(&dir, CACHE, false) else {
+        let Err(e) = Durable::open(&dir, &options(false)) else {
             panic!("a second open of a data dir in use succeeded");
         };
         assert!(
@@ -712,7 +784,7 @@ mod tests {
         let dir = data_dir("earlier");
         std::fs::create_dir_all(&dir).expect("mkdir");
         std::fs::write(dir.join("router.redb"), b"earlier").expect("write");
-        let Err(e) = Durable::open(&dir, CACHE, false) else {
+        let Err(e) = Durable::open(&dir, &options(false)) else {
             panic!("a data dir with router.redb was opened");
         };
         assert!(e.to_string().contains("earlier pypelinin router"), "{e}");
@@ -754,7 +826,7 @@ mod tests {
                 .unwrap();
             durable.db.persist(fjall::PersistMode::SyncAll).unwrap();
         }
-        let Err(e) = Durable::open(&dir, CACHE, false) else {
+        let Err(e) = Durable::open(&dir, &options(false)) else {
             panic!("a row of a newer format was read");
         };
         assert!(e.to_string().contains("newer router"), "{e}");
@@ -790,7 +862,7 @@ mod tests {
         let used = bytes.iter().rposition(|b| *b != 0).map_or(0, |p| p + 1);
         bytes[used / 2..].fill(0);
         std::fs::write(&journal, &bytes).expect("zero the journal");
-        let Err(e) = Durable::open(&dir, CACHE, false) else {
+        let Err(e) = Durable::open(&dir, &options(false)) else {
             panic!("a record that lost half its commits was opened");
         };
         assert!(
@@ -801,7 +873,7 @@ mod tests {
         // Accepted: the router goes on with what is left, and the mark follows it.
         {
             let (durable, loaded) =
-                Durable::open(&dir, CACHE, true).expect("open accepting the loss");
+                Durable::open(&dir, &options(true)).expect("open accepting the loss");
             assert!(loaded.jobs.len() < 300, "{} jobs", loaded.jobs.len());
             assert!(durable.commits() < 300);
         }
@@ -809,7 +881,7 @@ mod tests {
         drop(durable);
         // A deleted database is a loss too.
         std::fs::remove_dir_all(dir.join(DATABASE)).expect("delete the database");
-        let Err(e) = Durable::open(&dir, CACHE, false) else {
+        let Err(e) = Durable::open(&dir, &options(false)) else {
             panic!("a data dir whose database was deleted was opened");
         };
         assert!(matches!(e, PersistError::Lost { found: 0, .. }), "{e}");

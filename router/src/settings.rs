@@ -45,6 +45,8 @@ pub struct RouterSettings {
     pub max_queued_pipelines: usize,
     /// The cluster token every request must carry (`[cluster] token`, `PYPELININ_TOKEN`).
     pub token: Option<String>,
+    /// Refuse to start when the data dir's disk has less than this many MiB free.
+    pub min_free_disk_mb: u64,
     /// Start even when the durable record lost acknowledged writes (`--accept-loss`; never
     /// from a settings file).
     #[serde(skip)]
@@ -87,6 +89,7 @@ impl Default for RouterSettings {
             max_queued_pipelines: 100_000,
             token: None,
             accept_loss: false,
+            min_free_disk_mb: 64,
         }
     }
 }

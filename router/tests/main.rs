@@ -5,6 +5,7 @@
 
 mod api;
 mod concurrency;
+mod disk;
 mod process;
 mod support;
 mod waiting;

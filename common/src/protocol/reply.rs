@@ -62,6 +62,11 @@ pub enum AnswerKind {
     /// The pipeline of `add pipeline` is not a valid DAG; `error` says why.
     #[serde(rename = "invalid pipeline")]
     InvalidPipeline,
+    /// Extension: the router could not make the request durable (a full or failing disk), so
+    /// it did not happen; `error` says why. Ask again later (the router stops, and a supervisor
+    /// restarts it).
+    #[serde(rename = "unavailable")]
+    Unavailable,
 }
 
 impl AnswerKind {

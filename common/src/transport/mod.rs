@@ -102,13 +102,17 @@ pub enum ClientError {
 impl ClientError {
     /// Whether retrying the same request later may succeed (the router was unreachable).
     pub fn is_transient(&self) -> bool {
-        matches!(
-            self,
+        match self {
             ClientError::Transport(
                 TransportError::Connect { .. }
-                    | TransportError::Timeout { .. }
-                    | TransportError::Socket { .. }
-            )
-        )
+                | TransportError::Timeout { .. }
+                | TransportError::Socket { .. },
+            ) => true,
+            // The router could not write it down: it did not happen, and the router restarts.
+            ClientError::Reply(ReplyError::Refused(answer)) => {
+                answer.answer == crate::protocol::AnswerKind::Unavailable
+            }
+            _ => false,
+        }
     }
 }
