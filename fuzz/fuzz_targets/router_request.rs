@@ -7,7 +7,8 @@
 use std::cell::RefCell;
 
 use libfuzzer_sys::fuzz_target;
-use pypelinin_common::protocol::decode_request_with_token;
+use pypelinin_common::ids::{JobId, PipelineId};
+use pypelinin_common::protocol::{decode_request_with_token, Reply};
 use pypelinin_router::state::{Ids, Policy, State};
 
 /// The state is kept across inputs (so sequences of requests meet), and started afresh every
@@ -46,6 +47,11 @@ fuzz_target!(|data: &[u8]| {
         state.serve_waiting(*now, &mut served);
         for waited in served {
             let _ = waited.reply.encode();
+            // Now and then the reply cannot be delivered: what it handed out is taken back.
+            if data.len() > 2 && data[2] % 4 == 0 {
+                let (jobs, pipelines) = handed_out(&waited.reply);
+                state.take_back(&jobs, &pipelines, &mut events);
+            }
         }
         if let Err(broken) = state.check_invariants() {
             panic!("invariant broken: {broken}");
@@ -69,4 +75,16 @@ fuzz_target!(|data: &[u8]| {
 fn guard_ticket(data: &[u8]) -> u64 {
     data.iter()
         .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(*b)))
+}
+
+/// The jobs and pipelines a reply hands out.
+fn handed_out(reply: &Reply) -> (Vec<JobId>, Vec<PipelineId>) {
+    match reply {
+        Reply::Jobs(jobs) => (jobs.iter().map(|j| j.job_id.clone()).collect(), Vec::new()),
+        Reply::Pipelines(pipelines) => (
+            Vec::new(),
+            pipelines.iter().map(|p| p.pipeline_id.clone()).collect(),
+        ),
+        _ => (Vec::new(), Vec::new()),
+    }
 }
