@@ -32,6 +32,7 @@ use pypelinin_common::daemon::telemetry::Throttle;
 use pypelinin_common::protocol::{
     Answer, AnswerKind, Event, Reply, Request, RequestError, RequestFrame,
 };
+use pypelinin_common::transport::guard::GuardLimits;
 use pypelinin_common::transport::{ApiServer, Envelope, Publisher, Replier, TransportError};
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
@@ -131,7 +132,8 @@ impl Router {
             }
             None => (State::new(configuration, policy), None),
         };
-        let api = ApiServer::bind(&settings.api).await?;
+        let limits = GuardLimits::api(settings.max_request_bytes);
+        let api = ApiServer::bind_with(&settings.api, limits).await?;
         let publisher = Publisher::bind(&settings.broadcast).await?;
         Ok(Self {
             api,

@@ -6,6 +6,7 @@
 mod api;
 mod concurrency;
 mod disk;
+mod hostile;
 mod process;
 mod support;
 mod waiting;

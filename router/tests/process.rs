@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use crate::support::WAIT;
 
 /// A child process killed (by PID) and reaped when dropped, its data folder removed.
-struct Daemon(Child, std::path::PathBuf);
+pub(crate) struct Daemon(pub(crate) Child, std::path::PathBuf);
 
 impl Drop for Daemon {
     fn drop(&mut self) {
@@ -25,7 +25,7 @@ fn data_dir() -> std::path::PathBuf {
     std::env::temp_dir().join(format!("pypelinin-router-data-{}-{n}", std::process::id()))
 }
 
-fn spawn_router(args: &[&str]) -> (Daemon, String, String) {
+pub(crate) fn spawn_router(args: &[&str]) -> (Daemon, String, String) {
     let data = data_dir();
     let mut child = Command::new(env!("CARGO_BIN_EXE_pypelinin-router"))
         .args(args)

@@ -6,6 +6,9 @@
 //!   (the `zeromq` crate's REQ never reconnects and cannot send again after a lost reply),
 //!   [`ClientOptions`] and the [`Backoff`] every reconnecting loop uses.
 //! - [`client`]: the typed requests of [`ApiClient`], one method per command.
+//! - [`guard`]: the guard in front of every listening `tcp://` socket: it checks the ZMTP
+//!   framing of what peers send before the `zeromq` crate sees it, and bounds what one peer can
+//!   make the router hold.
 //! - [`subscriber`]: [`Subscriber`], a SUB socket (which the crate does reconnect) that parses
 //!   broadcasts into [`Event`](crate::protocol::Event)s.
 //!
@@ -15,6 +18,7 @@
 
 pub mod client;
 pub mod connection;
+pub mod guard;
 pub mod server;
 pub mod subscriber;
 
@@ -40,6 +44,15 @@ pub enum TransportError {
         /// Why.
         #[source]
         source: ZmqError,
+    },
+    /// Binding the listening socket of a guarded endpoint failed.
+    #[error("cannot bind {endpoint}: {source}")]
+    BindIo {
+        /// The endpoint.
+        endpoint: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
     },
     /// Connecting did not succeed within the connect timeout.
     #[error("cannot reach {endpoint} within {timeout:?} (is the router running?)")]

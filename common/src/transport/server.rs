@@ -10,6 +10,7 @@ use zeromq::{
     ZmqError, ZmqMessage,
 };
 
+use super::guard::{Guard, GuardLimits, Inner};
 use super::TransportError;
 use crate::protocol::Event;
 
@@ -41,6 +42,7 @@ pub struct Incoming {
 pub struct ApiServer {
     socket: RouterSocket,
     endpoint: String,
+    _guard: Option<Guard>,
 }
 
 impl ApiServer {
@@ -49,17 +51,21 @@ impl ApiServer {
     /// # Errors
     /// [`TransportError::Bind`] when the endpoint cannot be bound.
     pub async fn bind(endpoint: &str) -> Result<Self, TransportError> {
+        Self::bind_with(endpoint, GuardLimits::api(16 * 1024 * 1024)).await
+    }
+
+    /// As [`ApiServer::bind`], with the limits of the guard in front of a `tcp://` endpoint
+    /// (see [`super::guard`]).
+    ///
+    /// # Errors
+    /// [`TransportError::Bind`] when the endpoint cannot be bound.
+    pub async fn bind_with(endpoint: &str, limits: GuardLimits) -> Result<Self, TransportError> {
         let mut socket = RouterSocket::new();
-        let bound = socket
-            .bind(endpoint)
-            .await
-            .map_err(|source| TransportError::Bind {
-                endpoint: endpoint.to_owned(),
-                source,
-            })?;
+        let (endpoint, guard) = bind_guarded(&mut socket, endpoint, "api", limits).await?;
         Ok(Self {
             socket,
-            endpoint: bound.to_string(),
+            endpoint,
+            _guard: guard,
         })
     }
 
@@ -79,6 +85,7 @@ impl ApiServer {
             RequestReceiver {
                 recv,
                 max_request_bytes,
+                _guard: self._guard,
             },
             Replier { send, send_timeout },
         )
@@ -89,6 +96,8 @@ impl ApiServer {
 pub struct RequestReceiver {
     recv: RouterRecvHalf,
     max_request_bytes: usize,
+    /// The guard in front of the socket lives as long as the receiving half.
+    _guard: Option<Guard>,
 }
 
 impl RequestReceiver {
@@ -112,6 +121,49 @@ impl RequestReceiver {
         };
         Ok(split_frames(message, self.max_request_bytes))
     }
+}
+
+/// Binds `socket` at `endpoint`: a `tcp://` endpoint behind a [`Guard`] (the socket itself
+/// listens on a private Unix socket), any other directly. Returns the endpoint bound (with the
+/// real port) and the guard.
+async fn bind_guarded<S: Socket>(
+    socket: &mut S,
+    endpoint: &str,
+    name: &str,
+    limits: GuardLimits,
+) -> Result<(String, Option<Guard>), TransportError> {
+    let bind_err = |source: std::io::Error| TransportError::BindIo {
+        endpoint: endpoint.to_owned(),
+        source,
+    };
+    let Some(address) = endpoint.strip_prefix("tcp://") else {
+        let bound = socket
+            .bind(endpoint)
+            .await
+            .map_err(|source| TransportError::Bind {
+                endpoint: endpoint.to_owned(),
+                source,
+            })?;
+        return Ok((bound.to_string(), None));
+    };
+    let address = match address.strip_prefix("*:") {
+        Some(port) => format!("0.0.0.0:{port}"),
+        None => address.to_owned(),
+    };
+    let listener = tokio::net::TcpListener::bind(&address)
+        .await
+        .map_err(bind_err)?;
+    let inner = Inner::new(name);
+    let private = inner.listen().map_err(bind_err)?;
+    socket
+        .bind_listener(private)
+        .await
+        .map_err(|source| TransportError::Bind {
+            endpoint: endpoint.to_owned(),
+            source,
+        })?;
+    let guard = Guard::start(listener, inner, limits);
+    Ok((guard.endpoint().to_owned(), Some(guard)))
 }
 
 /// Splits a message the ROUTER received into the envelope and the single body frame.
@@ -202,6 +254,7 @@ impl Replier {
 pub struct Publisher {
     socket: PubSocket,
     endpoint: String,
+    _guard: Option<Guard>,
 }
 
 impl Publisher {
@@ -211,16 +264,12 @@ impl Publisher {
     /// [`TransportError::Bind`] when the endpoint cannot be bound.
     pub async fn bind(endpoint: &str) -> Result<Self, TransportError> {
         let mut socket = PubSocket::new();
-        let bound = socket
-            .bind(endpoint)
-            .await
-            .map_err(|source| TransportError::Bind {
-                endpoint: endpoint.to_owned(),
-                source,
-            })?;
+        let (endpoint, guard) =
+            bind_guarded(&mut socket, endpoint, "pub", GuardLimits::broadcast()).await?;
         Ok(Self {
             socket,
-            endpoint: bound.to_string(),
+            endpoint,
+            _guard: guard,
         })
     }
 
