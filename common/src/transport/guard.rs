@@ -52,7 +52,7 @@ impl GuardLimits {
         Self {
             max_frame_bytes: max.saturating_mul(2).max(max.saturating_add(64 * 1024)),
             max_connections: 4_096,
-            max_in_flight: Some(256),
+            max_in_flight: Some(32),
             greeting_timeout: Duration::from_secs(10),
             stall_timeout: Duration::from_secs(10),
         }
