@@ -250,21 +250,10 @@ async fn a_peer_that_never_reads_is_held_to_its_requests_in_flight_and_then_drop
         rss < RSS_BOUND_MB,
         "RSS {rss} MB with replies queued for a peer that never reads"
     );
-    // It is dropped once it took nothing for the stall timeout (10 s).
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
+    // When it leaves, what was queued for it goes; the router serves on, within its bound.
     drop(stream);
     still_serves(&api, "the peer left").await;
-    // What was queued for it is freed once it is gone.
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while rss_mb(&daemon) >= RSS_BOUND_MB && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
     let after = rss_mb(&daemon);
     eprintln!("router RSS after the peer left: {after} MB");
-    assert!(
-        after < RSS_BOUND_MB,
-        "RSS {after} MB 20 s after the peer left"
-    );
+    assert!(after < RSS_BOUND_MB, "RSS {after} MB after the peer left");
 }
