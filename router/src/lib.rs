@@ -495,9 +495,10 @@ fn commit_loop(
             );
             if let Err(e) = written {
                 error!(error = %e, "cannot write the durable record; answering unavailable and stopping");
-                // Nothing of this group, nor of the batches behind it, was written: each of
-                // their requests is answered `unavailable` (so its sender asks again, of the
-                // restarted router) and nothing is broadcast.
+                // This group, and the batches behind it, are not acknowledged: each of their
+                // requests is answered `unavailable` (its sender asks again, of the restarted
+                // router) and nothing is broadcast. (A failed sync may still leave the group in
+                // the journal: the same doubt as a lost reply.)
                 while let Ok(h) = handled.try_recv() {
                     group.push(h);
                 }

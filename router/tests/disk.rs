@@ -152,9 +152,12 @@ async fn a_full_disk_is_answered_unavailable_and_stops_the_router_having_acknowl
         restored += 1;
         assert!(restored <= 2_000, "more pipelines than were sent");
     }
-    assert_eq!(
-        restored, accepted,
-        "every acknowledged pipeline is there, and only those"
+    // Every acknowledged pipeline is there. The one answered `unavailable` may be there too:
+    // its write can fail after the journal took it (a failed sync), an outcome its sender
+    // cannot tell from a lost reply, which is what `add pipeline`'s request id is for.
+    assert!(
+        (accepted..=accepted + 1).contains(&restored),
+        "{restored} pipelines restored, {accepted} acknowledged"
     );
     restarted.cancel();
     let _ = within(WAIT, "the restored router stopping", task).await;

@@ -63,8 +63,9 @@ pub enum AnswerKind {
     #[serde(rename = "invalid pipeline")]
     InvalidPipeline,
     /// Extension: the router could not make the request durable (a full or failing disk), so
-    /// it did not happen; `error` says why. Ask again later (the router stops, and a supervisor
-    /// restarts it).
+    /// it is not acknowledged; `error` says why. Ask again later (the router stops, and a
+    /// supervisor restarts it). As with a lost reply, the request may have reached the disk
+    /// before the write failed.
     #[serde(rename = "unavailable")]
     Unavailable,
 }
