@@ -63,7 +63,35 @@ impl DaemonArgs {
         if let Some(broadcast) = &self.broadcast {
             settings.broadcast_mut().clone_from(broadcast);
         }
+        check_endpoint("api", settings.api_mut())?;
+        check_endpoint("broadcast", settings.broadcast_mut())?;
         Ok((settings, file))
+    }
+}
+
+/// Checks that `value` looks like a ZeroMQ endpoint, so a mistake is named at start instead of
+/// surfacing as "Could not parse transport".
+///
+/// # Errors
+/// [`ConfigError::Value`] saying what an endpoint looks like.
+pub fn check_endpoint(name: &str, value: &str) -> Result<(), ConfigError> {
+    let ok = match value.split_once("://") {
+        Some(("tcp", address)) => address
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok()),
+        Some(("ipc", path)) => !path.is_empty(),
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::Value {
+            name: name.to_owned(),
+            reason: format!(
+                "{value:?} is not an endpoint: write tcp://HOST:PORT (tcp://127.0.0.1:5555, \
+                 tcp://0.0.0.0:5555) or ipc://PATH"
+            ),
+        })
     }
 }
 
@@ -355,6 +383,17 @@ api = "tcp://127.0.0.1:7000"
         for bad in [f64::NAN, f64::INFINITY, 1e30, MAX_SETTING_SECS * 2.0] {
             let e = secs("lease_renew_secs", bad, fallback).unwrap_err();
             assert!(e.to_string().contains("lease_renew_secs"), "{e}");
+        }
+    }
+
+    #[test]
+    fn endpoints_are_checked_and_the_message_says_what_one_looks_like() {
+        for good in ["tcp://127.0.0.1:5555", "tcp://0.0.0.0:0", "tcp://[::1]:5555", "ipc:///tmp/s"] {
+            assert!(check_endpoint("api", good).is_ok(), "{good}");
+        }
+        for bad in ["127.0.0.1:5555", "tcp://127.0.0.1", "tcp://:5555", "http://x:1", ""] {
+            let e = check_endpoint("api", bad).unwrap_err().to_string();
+            assert!(e.contains("tcp://HOST:PORT") && e.contains("api"), "{bad}: {e}");
         }
     }
 }

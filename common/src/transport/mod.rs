@@ -46,7 +46,7 @@ pub enum TransportError {
         source: ZmqError,
     },
     /// Binding the listening socket of a guarded endpoint failed.
-    #[error("cannot bind {endpoint}: {source}")]
+    #[error("cannot bind {endpoint}")]
     BindIo {
         /// The endpoint.
         endpoint: String,

@@ -61,14 +61,8 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     };
     let count = cli.count.unwrap_or(documents.len());
 
-    let mut manager = PipelineManager::connect(&cli.api, &cli.broadcast)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot reach the router at {} (is my_router running?)",
-                cli.api
-            )
-        })?;
+    // Its error names the endpoint and asks whether the router runs.
+    let mut manager = PipelineManager::connect(&cli.api, &cli.broadcast).await?;
 
     let dot = home.join("pipeline.dot");
     let sample = cluster::document_pipeline("sample", &format!("{base}sample.html"))?;
