@@ -1,11 +1,11 @@
 //! The broker's settings (`[broker]` table, `PYPELININ_*` environment, flags).
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::worker::CommandWorker;
 
 /// Settings of a broker. Every field has a default.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default)]
 pub struct BrokerSettings {
     /// The router's API endpoint (`PYPELININ_API`).

@@ -1,9 +1,9 @@
 //! The pipeliner's settings (`[pipeliner]` table, `PYPELININ_*` environment, flags).
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Settings of a pipeliner. Every field has a default.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default)]
 pub struct PipelinerSettings {
     /// The router's API endpoint (`PYPELININ_API`).

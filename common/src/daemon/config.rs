@@ -28,7 +28,7 @@ pub struct DaemonArgs {
 }
 
 /// The settings every daemon has: the router's endpoints and the cluster token.
-pub trait DaemonSettings: DeserializeOwned {
+pub trait DaemonSettings: DeserializeOwned + serde::Serialize + Default {
     /// The API endpoint.
     fn api_mut(&mut self) -> &mut String;
     /// The broadcast endpoint.
@@ -45,6 +45,7 @@ impl DaemonArgs {
     /// When the file cannot be read or a setting is invalid.
     pub fn load<T: DaemonSettings>(&self, section: &str) -> Result<(T, ConfigFile), ConfigError> {
         let file = ConfigFile::read_optional(self.config.as_deref())?;
+        file.check_keys::<T>(section)?;
         let mut settings: T = file.settings(section)?;
         if settings.token_mut().is_none() {
             *settings.token_mut() = file.cluster_token()?;
@@ -219,12 +220,49 @@ impl ConfigFile {
     /// # Errors
     /// [`ConfigError::Invalid`] when the `[cluster]` table does not fit.
     pub fn cluster_token(&self) -> Result<Option<String>, ConfigError> {
-        #[derive(Default, serde::Deserialize)]
+        #[derive(Default, serde::Deserialize, serde::Serialize)]
         #[serde(default)]
         struct Cluster {
             token: Option<String>,
         }
+        self.check_keys::<Cluster>("cluster")?;
         Ok(self.settings::<Cluster>("cluster")?.token)
+    }
+
+    /// Refuses a key of the file's `section` that is no setting of `T`, naming the closest one
+    /// (`concurency = 4` in `[broker]`: "did you mean concurrency?").
+    ///
+    /// # Errors
+    /// [`ConfigError::Value`] for the first unknown key.
+    pub fn check_keys<T: serde::Serialize + Default>(
+        &self,
+        section: &str,
+    ) -> Result<(), ConfigError> {
+        let Ok(serde_json::Value::Object(known)) = serde_json::to_value(T::default()) else {
+            return Ok(());
+        };
+        let Some(table) = self.table.get(section).and_then(toml::Value::as_table) else {
+            return Ok(());
+        };
+        if let Some(key) = table.keys().find(|k| !known.contains_key(*k)) {
+            let closest = known
+                .keys()
+                .map(|k| (strsim::levenshtein(k, key), k))
+                .min()
+                .filter(|(distance, _)| *distance <= 3);
+            let hint = match closest {
+                Some((_, k)) => format!("did you mean {k}?"),
+                None => {
+                    let keys: Vec<&str> = known.keys().map(String::as_str).collect();
+                    format!("the settings of [{section}] are {}", keys.join(", "))
+                }
+            };
+            return Err(ConfigError::Value {
+                name: format!("[{section}] {key}"),
+                reason: format!("no such setting; {hint}"),
+            });
+        }
+        Ok(())
     }
 
     /// The settings of `section`: defaults, then that table of the file, then `PYPELININ_*`.
@@ -388,12 +426,50 @@ api = "tcp://127.0.0.1:7000"
 
     #[test]
     fn endpoints_are_checked_and_the_message_says_what_one_looks_like() {
-        for good in ["tcp://127.0.0.1:5555", "tcp://0.0.0.0:0", "tcp://[::1]:5555", "ipc:///tmp/s"] {
+        for good in [
+            "tcp://127.0.0.1:5555",
+            "tcp://0.0.0.0:0",
+            "tcp://[::1]:5555",
+            "ipc:///tmp/s",
+        ] {
             assert!(check_endpoint("api", good).is_ok(), "{good}");
         }
-        for bad in ["127.0.0.1:5555", "tcp://127.0.0.1", "tcp://:5555", "http://x:1", ""] {
+        for bad in [
+            "127.0.0.1:5555",
+            "tcp://127.0.0.1",
+            "tcp://:5555",
+            "http://x:1",
+            "",
+        ] {
             let e = check_endpoint("api", bad).unwrap_err().to_string();
-            assert!(e.contains("tcp://HOST:PORT") && e.contains("api"), "{bad}: {e}");
+            assert!(
+                e.contains("tcp://HOST:PORT") && e.contains("api"),
+                "{bad}: {e}"
+            );
         }
+    }
+
+    #[test]
+    fn an_unknown_key_is_refused_with_the_closest_one() {
+        #[derive(Default, serde::Deserialize, serde::Serialize)]
+        #[serde(default)]
+        struct Broker {
+            concurrency: usize,
+            poll_interval_secs: f64,
+        }
+        let file = ConfigFile::parse("[broker]\nconcurency = 4\n").unwrap();
+        let e = file.check_keys::<Broker>("broker").unwrap_err().to_string();
+        assert!(
+            e.contains("[broker] concurency") && e.contains("did you mean concurrency?"),
+            "{e}"
+        );
+        let file = ConfigFile::parse("[broker]\nsomething_else = 1\n").unwrap();
+        let e = file.check_keys::<Broker>("broker").unwrap_err().to_string();
+        assert!(e.contains("concurrency, poll_interval_secs"), "{e}");
+        let file = ConfigFile::parse("[broker]\nconcurrency = 4\n[store]\nanything = 1\n").unwrap();
+        assert!(file.check_keys::<Broker>("broker").is_ok());
+        let file = ConfigFile::parse("[cluster]\ntokn = \"x\"\n").unwrap();
+        let e = file.cluster_token().unwrap_err().to_string();
+        assert!(e.contains("did you mean token?"), "{e}");
     }
 }
