@@ -159,7 +159,8 @@ impl LoopSettings {
 pub struct DaemonLoop {
     settings: LoopSettings,
     client: ApiClient,
-    /// `None` after the subscription failed, until it is made again.
+    /// The subscription handed to [`DaemonLoop::new`]; [`DaemonLoop::run`] takes it over (and
+    /// makes it again after a failure).
     subscriber: Option<Subscriber>,
     /// Whether the queue may hold work for the machine.
     want_work: bool,
