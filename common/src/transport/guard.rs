@@ -373,10 +373,10 @@ async fn relay(client: TcpStream, inner: &Inner, limits: GuardLimits) -> Result<
     }
 }
 
-/// Messages passed each way, to bound a connection's requests in flight.
+/// Replies passed to the client so far, so the upstream side (which counts requests itself)
+/// can bound the requests in flight.
 #[derive(Debug, Default)]
 struct Counts {
-    up: AtomicU64,
     down: AtomicU64,
     answered: Notify,
 }
@@ -417,7 +417,6 @@ async fn upstream(
             Ok(n) => n,
         };
         scanner.scan(&buf[..n]).map_err(|v| v.to_string())?;
-        counts.up.store(scanner.messages(), Ordering::Release);
         if to.write_all(&buf[..n]).await.is_err() {
             return Ok(());
         }
