@@ -13,3 +13,36 @@ pub async fn within<T>(limit: Duration, what: &str, fut: impl Future<Output = T>
         Err(_) => panic!("timed out after {limit:?} waiting for {what}"),
     }
 }
+
+/// Raw ZMTP 3.0 bytes, for tests that play a hostile peer without a ZeroMQ library.
+pub mod zmtp {
+    /// A ZMTP 3.0 greeting with the NULL mechanism.
+    pub fn greeting() -> Vec<u8> {
+        let mut g = vec![0u8; 64];
+        g[0] = 0xFF;
+        g[9] = 0x7F;
+        g[10] = 3;
+        g[12..16].copy_from_slice(b"NULL");
+        g
+    }
+
+    /// A READY command announcing `socket_type` (`DEALER`, `SUB`, `ROUTER`, ...).
+    pub fn ready(socket_type: &str) -> Vec<u8> {
+        let mut body = vec![5u8];
+        body.extend(b"READY");
+        body.push(11);
+        body.extend(b"Socket-Type");
+        body.extend((socket_type.len() as u32).to_be_bytes());
+        body.extend(socket_type.as_bytes());
+        let mut frame = vec![0x04, body.len() as u8];
+        frame.extend(body);
+        frame
+    }
+
+    /// A frame header announcing a frame of `len` bytes (the 8-byte length form).
+    pub fn long_header(len: u64) -> Vec<u8> {
+        let mut h = vec![0x02];
+        h.extend(len.to_be_bytes());
+        h
+    }
+}

@@ -5,4 +5,5 @@
 
 mod cluster;
 mod faults;
+mod hostile;
 mod support;

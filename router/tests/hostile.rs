@@ -7,7 +7,10 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use pypelinin_common::testing::within;
+use pypelinin_common::protocol::request::Probe;
+use pypelinin_common::protocol::Request;
+use pypelinin_common::testing::zmtp::{greeting, long_header};
+use pypelinin_common::testing::{within, zmtp};
 use pypelinin_common::transport::{ApiClient, ClientOptions};
 
 use crate::process::{spawn_router, Daemon};
@@ -16,27 +19,9 @@ use crate::support::WAIT;
 /// The router's resident memory may not pass this after a probe (it starts at ~40 MB).
 const RSS_BOUND_MB: u64 = 200;
 
-/// A ZMTP 3.0 greeting with the NULL mechanism, as a client.
-fn greeting() -> Vec<u8> {
-    let mut g = vec![0u8; 64];
-    g[0] = 0xFF;
-    g[9] = 0x7F;
-    g[10] = 3;
-    g[12..16].copy_from_slice(b"NULL");
-    g
-}
-
-/// A READY command for a DEALER socket (ZMTP 3.0 NULL handshake).
+/// A READY command for a DEALER socket.
 fn ready() -> Vec<u8> {
-    let mut body = vec![5u8];
-    body.extend(b"READY");
-    body.push(11);
-    body.extend(b"Socket-Type");
-    body.extend(6u32.to_be_bytes());
-    body.extend(b"DEALER");
-    let mut frame = vec![0x04, body.len() as u8];
-    frame.extend(body);
-    frame
+    zmtp::ready("DEALER")
 }
 
 /// A raw connection that sent its greeting.
@@ -48,13 +33,6 @@ fn connect(endpoint: &str) -> TcpStream {
         .expect("timeout");
     stream.write_all(&greeting()).expect("send the greeting");
     stream
-}
-
-/// A header announcing a frame of `len` bytes.
-fn long_header(len: u64) -> Vec<u8> {
-    let mut h = vec![0x02];
-    h.extend(len.to_be_bytes());
-    h
 }
 
 /// Whether the router closed `stream` (it reads the router's greeting first, then expects the
@@ -256,4 +234,54 @@ async fn a_peer_that_never_reads_is_held_to_its_requests_in_flight_and_then_drop
     let after = rss_mb(&daemon);
     eprintln!("router RSS after the peer left: {after} MB");
     assert!(after < RSS_BOUND_MB, "RSS {after} MB after the peer left");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_never_reads_is_dropped_at_its_high_water_mark() {
+    let (mut daemon, api, broadcast) = router();
+    let stderr = daemon.0.stderr.take().expect("the router's stderr");
+    let mut stream = connect(&broadcast);
+    stream.write_all(&zmtp::ready("SUB")).expect("ready");
+    // Subscribe to everything (a ZMTP 3.0 subscription message: 0x01 and the prefix).
+    stream.write_all(&[0x00, 1, 0x01]).expect("subscribe");
+    // ~40 MB of probe broadcasts, more than twice the 16 MiB mark, none read.
+    let mut client = within(
+        WAIT,
+        "a normal client connecting",
+        ApiClient::connect(api.clone(), ClientOptions::default()),
+    )
+    .await
+    .expect("connect");
+    let probes: Vec<Request> = (0..5_000)
+        .map(|n| {
+            Request::Probe(Probe {
+                token: format!("{n:0>250}"),
+            })
+        })
+        .collect();
+    for _ in 0..30 {
+        within(WAIT, "a batch of probes", client.batch(&probes))
+            .await
+            .expect("probes sent");
+    }
+    // The router says why it dropped the subscriber: the mark, not the stall timeout.
+    let reason = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .find(|l| l.contains("closed a connection"))
+    });
+    let line = within(WAIT, "the router's log line", reason)
+        .await
+        .expect("the log reader")
+        .expect("a log line about the dropped subscriber");
+    assert!(line.contains("bytes behind"), "{line}");
+    assert!(
+        tokio::task::block_in_place(|| closed_by_router(&mut stream)),
+        "the subscriber is still connected"
+    );
+    still_serves(&api, "a subscriber that never reads").await;
+    let rss = rss_mb(&daemon);
+    assert!(rss < RSS_BOUND_MB, "RSS {rss} MB");
 }

@@ -143,6 +143,7 @@ impl LoopSettings {
             options: ClientOptions {
                 connect_timeout: secs("connect_timeout_secs", s.connect_timeout, d(5))?,
                 request_timeout: secs("request_timeout_secs", s.request_timeout, d(10))?,
+                ..ClientOptions::default()
             },
             poll_interval: secs("poll_interval_secs", s.poll_interval, d(5))?,
             lease_renew: secs("lease_renew_secs", s.lease_renew, d(5))?,

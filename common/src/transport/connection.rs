@@ -6,6 +6,7 @@ use bytes::Bytes;
 use tokio::time::timeout;
 use zeromq::{ReqSocket, Socket, SocketOptions, SocketRecv, SocketSend, ZmqError, ZmqMessage};
 
+use super::outbound::{guarded, OutboundGuard, OutboundLimits};
 use super::TransportError;
 use crate::protocol::Request;
 
@@ -16,6 +17,23 @@ pub struct ClientOptions {
     pub connect_timeout: Duration,
     /// How long to wait for a reply.
     pub request_timeout: Duration,
+    /// The longest reply frame accepted, in bytes: a `tcp://` connection whose peer announces
+    /// a longer one is closed before the frame is read (see [`super::outbound`]).
+    pub max_reply_bytes: u64,
+}
+
+impl ClientOptions {
+    /// The longest reply frame accepted by default: 1 GiB, far above any reply of a router
+    /// (requests are at most 16 MiB by default, and a `get jobs` reply carries at most the
+    /// jobs a broker asked for).
+    pub const DEFAULT_MAX_REPLY_BYTES: u64 = 1 << 30;
+
+    fn outbound(&self) -> OutboundLimits {
+        OutboundLimits {
+            max_frame_bytes: self.max_reply_bytes,
+            connect_timeout: self.connect_timeout,
+        }
+    }
 }
 
 impl Default for ClientOptions {
@@ -23,6 +41,7 @@ impl Default for ClientOptions {
         Self {
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(10),
+            max_reply_bytes: Self::DEFAULT_MAX_REPLY_BYTES,
         }
     }
 }
@@ -30,10 +49,12 @@ impl Default for ClientOptions {
 /// A client of the router's API: one request at a time, with bounded waits.
 ///
 /// It owns its REQ socket and rebuilds it on the next request after any error or timeout.
+/// A `tcp://` endpoint is reached through an [`OutboundGuard`], so no reply can make the
+/// process reserve more than [`ClientOptions::max_reply_bytes`].
 pub struct ApiClient {
     endpoint: String,
     options: ClientOptions,
-    socket: Option<ReqSocket>,
+    socket: Option<(ReqSocket, Option<OutboundGuard>)>,
     token: Option<String>,
 }
 
@@ -74,30 +95,39 @@ impl ApiClient {
 
     async fn ensure_connected(&mut self) -> Result<&mut ReqSocket, TransportError> {
         if self.socket.is_none() {
+            let connect_err = |source| TransportError::ConnectFailed {
+                endpoint: self.endpoint.clone(),
+                source,
+            };
+            let (target, guard) = guarded(&self.endpoint, "req", self.options.outbound())
+                .map_err(|e| connect_err(ZmqError::Network(e)))?;
             let mut options = SocketOptions::default();
             options.connect_timeout(self.options.connect_timeout);
             let mut socket = ReqSocket::with_options(options);
             // The crate's own timeout covers the retries; ours also bounds a hung handshake.
             let limit = self.options.connect_timeout + Duration::from_millis(500);
-            match timeout(limit, socket.connect(&self.endpoint)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(ZmqError::ConnectTimeout(_))) | Err(_) => {
-                    return Err(TransportError::Connect {
-                        endpoint: self.endpoint.clone(),
-                        timeout: self.options.connect_timeout,
-                    })
-                }
-                Ok(Err(source)) => {
-                    return Err(TransportError::ConnectFailed {
-                        endpoint: self.endpoint.clone(),
-                        source,
-                    })
-                }
+            let outcome = timeout(limit, socket.connect(&target)).await;
+            // The guard knows why its TCP connection failed better than the handshake does.
+            let failure = guard.as_ref().and_then(OutboundGuard::take_failure);
+            let timed_out = TransportError::Connect {
+                endpoint: self.endpoint.clone(),
+                timeout: self.options.connect_timeout,
+            };
+            match (outcome, failure) {
+                (Ok(Ok(())), _) => {}
+                // Refused until the deadline: the router is not there (yet).
+                (_, Some(e)) if still_away(&e) => return Err(timed_out),
+                (_, Some(e)) => return Err(connect_err(ZmqError::Network(e))),
+                (Ok(Err(ZmqError::ConnectTimeout(_))) | Err(_), None) => return Err(timed_out),
+                (Ok(Err(source)), None) => return Err(connect_err(source)),
             }
-            self.socket = Some(socket);
+            self.socket = Some((socket, guard));
         }
         // Set just above.
-        self.socket.as_mut().ok_or(TransportError::Closed)
+        self.socket
+            .as_mut()
+            .map(|(socket, _)| socket)
+            .ok_or(TransportError::Closed)
     }
 
     /// Sends one request frame and returns the reply frame.
@@ -212,6 +242,15 @@ impl ApiClient {
     }
 }
 
+/// Whether the guard's failure to connect means the router is not there (yet), rather than
+/// an address that cannot work.
+pub(crate) fn still_away(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::TimedOut | std::io::ErrorKind::ConnectionRefused
+    )
+}
+
 /// Exponential back-off for loops that retry the router: each failure doubles the next wait,
 /// up to a cap; a success starts again from the first wait.
 #[derive(Debug, Clone)]
@@ -262,6 +301,7 @@ mod tests {
         ClientOptions {
             connect_timeout: Duration::from_millis(300),
             request_timeout: Duration::from_millis(300),
+            ..ClientOptions::default()
         }
     }
 

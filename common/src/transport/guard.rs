@@ -14,8 +14,11 @@
 //! [`GuardLimits::max_connections`] connections; on the API port at most
 //! [`GuardLimits::max_in_flight`] requests of one connection not answered yet (the guard stops
 //! reading from a peer past that, so the replies queued for a peer that never reads stay few);
-//! and a peer that takes none of the bytes sent to it for [`GuardLimits::stall_timeout`] is
-//! disconnected, which frees what was queued for it.
+//! a peer that takes none of the bytes sent to it for [`GuardLimits::stall_timeout`] is
+//! disconnected, which frees what was queued for it; and on the broadcast port the guard takes
+//! the broadcasts as they come and disconnects a subscriber more than
+//! [`GuardLimits::max_pending_bytes`] behind (a high-water mark in bytes), so nothing piles up
+//! in the PUB socket's own queue.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -41,6 +44,11 @@ pub struct GuardLimits {
     pub greeting_timeout: Duration,
     /// How long a peer may take none of the bytes sent to it before it is disconnected.
     pub stall_timeout: Duration,
+    /// Bytes sent to the peer and not taken yet that the guard holds, at most; past it the peer
+    /// is disconnected, like a libzmq high-water mark (`None`: the guard holds one read and
+    /// stops reading from the socket behind it, for the API port, whose replies the
+    /// `max_in_flight` limit bounds).
+    pub max_pending_bytes: Option<u64>,
 }
 
 impl GuardLimits {
@@ -55,10 +63,14 @@ impl GuardLimits {
             max_in_flight: Some(32),
             greeting_timeout: Duration::from_secs(10),
             stall_timeout: Duration::from_secs(10),
+            max_pending_bytes: None,
         }
     }
 
-    /// Limits for the broadcast port: peers send only subscriptions (short frames).
+    /// Limits for the broadcast port: peers send only subscriptions (short frames), and a
+    /// subscriber more than 16 MiB of broadcasts behind (some 200,000 events) is disconnected.
+    /// The guard takes the broadcasts from the PUB socket as they come, so none pile up in the
+    /// socket's own queue for a slow subscriber.
     pub fn broadcast() -> Self {
         Self {
             max_frame_bytes: 64 * 1024,
@@ -66,6 +78,7 @@ impl GuardLimits {
             max_in_flight: None,
             greeting_timeout: Duration::from_secs(10),
             stall_timeout: Duration::from_secs(10),
+            max_pending_bytes: Some(16 * 1024 * 1024),
         }
     }
 }
@@ -112,7 +125,7 @@ enum ScanState {
 }
 
 /// Bytes relayed per read, each way (a connection holds two such buffers).
-const BUFFER: usize = 16 * 1024;
+pub(crate) const BUFFER: usize = 16 * 1024;
 
 /// ZMTP flag bits.
 const MORE: u8 = 0x01;
@@ -243,11 +256,18 @@ impl Inner {
     /// A fresh path for a private Unix socket, in the temp folder.
     pub fn new(name: &str) -> Self {
         static NEXT: AtomicU64 = AtomicU64::new(0);
+        static SWEPT: std::sync::Once = std::sync::Once::new();
+        SWEPT.call_once(remove_stale_sockets);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let path =
             std::env::temp_dir().join(format!("pypelinin-{name}-{}-{n}.sock", std::process::id()));
         let _ = std::fs::remove_file(&path);
         Self { path }
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
     }
 
     /// A listener on it, to hand to the ZeroMQ socket (`bind_listener`).
@@ -261,6 +281,37 @@ impl Inner {
         std::fs::set_permissions(&self.path, std::fs::Permissions::from_mode(0o600))?;
         Ok(listener)
     }
+}
+
+/// Removes the private sockets that processes killed without a chance to clean up (kill -9)
+/// left in the temp folder: those whose process is gone. Run once per process.
+fn remove_stale_sockets() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(stale_socket_pid) else {
+            continue;
+        };
+        let alive = std::path::Path::new(&format!("/proc/{pid}")).exists();
+        if !alive {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// The process id in the name of one of our private sockets
+/// (`pypelinin-{name}-{pid}-{n}.sock`), or `None` for any other name.
+fn stale_socket_pid(file_name: &str) -> Option<u32> {
+    let stem = file_name
+        .strip_prefix("pypelinin-")?
+        .strip_suffix(".sock")?;
+    let mut parts = stem.rsplitn(3, '-');
+    parts.next()?.parse::<u64>().ok()?;
+    let pid = parts.next()?.parse::<u32>().ok()?;
+    parts.next()?;
+    Some(pid)
 }
 
 impl Drop for Inner {
@@ -311,7 +362,7 @@ fn throttled() -> &'static Mutex<(Option<std::time::Instant>, u64)> {
     &LOG
 }
 
-fn log_closed(peer: &str, why: &str) {
+pub(crate) fn log_closed(peer: &str, why: &str) {
     let mut log = throttled()
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -424,8 +475,21 @@ async fn upstream(
 }
 
 /// Server to client: counts the replies, and drops a peer that takes nothing for the stall
-/// timeout.
+/// timeout, or that falls more than `max_pending_bytes` behind.
 async fn downstream(
+    from: impl AsyncRead + Unpin,
+    to: impl AsyncWrite + Unpin,
+    limits: GuardLimits,
+    counts: Arc<Counts>,
+) -> Result<(), String> {
+    match limits.max_pending_bytes {
+        None => downstream_in_step(from, to, limits, counts).await,
+        Some(max) => downstream_eager(from, to, limits, max).await,
+    }
+}
+
+/// Reads from our socket only once the last read was passed on to the peer.
+async fn downstream_in_step(
     mut from: impl AsyncRead + Unpin,
     mut to: impl AsyncWrite + Unpin,
     limits: GuardLimits,
@@ -448,6 +512,51 @@ async fn downstream(
         }
         counts.down.store(scanner.messages(), Ordering::Release);
         counts.answered.notify_waiters();
+    }
+}
+
+/// Takes what our socket sends as it comes, and holds it for the peer up to `max_pending`
+/// bytes.
+async fn downstream_eager(
+    mut from: impl AsyncRead + Unpin,
+    mut to: impl AsyncWrite + Unpin,
+    limits: GuardLimits,
+    max_pending: u64,
+) -> Result<(), String> {
+    let pending = AtomicU64::new(0);
+    let (chunks, mut queued) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    let take = async {
+        loop {
+            let mut buf = vec![0u8; BUFFER];
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return Ok(()),
+                Ok(n) => n,
+            };
+            buf.truncate(n);
+            if pending.fetch_add(n as u64, Ordering::AcqRel) + n as u64 > max_pending {
+                return Err(format!(
+                    "the peer fell more than {max_pending} bytes behind"
+                ));
+            }
+            if chunks.send(buf).is_err() {
+                return Ok(());
+            }
+        }
+    };
+    let give = async {
+        while let Some(chunk) = queued.recv().await {
+            match tokio::time::timeout(limits.stall_timeout, to.write_all(&chunk)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Ok(()),
+                Err(_) => return Err("the peer took nothing for the stall timeout".into()),
+            }
+            pending.fetch_sub(chunk.len() as u64, Ordering::AcqRel);
+        }
+        Ok(())
+    };
+    tokio::select! {
+        outcome = take => outcome,
+        outcome = give => outcome,
     }
 }
 
@@ -479,6 +588,33 @@ mod tests {
             assert_eq!(s.messages(), 2, "chunks of {chunk}");
             assert!(s.greeted());
         }
+    }
+
+    #[test]
+    fn only_our_socket_names_are_taken_for_stale_ones() {
+        assert_eq!(stale_socket_pid("pypelinin-api-4242-0.sock"), Some(4242));
+        assert_eq!(stale_socket_pid("pypelinin-req-7-12.sock"), Some(7));
+        for other in [
+            "pypelinin-api-4242-0.sock.bak",
+            "pypelinin-4242-0.sock",
+            "pypelinin-api-x-0.sock",
+            "other-api-4242-0.sock",
+            "pypelinin-router-data-4242-0",
+        ] {
+            assert_eq!(stale_socket_pid(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn a_socket_left_by_a_process_that_is_gone_is_removed() {
+        // No process has pid u32::MAX - 1 (Linux caps pids far lower).
+        let stale = std::env::temp_dir().join(format!("pypelinin-test-{}-0.sock", u32::MAX - 1));
+        std::fs::write(&stale, b"").unwrap();
+        let ours = Inner::new("test");
+        let _listener = ours.listen().unwrap();
+        remove_stale_sockets();
+        assert!(!stale.exists(), "the stale socket was left");
+        assert!(ours.path().exists(), "a live process's socket was removed");
     }
 
     #[test]

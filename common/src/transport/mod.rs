@@ -9,6 +9,9 @@
 //! - [`guard`]: the guard in front of every listening `tcp://` socket: it checks the ZMTP
 //!   framing of what peers send before the `zeromq` crate sees it, and bounds what one peer can
 //!   make the router hold.
+//! - [`outbound`]: the same check on the connecting side: a socket that connects to a `tcp://`
+//!   endpoint goes through an [`OutboundGuard`](outbound::OutboundGuard), so what the router
+//!   (or whatever answers at its address) sends is checked before the crate reads it.
 //! - [`subscriber`]: [`Subscriber`], a SUB socket (which the crate does reconnect) that parses
 //!   broadcasts into [`Event`](crate::protocol::Event)s.
 //!
@@ -19,6 +22,7 @@
 pub mod client;
 pub mod connection;
 pub mod guard;
+pub mod outbound;
 pub mod server;
 pub mod subscriber;
 

@@ -7,17 +7,26 @@ use tokio::time::{timeout, Instant};
 use tracing::debug;
 use zeromq::{Socket, SocketOptions, SocketRecv, SubSocket, ZmqError};
 
+use super::outbound::{guarded, OutboundGuard, OutboundLimits};
 use super::{ApiClient, ClientError, TransportError};
 use crate::protocol::Event;
 
 /// A subscriber to the router's broadcasts, filtering by prefix.
+///
+/// A `tcp://` endpoint is reached through an [`OutboundGuard`]: a broadcast frame longer than
+/// [`Subscriber::MAX_BROADCAST_BYTES`] closes the connection (the socket connects again).
 pub struct Subscriber {
     socket: SubSocket,
     endpoint: String,
     pending: VecDeque<Event>,
+    _guard: Option<OutboundGuard>,
 }
 
 impl Subscriber {
+    /// The longest broadcast frame accepted, in bytes. Events are short: the longest, a failed
+    /// job, carries at most [`Event::MAX_ERROR_BYTES`] of its error.
+    pub const MAX_BROADCAST_BYTES: u64 = 1 << 20;
+
     /// Connects to `endpoint` and subscribes to each prefix (see the prefixes on [`Event`]).
     ///
     /// The subscription may take a moment to reach the router; use
@@ -30,15 +39,31 @@ impl Subscriber {
         prefixes: &[&str],
         connect_timeout: Duration,
     ) -> Result<Self, TransportError> {
+        let limits = OutboundLimits {
+            max_frame_bytes: Self::MAX_BROADCAST_BYTES,
+            connect_timeout,
+        };
+        let (target, guard) =
+            guarded(endpoint, "sub", limits).map_err(|e| TransportError::ConnectFailed {
+                endpoint: endpoint.to_owned(),
+                source: ZmqError::Network(e),
+            })?;
         let mut options = SocketOptions::default();
         options.connect_timeout(connect_timeout);
         let mut socket = SubSocket::with_options(options);
-        match timeout(
+        let outcome = timeout(
             connect_timeout + Duration::from_millis(500),
-            socket.connect(endpoint),
+            socket.connect(&target),
         )
-        .await
-        {
+        .await;
+        let failure = guard.as_ref().and_then(OutboundGuard::take_failure);
+        if let Some(e) = failure.filter(|e| !super::connection::still_away(e)) {
+            return Err(TransportError::ConnectFailed {
+                endpoint: endpoint.to_owned(),
+                source: ZmqError::Network(e),
+            });
+        }
+        match outcome {
             Ok(Ok(())) => {}
             Ok(Err(ZmqError::ConnectTimeout(_))) | Err(_) => {
                 return Err(TransportError::Connect {
@@ -57,6 +82,7 @@ impl Subscriber {
             socket,
             endpoint: endpoint.to_owned(),
             pending: VecDeque::new(),
+            _guard: guard,
         };
         for prefix in prefixes {
             subscriber.subscribe(prefix).await?;
