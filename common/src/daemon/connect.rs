@@ -2,7 +2,9 @@
 
 use tokio_util::sync::CancellationToken;
 
-use crate::transport::{ApiClient, Backoff, ClientError, ClientOptions, Subscriber};
+use crate::transport::{
+    ApiClient, Backoff, ClientError, ClientOptions, Subscriber, TransportError,
+};
 
 /// Connects a daemon to the router, waiting (with backoff, logging what it waits for) until
 /// the router answers `get configuration`. Returns the client, a subscriber to `prefixes`, and
@@ -40,8 +42,12 @@ pub async fn wait_for_router(
             }
             Err(e) => {
                 attempt += 1;
-                if attempt == 1 || attempt.is_multiple_of(10) {
-                    tracing::warn!(api, broadcast, error = %e, "waiting for the router");
+                // An unreachable tcp:// router is reported by the transport, at a growing
+                // interval (`Reachability`); other failures here, at attempts 1, 2, 4, 8, ...
+                let reported = api.starts_with("tcp://")
+                    && matches!(e, ClientError::Transport(TransportError::Connect { .. }));
+                if !reported && attempt.is_power_of_two() {
+                    tracing::warn!(api, broadcast, attempt, error = %e, "still waiting for the router");
                 }
             }
         }

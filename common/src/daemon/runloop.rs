@@ -176,6 +176,11 @@ pub struct DaemonLoop {
     renew_due: bool,
     /// After the subscription failed: when to subscribe again.
     resubscribe_at: Option<Instant>,
+    /// Whether the last batch failed for want of the router: later failures of the same outage
+    /// are logged at debug (the transport notes an unreachable address at a growing interval).
+    router_away: bool,
+    /// Likewise for the subscription.
+    subscription_away: bool,
 }
 
 /// The answer to a waiting request for work.
@@ -196,6 +201,8 @@ impl DaemonLoop {
             backoff: Backoff::default(),
             renew_due: false,
             resubscribe_at: None,
+            router_away: false,
+            subscription_away: false,
         }
     }
 
@@ -338,7 +345,12 @@ impl DaemonLoop {
             let replies = match self.client.batch(&requests).await {
                 Ok(replies) => replies,
                 Err(e) if e.is_transient() => {
-                    warn!(error = %e, "cannot reach the router; will retry");
+                    if self.router_away {
+                        debug!(error = %e, "cannot reach the router; will retry");
+                    } else {
+                        warn!(error = %e, "cannot reach the router; will retry");
+                        self.router_away = true;
+                    }
                     return false;
                 }
                 Err(e) => {
@@ -351,6 +363,9 @@ impl DaemonLoop {
                     return true;
                 }
             };
+            if std::mem::take(&mut self.router_away) {
+                info!("the router answers again");
+            }
             debug!(
                 requests = sent,
                 renew,
@@ -423,7 +438,11 @@ impl DaemonLoop {
             Ok(reply) => self.take_work(machine, reply, asked),
             Err(e) => {
                 // Ask in the loop's own round trips (with their back-off) for a while.
-                warn!(error = %e, "waiting for work at the router failed");
+                if self.router_away {
+                    debug!(error = %e, "waiting for work at the router failed");
+                } else {
+                    warn!(error = %e, "waiting for work at the router failed");
+                }
                 self.want_work = true;
                 self.wait_again_at = Some(Instant::now() + self.settings.wait);
             }
@@ -467,12 +486,18 @@ impl DaemonLoop {
         match Subscriber::connect(&s.broadcast, &s.prefixes, s.options.connect_timeout).await {
             Ok(subscriber) => {
                 info!(broadcast = %s.broadcast, "subscribed to the broadcasts again");
+                self.subscription_away = false;
                 self.resubscribe_at = None;
                 self.want_work = true;
                 Some(subscriber)
             }
             Err(e) => {
-                warn!(error = %e, "cannot subscribe to the broadcasts; will retry");
+                if self.subscription_away {
+                    debug!(error = %e, "cannot subscribe to the broadcasts; will retry");
+                } else {
+                    warn!(error = %e, "cannot subscribe to the broadcasts; will retry");
+                    self.subscription_away = true;
+                }
                 self.resubscribe_at = Some(Instant::now() + self.backoff.next_delay());
                 None
             }

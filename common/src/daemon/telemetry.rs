@@ -2,11 +2,13 @@
 
 use tracing_subscriber::EnvFilter;
 
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`, with the `zeromq` crate's
-/// per-connection messages at `warn`). Calling it twice is harmless.
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`, with the `zeromq` crate's messages
+/// at `error`: its line per reconnection attempt is replaced by ours, at a growing interval,
+/// see [`Reachability`](crate::transport::outbound::Reachability)). Calling it twice is
+/// harmless.
 pub fn init() {
     let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,zeromq=warn"));
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,zeromq=error"));
     let _already_set = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -20,7 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixListener, UnixStream};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tracing::debug;
+use tracing::{debug, info, warn};
 
 use super::guard::{log_closed, Inner, Scanner, BUFFER};
 
@@ -128,9 +128,13 @@ async fn accept_loop(
         let failure = failure.clone();
         tokio::spawn(async move {
             let remote = match connect(&address, limits.connect_timeout).await {
-                Ok(remote) => remote,
+                Ok(remote) => {
+                    reachability().reached(&address, Instant::now());
+                    remote
+                }
                 Err(e) => {
                     debug!(%address, error = %e, "cannot connect");
+                    reachability().failed(&address, &e, Instant::now());
                     // Dropping `local` fails the socket's handshake; it says why from here.
                     *failure.lock().unwrap_or_else(PoisonError::into_inner) = Some(e);
                     return;
@@ -140,6 +144,74 @@ async fn accept_loop(
                 log_closed(&address, &why);
             }
         });
+    }
+}
+
+/// What this process says about routers it cannot reach: one line when an address stops
+/// answering, then one at a growing interval (5 s, 10 s, 20 s, ... up to every 5 min) while it
+/// stays away, and one when it answers again. It replaces the `zeromq` crate's line per
+/// reconnection attempt (filtered out by the daemons' logging).
+#[derive(Debug, Default)]
+pub struct Reachability {
+    away: Mutex<std::collections::HashMap<String, Away>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Away {
+    since: Instant,
+    next_note: Instant,
+    interval: Duration,
+}
+
+/// The process's one [`Reachability`].
+fn reachability() -> &'static Reachability {
+    static REACH: std::sync::OnceLock<Reachability> = std::sync::OnceLock::new();
+    REACH.get_or_init(Reachability::default)
+}
+
+impl Reachability {
+    const FIRST_INTERVAL: Duration = Duration::from_secs(5);
+    const MAX_INTERVAL: Duration = Duration::from_secs(300);
+
+    /// A connection to `address` failed at `now`. Returns whether a line was logged.
+    pub fn failed(&self, address: &str, error: &io::Error, now: Instant) -> bool {
+        let mut away = self.away.lock().unwrap_or_else(PoisonError::into_inner);
+        match away.get_mut(address) {
+            None => {
+                away.insert(
+                    address.to_owned(),
+                    Away {
+                        since: now,
+                        next_note: now + Self::FIRST_INTERVAL,
+                        interval: Self::FIRST_INTERVAL,
+                    },
+                );
+                warn!(%address, %error, "cannot reach the router; retrying");
+                true
+            }
+            Some(a) if now >= a.next_note => {
+                let secs = now.duration_since(a.since).as_secs();
+                a.interval = (a.interval * 2).min(Self::MAX_INTERVAL);
+                a.next_note = now + a.interval;
+                warn!(%address, %error, "router unreachable for {secs} s; retrying");
+                true
+            }
+            Some(_) => false,
+        }
+    }
+
+    /// A connection to `address` was made at `now`. Returns whether a line was logged (the
+    /// address had been unreachable).
+    pub fn reached(&self, address: &str, now: Instant) -> bool {
+        let mut away = self.away.lock().unwrap_or_else(PoisonError::into_inner);
+        match away.remove(address) {
+            Some(a) => {
+                let secs = now.duration_since(a.since).as_secs();
+                info!(%address, "reached the router again after {secs} s");
+                true
+            }
+            None => false,
+        }
     }
 }
 
@@ -158,6 +230,7 @@ async fn connect(address: &str, within: Duration) -> io::Result<TcpStream> {
                 if e.kind() == io::ErrorKind::ConnectionRefused
                     && Instant::now() + delay < deadline =>
             {
+                reachability().failed(address, &e, Instant::now());
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_millis(500));
             }
@@ -271,6 +344,25 @@ mod tests {
     async fn a_greeting_that_is_not_zmtp_closes_the_connection() {
         let received = through_guard(b"HTTP/1.1 400 Bad Request\r\n\r\n".to_vec()).await;
         assert!(received.is_empty(), "{received:?}");
+    }
+
+    #[test]
+    fn an_unreachable_router_is_noted_once_then_at_a_growing_interval() {
+        let reach = Reachability::default();
+        let refused = io::Error::from(io::ErrorKind::ConnectionRefused);
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        // Failures every second for 2 minutes: lines at 0, 5, 15, 35 and 75 s.
+        let noted: Vec<u64> = (0..120)
+            .filter(|&i| reach.failed("r:1", &refused, t0 + s(i)))
+            .collect();
+        assert_eq!(noted, [0, 5, 15, 35, 75]);
+        // Another address is noted on its own.
+        assert!(reach.failed("r:2", &refused, t0 + s(120)));
+        // Back: one line, and the next failure is a first one again.
+        assert!(reach.reached("r:1", t0 + s(121)));
+        assert!(!reach.reached("r:1", t0 + s(122)));
+        assert!(reach.failed("r:1", &refused, t0 + s(123)));
     }
 
     #[tokio::test]
