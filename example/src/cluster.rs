@@ -5,9 +5,39 @@ use std::path::{Path, PathBuf};
 use pypelinin_client::Pipeline;
 use serde_json::{json, Map, Value};
 
-/// Where the example keeps its data by default: `<temp>/pypelinin-example`.
-pub fn default_home() -> PathBuf {
-    std::env::temp_dir().join("pypelinin-example")
+/// Where the example keeps its data by default: one folder per user and per cluster (named by
+/// its API endpoint), `<temp>/pypelinin-example-<uid>/<endpoint>`, so two users or two
+/// clusters on one machine never mix their results or durable records.
+pub fn default_home(api: &str) -> PathBuf {
+    let cluster: String = api
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    let uid = nix::unistd::Uid::current();
+    std::env::temp_dir()
+        .join(format!("pypelinin-example-{uid}"))
+        .join(cluster.trim_matches('-').replace("---", "-"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_home_is_per_user_and_per_cluster() {
+        let a = default_home("tcp://127.0.0.1:5555");
+        let b = default_home("tcp://127.0.0.1:6555");
+        assert_ne!(a, b);
+        assert!(a.ends_with("tcp-127-0-0-1-5555"), "{}", a.display());
+        let user = a
+            .parent()
+            .and_then(|p| p.file_name())
+            .and_then(|n| n.to_str());
+        assert_eq!(
+            user,
+            Some(format!("pypelinin-example-{}", nix::unistd::Uid::current()).as_str())
+        );
+    }
 }
 
 /// The cluster configuration `my_router` serves: a FileStore in `<home>/store`, monitoring

@@ -318,3 +318,22 @@ async fn a_cluster_with_a_token_runs_and_refuses_strangers() {
         .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
     assert!(outcomes.iter().all(|o| matches!(o, Outcome::Finished(_))));
 }
+
+#[test]
+fn each_binary_names_itself_and_my_router_shows_the_data_dir_it_uses() {
+    for name in ["my_router", "my_broker", "my_pipeliner", "send_pipelines"] {
+        let out = Command::new(bin(name)).arg("-V").output().unwrap();
+        let version = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            version.starts_with(&format!("{name} ")),
+            "{name} -V: {version}"
+        );
+    }
+    let out = Command::new(bin("my_router"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("[default: <home>/router-data]"), "{help}");
+    assert!(!help.contains("XDG_DATA_HOME"), "{help}");
+}

@@ -27,7 +27,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Benchmarks a whole pypelinin cluster on this machine.
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(name = "bench", version)]
 struct Cli {
     /// Pipelines to push through for the throughput figure.
     #[arg(long, default_value_t = 2000)]

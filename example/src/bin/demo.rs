@@ -15,7 +15,7 @@ use pypelinin_example::process::{ensure_binaries, sibling, Daemon};
 
 /// Runs a whole pypelinin cluster on this machine over the bundled corpus.
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(name = "demo", version)]
 struct Cli {
     /// Folder for this run's data [default: a new folder under <temp>].
     #[arg(long)]

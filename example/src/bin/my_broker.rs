@@ -13,7 +13,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// The example's broker: Downloader, GetTextAndWords, GetLinks, Summarize and the Python
 /// TextStats worker, with the FileStore of the cluster configuration.
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(name = "my_broker", version)]
 struct Cli {
     #[command(flatten)]
     broker: BrokerArgs,

@@ -12,7 +12,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// The example's pipeliner: walks the pipelines' DAGs and submits their jobs.
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(name = "my_pipeliner", version)]
 struct Cli {
     #[command(flatten)]
     pipeliner: PipelinerArgs,

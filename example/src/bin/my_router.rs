@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Parser};
 use pypelinin_example::cluster;
 use pypelinin_router::cli::RouterArgs;
 
@@ -15,11 +15,12 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// The example's router: a FileStore in <home>/store, monitoring in <home>/monitoring.log,
 /// its durable record in <home>/router-data.
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(name = "my_router", version)]
 struct Cli {
     #[command(flatten)]
     router: RouterArgs,
-    /// Folder of the example's data (store, monitoring log) [default: <temp>/pypelinin-example].
+    /// Folder of the example's data (store, monitoring log, durable record) [default:
+    /// <temp>/pypelinin-example-<uid>/<api endpoint>, one per user and cluster].
     #[arg(long)]
     home: Option<PathBuf>,
     /// Seconds between brokers' monitoring records.
@@ -35,8 +36,24 @@ struct Cli {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     pypelinin_common::daemon::telemetry::init();
-    let cli = Cli::parse();
-    let home = cli.home.unwrap_or_else(cluster::default_home);
+    // Its durable record is <home>/router-data, not the router's usual default.
+    let command = Cli::command().mut_arg("data_dir", |a| {
+        a.help("Folder of the durable record [default: <home>/router-data]")
+    });
+    let cli = match Cli::from_arg_matches(&command.get_matches()) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    let api = cli
+        .router
+        .daemon
+        .api
+        .clone()
+        .unwrap_or_else(|| pypelinin_common::DEFAULT_API.to_owned());
+    let home = cli
+        .home
+        .clone()
+        .unwrap_or_else(|| cluster::default_home(&api));
     let mut configuration = cluster::configuration(&home, cli.monitoring_interval);
     if cli.no_store {
         configuration.insert("store".into(), serde_json::json!({"type": "none"}));

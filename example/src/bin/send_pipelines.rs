@@ -14,7 +14,7 @@ use pypelinin_example::{cluster, corpus};
 /// Sends the example's pipelines (Downloader → GetTextAndWords, GetLinks → Summarize, and
 /// TextStats) for the bundled corpus, and waits for them.
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(name = "send_pipelines", version)]
 struct Cli {
     /// The router's API endpoint.
     #[arg(long, default_value = pypelinin_common::DEFAULT_API)]
@@ -31,7 +31,8 @@ struct Cli {
     /// Seconds to wait for all pipelines before giving up.
     #[arg(long, default_value_t = 120.0)]
     timeout: f64,
-    /// Folder of the example's data, where the DOT file goes [default: <temp>/pypelinin-example].
+    /// Folder of the example's data, where the DOT file goes [default:
+    /// <temp>/pypelinin-example-<uid>/<api endpoint>, as my_router's].
     #[arg(long)]
     home: Option<PathBuf>,
 }
@@ -50,7 +51,10 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<bool> {
-    let home = cli.home.clone().unwrap_or_else(cluster::default_home);
+    let home = cli
+        .home
+        .clone()
+        .unwrap_or_else(|| cluster::default_home(&cli.api));
     std::fs::create_dir_all(&home).with_context(|| format!("cannot create {}", home.display()))?;
     let documents = corpus::documents(&corpus::data_dir())?;
     anyhow::ensure!(!documents.is_empty(), "the corpus is empty");
