@@ -19,27 +19,6 @@ pub fn default_home(api: &str) -> PathBuf {
         .join(cluster.trim_matches('-').replace("---", "-"))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_default_home_is_per_user_and_per_cluster() {
-        let a = default_home("tcp://127.0.0.1:5555");
-        let b = default_home("tcp://127.0.0.1:6555");
-        assert_ne!(a, b);
-        assert!(a.ends_with("tcp-127-0-0-1-5555"), "{}", a.display());
-        let user = a
-            .parent()
-            .and_then(|p| p.file_name())
-            .and_then(|n| n.to_str());
-        assert_eq!(
-            user,
-            Some(format!("pypelinin-example-{}", nix::unistd::Uid::current()).as_str())
-        );
-    }
-}
-
 /// The cluster configuration `my_router` serves: a FileStore in `<home>/store`, monitoring
 /// records in `<home>/monitoring.log` every `monitoring_secs`.
 pub fn configuration(home: &Path, monitoring_secs: f64) -> Map<String, Value> {
@@ -76,4 +55,25 @@ pub fn document_pipeline(
         .edge("GetLinks", "Summarize")
         .data(json!({"filename": name, "url": url}))
         .build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_home_is_per_user_and_per_cluster() {
+        let a = default_home("tcp://127.0.0.1:5555");
+        let b = default_home("tcp://127.0.0.1:6555");
+        assert_ne!(a, b);
+        assert!(a.ends_with("tcp-127-0-0-1-5555"), "{}", a.display());
+        let user = a
+            .parent()
+            .and_then(|p| p.file_name())
+            .and_then(|n| n.to_str());
+        assert_eq!(
+            user,
+            Some(format!("pypelinin-example-{}", nix::unistd::Uid::current()).as_str())
+        );
+    }
 }
