@@ -27,6 +27,31 @@ impl Daemon {
         args: &[String],
         log: Option<&Path>,
     ) -> anyhow::Result<Self> {
+        Self::spawn_in(name, exe, args, log, false)
+    }
+
+    /// As [`Daemon::spawn`], in a process group of its own: a Ctrl-C in the terminal (which
+    /// signals the whole foreground group) then reaches only the parent, which stops its
+    /// children in order.
+    ///
+    /// # Errors
+    /// When the program cannot be started.
+    pub fn spawn_own_group(
+        name: &str,
+        exe: &Path,
+        args: &[String],
+        log: Option<&Path>,
+    ) -> anyhow::Result<Self> {
+        Self::spawn_in(name, exe, args, log, true)
+    }
+
+    fn spawn_in(
+        name: &str,
+        exe: &Path,
+        args: &[String],
+        log: Option<&Path>,
+        own_group: bool,
+    ) -> anyhow::Result<Self> {
         let stderr = match log {
             Some(path) => Stdio::from(
                 std::fs::File::create(path)
@@ -34,11 +59,16 @@ impl Daemon {
             ),
             None => Stdio::inherit(),
         };
-        let child = Command::new(exe)
+        let mut command = Command::new(exe);
+        command
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(stderr)
+            .stderr(stderr);
+        if own_group {
+            std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        }
+        let child = command
             .spawn()
             .with_context(|| format!("cannot start {} ({})", name, exe.display()))?;
         Ok(Self {
@@ -173,13 +203,19 @@ pub fn ensure_binaries(names: &[&str]) -> anyhow::Result<()> {
         .and_then(Path::file_name)
         .is_some_and(|d| d == "release");
     let mut build = Command::new(cargo);
-    build.args(["build", "--quiet", "-p", "pypelinin-example", "--bins"]);
+    // Not quiet: on a fresh clone this links five binaries, which takes a while; cargo's
+    // progress shows that something happens.
+    build.args(["build", "-p", "pypelinin-example", "--bins"]);
     build
         .arg("--manifest-path")
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"));
     if release {
         build.arg("--release");
     }
+    eprintln!(
+        "building the example's daemons ({}) if they are not up to date ...",
+        names.join(", ")
+    );
     let status = build.status().context("cannot run cargo build")?;
     if !status.success() {
         bail!("building the example's binaries failed");

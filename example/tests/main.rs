@@ -7,3 +7,4 @@ mod cluster;
 mod faults;
 mod hostile;
 mod support;
+mod terminal;

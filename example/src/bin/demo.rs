@@ -51,7 +51,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     println!("corpus served at {}", server.base_url());
 
     let home_arg = home.display().to_string();
-    let mut router = Daemon::spawn(
+    let mut router = Daemon::spawn_own_group(
         "my_router",
         &sibling("my_router")?,
         &args(&[
@@ -70,7 +70,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     println!("router listening: api={api} broadcast={broadcast}");
     let mut daemons = vec![router];
     for i in 1..=2 {
-        daemons.push(Daemon::spawn(
+        daemons.push(Daemon::spawn_own_group(
             "my_broker",
             &sibling("my_broker")?,
             &args(&[
@@ -84,7 +84,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             Some(&logs.join(format!("my_broker-{i}.log"))),
         )?);
     }
-    daemons.push(Daemon::spawn(
+    daemons.push(Daemon::spawn_own_group(
         "my_pipeliner",
         &sibling("my_pipeliner")?,
         &args(&["--api", &api, "--broadcast", &broadcast]),
@@ -96,7 +96,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     );
 
     let timeout = cli.timeout.to_string();
-    let mut sender = Daemon::spawn(
+    let mut sender = Daemon::spawn_own_group(
         "send_pipelines",
         &sibling("send_pipelines")?,
         &args(&[

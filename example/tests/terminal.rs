@@ -1,0 +1,121 @@
+//! The demo in a real terminal: a Ctrl-C typed into a pseudo-terminal (which the terminal turns
+//! into SIGINT for its whole foreground process group) stops every child cleanly.
+
+use std::io::Read;
+use std::os::fd::OwnedFd;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use crate::support::WAIT;
+
+/// Reads the terminal's output on a thread of its own, sending it on in pieces.
+fn reader(master: OwnedFd) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut file = std::fs::File::from(master);
+        let mut buf = [0u8; 4096];
+        // EIO once every process holding the terminal has exited.
+        while let Ok(n @ 1..) = file.read(&mut buf) {
+            if tx
+                .send(String::from_utf8_lossy(&buf[..n]).into_owned())
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Collects output until it contains `needle`; panics with what came after `limit`.
+fn until(rx: &mpsc::Receiver<String>, seen: &mut String, needle: &str, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while !seen.contains(needle) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(piece) => seen.push_str(&piece),
+            Err(_) => panic!("no {needle:?} on the terminal within {limit:?}; it showed:\n{seen}"),
+        }
+    }
+}
+
+#[test]
+fn ctrl_c_in_a_terminal_stops_the_demo_and_every_child_cleanly() {
+    let pty = nix::pty::openpty(None, None).expect("a pseudo-terminal");
+    let home = tempfile::tempdir().unwrap();
+    let slave = pty.slave;
+    let (out, err, inp) = (
+        slave.try_clone().unwrap(),
+        slave.try_clone().unwrap(),
+        slave.try_clone().unwrap(),
+    );
+    // setsid(1): a session of its own, with the pseudo-terminal (its stdin) as the controlling
+    // terminal, so the demo's process group is the terminal's foreground group. Not a group
+    // leader here, setsid execs the demo in place (no fork).
+    let mut command = Command::new("setsid");
+    command
+        .arg("--ctty")
+        .arg(env!("CARGO_BIN_EXE_demo"))
+        .arg("--home")
+        .arg(home.path())
+        // The binaries are built: no nested cargo build.
+        .env_remove("CARGO")
+        .stdin(Stdio::from(inp))
+        .stdout(Stdio::from(out))
+        .stderr(Stdio::from(err));
+    let mut demo = Stopped(command.spawn().expect("the demo starts"));
+    drop(slave);
+    let rx = reader(pty.master.try_clone().unwrap());
+    let mut seen = String::new();
+    until(&rx, &mut seen, "started 2 brokers and a pipeliner", WAIT);
+
+    // Ctrl-C, typed: the terminal's line discipline signals the foreground group.
+    let ctrl_c = nix::unistd::write(&pty.master, &[0x03]).expect("type Ctrl-C");
+    assert_eq!(ctrl_c, 1);
+    until(&rx, &mut seen, "interrupted", WAIT);
+
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(status) = demo.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the demo did not exit:\n{seen}");
+        // A process exit has no event to wait on here.
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // Whatever is left on the terminal.
+    while let Ok(piece) = rx.recv_timeout(Duration::from_secs(2)) {
+        seen.push_str(&piece);
+    }
+    assert_eq!(status.code(), Some(130), "{seen}");
+    assert!(seen.contains("all children stopped"), "{seen}");
+    assert!(
+        !seen.contains("stopped with"),
+        "a child did not stop cleanly:\n{seen}"
+    );
+    assert!(!seen.contains("some pipelines failed"), "{seen}");
+}
+
+/// The demo, asked to stop (SIGTERM: it then stops its children) when the test ends early,
+/// and killed if it has not within the bounded wait.
+struct Stopped(std::process::Child);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
