@@ -133,7 +133,7 @@ impl Broker {
                 &s.api,
                 &s.broadcast,
                 s.token.clone(),
-                vec![Event::NEW_JOB],
+                vec![Event::NEW_JOB, Event::PIPELINE_CANCELLED],
                 loop_secs,
             )?
         };

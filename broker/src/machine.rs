@@ -7,14 +7,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pypelinin_common::daemon::runloop::Machine;
-use pypelinin_common::ids::JobId;
+use pypelinin_common::ids::{JobId, PipelineId};
 use pypelinin_common::protocol::reply::FromReply;
 use pypelinin_common::protocol::request::{GetJobs, JobFailed, JobFinished, RenewLeases};
 use pypelinin_common::protocol::{Answer, Event, JobAssignment, ReplyError, Request, WireDuration};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
-use tracing::{debug, warn, Instrument};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn, Instrument};
 
 use crate::execute::{self, Outcome, Ran};
 use crate::monitoring::Monitor;
@@ -48,6 +49,9 @@ pub struct BrokerMachine {
     reports: VecDeque<Ran>,
     /// The job tasks and monitoring saves: joined on stop.
     tasks: JoinSet<()>,
+    /// The running jobs of pipelines, each with the token that stops it when its pipeline is
+    /// cancelled. Shared with the job tasks.
+    running: Arc<Mutex<Running>>,
     monitor: Option<Monitor>,
 }
 
@@ -77,6 +81,7 @@ impl BrokerMachine {
             taken: Arc::new(Mutex::new(VecDeque::new())),
             reports: VecDeque::new(),
             tasks: JoinSet::new(),
+            running: Arc::default(),
             monitor: monitoring.then(Monitor::new),
         }
     }
@@ -166,7 +171,11 @@ impl Machine for BrokerMachine {
         }
     }
 
-    fn on_event(&mut self, _event: Event) {}
+    fn on_event(&mut self, event: Event) {
+        if let Event::PipelineCancelled { pipeline_id } = event {
+            self.cancel(&pipeline_id);
+        }
+    }
 
     /// A job that ran: its report is due.
     fn on_note(&mut self, ran: Ran) {
@@ -193,6 +202,7 @@ impl Machine for BrokerMachine {
                 semaphore: self.semaphore.clone(),
                 taken: self.taken.clone(),
                 done: notes.clone(),
+                running: self.running.clone(),
             };
             self.tasks.spawn(runner.run(job, permit));
         }
@@ -228,6 +238,37 @@ impl Machine for BrokerMachine {
 }
 
 /// Runs a job in a slot, then the next taken job while there is one and a slot.
+impl BrokerMachine {
+    /// Stops the jobs of a cancelled pipeline: those taken and not started are dropped, and
+    /// the running ones are stopped (a command worker's process is killed); none saves a
+    /// result. The router already forgot them, so their reports are only answered
+    /// `unknown job id`.
+    fn cancel(&mut self, pipeline_id: &PipelineId) {
+        let mut dropped = 0;
+        lock(&self.taken).retain(|job| {
+            let keep = job.pipeline_id.as_ref() != Some(pipeline_id);
+            if !keep {
+                self.held.remove(&job.job_id);
+                dropped += 1;
+            }
+            keep
+        });
+        let mut stopped = 0;
+        for (pipeline, token) in lock(&self.running).values() {
+            if pipeline.as_ref() == Some(pipeline_id) {
+                token.cancel();
+                stopped += 1;
+            }
+        }
+        if dropped + stopped > 0 {
+            info!(%pipeline_id, dropped, stopped, "pipeline cancelled: its jobs here stop");
+        }
+    }
+}
+
+/// The running jobs of pipelines: each job's pipeline and the token that stops it.
+type Running = HashMap<JobId, (Option<PipelineId>, CancellationToken)>;
+
 struct JobTask {
     registry: Arc<WorkerRegistry>,
     store: Arc<dyn Store>,
@@ -235,21 +276,43 @@ struct JobTask {
     semaphore: Arc<Semaphore>,
     taken: Arc<Mutex<VecDeque<JobAssignment>>>,
     done: mpsc::UnboundedSender<Ran>,
+    running: Arc<Mutex<Running>>,
 }
 
 impl JobTask {
     async fn run(self, mut job: JobAssignment, mut permit: tokio::sync::OwnedSemaphorePermit) {
         loop {
             let span = tracing::info_span!("job", job_id = %job.job_id, worker = %job.worker);
-            let ran = execute::run_job(
+            let token = CancellationToken::new();
+            lock(&self.running)
+                .insert(job.job_id.clone(), (job.pipeline_id.clone(), token.clone()));
+            let started = std::time::Instant::now();
+            // What a report of a stopped job needs (not the job's data).
+            let stub = JobAssignment {
+                job_id: job.job_id.clone(),
+                worker: job.worker.clone(),
+                pipeline_id: job.pipeline_id.clone(),
+                fields: serde_json::Map::new(),
+            };
+            let run = execute::run_job(
                 job,
                 &self.registry,
                 self.store.clone(),
                 self.timeout,
                 permit,
             )
-            .instrument(span.clone())
-            .await;
+            .instrument(span.clone());
+            // Dropping the run stops it: a command worker's process is killed (and nothing is
+            // saved); a Rust worker's thread runs on, its result unused.
+            let ran = tokio::select! {
+                ran = run => ran,
+                () = token.cancelled() => Ran {
+                    job: stub.clone(),
+                    outcome: Outcome::Failed("cancelled: its pipeline was cancelled".into()),
+                    duration: started.elapsed(),
+                },
+            };
+            lock(&self.running).remove(&stub.job_id);
             span.in_scope(|| match &ran.outcome {
                 Outcome::Finished => debug!(ms = ran.duration.as_millis() as u64, "job finished"),
                 Outcome::Failed(e) => warn!(error = %e, "job failed"),

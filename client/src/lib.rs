@@ -68,6 +68,9 @@ pub enum Error {
     /// The router does not know the pipeline (it was never added, or its outcome was purged).
     #[error("the router does not know pipeline {0}")]
     Unknown(PipelineId),
+    /// The pipeline was cancelled.
+    #[error("pipeline {0} was cancelled")]
+    Cancelled(PipelineId),
     /// The blocking wrapper could not start its runtime.
     #[error("cannot start a runtime")]
     Runtime(#[source] std::io::Error),
@@ -88,6 +91,8 @@ pub enum Outcome {
     Finished(f64),
     /// A job failed.
     Failed(PipelineFailure),
+    /// It was cancelled ([`PipelineManager::cancel`]).
+    Cancelled,
     /// The router forgot the pipeline.
     Unknown,
 }
@@ -129,7 +134,11 @@ impl PipelineManager {
             .with_token(token);
         let mut events = Subscriber::connect(
             broadcast,
-            &[Event::PIPELINE_FINISHED, Event::PIPELINE_FAILED],
+            &[
+                Event::PIPELINE_FINISHED,
+                Event::PIPELINE_FAILED,
+                Event::PIPELINE_CANCELLED,
+            ],
             options.connect_timeout,
         )
         .await
@@ -244,6 +253,17 @@ impl PipelineManager {
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }
         }
+    }
+
+    /// Cancels pipeline `id`: its jobs that wait are dropped, the results of those that run
+    /// are ignored (and brokers stop them), and it ends as [`Outcome::Cancelled`].
+    ///
+    /// # Errors
+    /// [`Error::Router`] when the router cannot be reached, or answers that the pipeline ended
+    /// already (`pipeline ended`) or is not known (`unknown pipeline id`).
+    pub async fn cancel(&mut self, id: &PipelineId) -> Result<(), Error> {
+        self.client.cancel_pipeline(id.clone()).await?;
+        Ok(())
     }
 
     /// Pipelines started and not ended yet.
@@ -401,6 +421,7 @@ impl PipelineManager {
                 };
                 (pipeline_id, Outcome::Failed(failure))
             }
+            Event::PipelineCancelled { pipeline_id } => (pipeline_id, Outcome::Cancelled),
             _ => return,
         };
         if self.pending.remove(&id).is_some() {
@@ -434,6 +455,7 @@ impl PipelineManager {
                         worker: status.worker.unwrap_or_default(),
                         error: status.error.unwrap_or_default(),
                     }),
+                    PipelineState::Cancelled => Outcome::Cancelled,
                     PipelineState::Unknown => Outcome::Unknown,
                 };
                 debug!(pipeline_id = %id, ?outcome, "caught up on a missed broadcast");
@@ -469,6 +491,12 @@ fn into_result(id: &PipelineId, outcome: Outcome) -> Result<f64, Error> {
     match outcome {
         Outcome::Finished(secs) => Ok(secs),
         Outcome::Failed(f) => Err(Error::Failed(f)),
+        Outcome::Cancelled => Err(Error::Cancelled(id.clone())),
         Outcome::Unknown => Err(Error::Unknown(id.clone())),
     }
 }
+
+/// The Rust snippets of docs/operations.md, compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/operations.md")]
+struct OperationsDoc;

@@ -352,3 +352,103 @@ async fn a_flood_of_malformed_requests_does_not_stop_a_run() {
     let outcomes = m.wait_all(&ids, WAIT).await.unwrap();
     assert!(outcomes.iter().all(|o| matches!(o, Outcome::Finished(_))));
 }
+
+/// A command worker that notes its process id in `<dir>/<name>.pids` and then sleeps (as that
+/// same process) for ten minutes: only a kill ends it within a test.
+fn sleeping_worker(dir: &Path, name: &str) -> String {
+    let pids = dir.join(format!("{name}.pids"));
+    format!(
+        r#"
+[[broker.command_workers]]
+name = "{name}"
+command = ["sh", "-c", "echo $$ >> '{}'; exec sleep 600"]
+timeout_secs = 900
+"#,
+        pids.display()
+    )
+}
+
+/// Whether process `pid` is gone (or a zombie: dead, not reaped yet).
+fn process_gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z')),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_pipeline_stops_its_running_job_runs_nothing_more_and_stays_cancelled() {
+    let dir = tempfile::tempdir().unwrap();
+    let workers = format!(
+        "{}{}",
+        sleeping_worker(dir.path(), "Sleepy"),
+        slow_worker(dir.path(), "After", 0.0)
+    );
+    let mut cluster = Cluster::start_with_config(&config(&workers), &[], 1, &[], 1);
+    let mut m = manager(&cluster).await;
+    let pipeline = Pipeline::builder()
+        .edge("Sleepy", "After")
+        .data(json!({"filename": "cancelled"}))
+        .build()
+        .unwrap();
+    let id = m.start(&pipeline).await.unwrap();
+    let pids = dir.path().join("Sleepy.pids");
+    until("the Sleepy worker's process to start", || {
+        std::fs::read_to_string(&pids).is_ok_and(|t| t.ends_with('\n'))
+    })
+    .await;
+    let pid: u32 = std::fs::read_to_string(&pids)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+
+    m.cancel(&id).await.unwrap();
+    let outcomes = m
+        .wait_all(std::slice::from_ref(&id), WAIT)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+    assert_eq!(outcomes, [Outcome::Cancelled]);
+    until("the running worker's process to be killed", || {
+        process_gone(pid)
+    })
+    .await;
+    // A second cancel says it ended already.
+    let again = m.cancel(&id).await.unwrap_err().to_string();
+    assert!(again.contains("cancelled already"), "{again}");
+
+    // Durable: a restarted router still says cancelled.
+    cluster.daemon(0).kill();
+    cluster.restart_router(&[]);
+    let mut c = within(
+        WAIT,
+        "a client of the restarted router",
+        ApiClient::connect(cluster.api.clone(), ClientOptions::default()),
+    )
+    .await
+    .unwrap();
+    let status = c.pipeline_status(vec![id.clone()]).await.unwrap();
+    assert_eq!(
+        status[&id].state,
+        pypelinin_common::protocol::PipelineState::Cancelled
+    );
+    // The cluster goes on: a new pipeline runs, and the cancelled one's next job never ran
+    // (nor was its first job run again).
+    let next = m.start(&single("After", 1)).await.unwrap();
+    m.wait_all(&[next], WAIT)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+    assert_eq!(
+        runs(dir.path(), "After"),
+        1,
+        "only the new pipeline's job ran"
+    );
+    let sleepy_runs = std::fs::read_to_string(&pids).unwrap().lines().count();
+    assert_eq!(sleepy_runs, 1, "the cancelled job ran again");
+    assert!(
+        !cluster.store().join("cancelled.json").exists(),
+        "a result of the cancelled pipeline was saved"
+    );
+}

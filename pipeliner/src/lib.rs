@@ -78,7 +78,12 @@ impl Pipeliner {
             lease_renew: s.lease_renew_secs,
             shutdown_grace: s.shutdown_grace_secs,
         };
-        let prefixes = vec![Event::NEW_PIPELINE, Event::JOB_FINISHED, Event::JOB_FAILED];
+        let prefixes = vec![
+            Event::NEW_PIPELINE,
+            Event::JOB_FINISHED,
+            Event::JOB_FAILED,
+            Event::PIPELINE_CANCELLED,
+        ];
         let resync = secs(
             "resync_after_secs",
             s.resync_after_secs,

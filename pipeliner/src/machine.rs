@@ -276,6 +276,11 @@ impl Machine for PipelinerMachine {
         let actions = match event {
             Event::JobFinished { job_id, .. } => self.walks.job_finished(&job_id, now),
             Event::JobFailed { job_id, error } => self.walks.job_failed(&job_id, &error, now),
+            Event::PipelineCancelled { pipeline_id } => {
+                info!(%pipeline_id, "the pipeline was cancelled; dropping it");
+                self.drop_walk(&pipeline_id);
+                return;
+            }
             _ => return,
         };
         self.extend(actions);

@@ -54,6 +54,12 @@ pub enum Event {
         /// What went wrong.
         error: String,
     },
+    /// Extension, `pipeline cancelled: id=<id>`: a pipeline was cancelled; brokers stop its
+    /// running jobs.
+    PipelineCancelled {
+        /// The pipeline.
+        pipeline_id: PipelineId,
+    },
     /// Extension, `probe: <token>`: the answer to a `probe` request.
     Probe {
         /// The token the request carried.
@@ -72,6 +78,8 @@ impl Event {
     pub const PIPELINE_FINISHED: &'static str = "pipeline finished: ";
     /// Prefix of every `pipeline failed` event.
     pub const PIPELINE_FAILED: &'static str = "pipeline failed: ";
+    /// Prefix of every `pipeline cancelled` event.
+    pub const PIPELINE_CANCELLED: &'static str = "pipeline cancelled: ";
     /// Prefix of every `job failed` event.
     pub const JOB_FAILED: &'static str = "job failed: ";
     /// The longest error text a `job failed` event carries, in bytes.
@@ -176,6 +184,9 @@ impl fmt::Display for Event {
             Event::JobFailed { job_id, error } => {
                 write!(f, "{}{job_id} error: {error}", Self::JOB_FAILED)
             }
+            Event::PipelineCancelled { pipeline_id } => {
+                write!(f, "{}id={pipeline_id}", Self::PIPELINE_CANCELLED)
+            }
             Event::Probe { token } => write!(f, "{}{token}", Self::PROBE),
         }
     }
@@ -245,6 +256,12 @@ impl FromStr for Event {
                 error: error.to_owned(),
             });
         }
+        if let Some(rest) = s.strip_prefix(Self::PIPELINE_CANCELLED) {
+            let id = rest.strip_prefix("id=").ok_or_else(bad)?;
+            return Ok(Event::PipelineCancelled {
+                pipeline_id: id.into(),
+            });
+        }
         if let Some(token) = s.strip_prefix(Self::PROBE) {
             return Ok(Event::Probe {
                 token: token.to_owned(),
@@ -287,6 +304,12 @@ mod tests {
             (
                 Event::pipeline_failed("p".into(), "j".into(), "W", "it, broke"),
                 "pipeline failed: id=p, job=j, worker=W, error=it, broke",
+            ),
+            (
+                Event::PipelineCancelled {
+                    pipeline_id: "85d7".into(),
+                },
+                "pipeline cancelled: id=85d7",
             ),
         ];
         for (event, text) in cases {

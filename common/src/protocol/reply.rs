@@ -62,6 +62,12 @@ pub enum AnswerKind {
     /// The pipeline of `add pipeline` is not a valid DAG; `error` says why.
     #[serde(rename = "invalid pipeline")]
     InvalidPipeline,
+    /// Extension: `cancel pipeline` cancelled the pipeline.
+    #[serde(rename = "pipeline cancelled")]
+    PipelineCancelled,
+    /// Extension: `cancel pipeline` of a pipeline that ended already; `error` says how.
+    #[serde(rename = "pipeline ended")]
+    PipelineEnded,
     /// Extension: the router could not make the request durable (a full or failing disk), so
     /// it is not acknowledged; `error` says why. Ask again later (the router stops, and a
     /// supervisor restarts it). As with a lost reply, the request may have reached the disk
@@ -82,6 +88,7 @@ impl AnswerKind {
                 | AnswerKind::ProbeSent
                 | AnswerKind::Status
                 | AnswerKind::LeasesRenewed
+                | AnswerKind::PipelineCancelled
         )
     }
 }
@@ -189,6 +196,8 @@ pub enum PipelineState {
     Finished,
     /// A job failed for good.
     Failed,
+    /// Extension: cancelled by `cancel pipeline`.
+    Cancelled,
     /// Not known (never added, or purged after the retention time).
     Unknown,
 }

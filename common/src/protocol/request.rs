@@ -81,6 +81,10 @@ requests! {
     /// Extension: asks the router to broadcast `probe: <token>`, so a subscriber can tell when
     /// its subscription is live.
     "probe" => Probe(Probe),
+    /// Extension: cancels a pending pipeline: its queued and delayed jobs are removed, results
+    /// of its running jobs are ignored when they arrive, it ends in state `cancelled`
+    /// (durably), and `pipeline cancelled: id=<id>` is broadcast so brokers stop its jobs.
+    "cancel pipeline" => CancelPipeline(CancelPipeline),
     /// Extension: several requests in one round trip. The router handles them in order, with
     /// nothing in between, and writes their changes in one durable write; it answers
     /// `{"answer": "batch", "replies": [...]}`, one reply per request, each what the request
@@ -251,6 +255,14 @@ pub struct PipelineFinished {
     pub pipeline_id: PipelineId,
     /// How long it took, in seconds.
     pub duration: WireDuration,
+}
+
+/// `cancel pipeline`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CancelPipeline {
+    /// The pipeline to cancel.
+    #[serde(rename = "pipeline id")]
+    pub pipeline_id: PipelineId,
 }
 
 /// `pipeline failed`.

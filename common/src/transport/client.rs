@@ -282,6 +282,21 @@ impl ApiClient {
         Ok(answer.pipelines.unwrap_or_default())
     }
 
+    /// `cancel pipeline`: cancels a pending pipeline.
+    ///
+    /// # Errors
+    /// Transport failures, or an error answer: `pipeline ended` (it finished, failed or was
+    /// cancelled already) or `unknown pipeline id`.
+    pub async fn cancel_pipeline(&mut self, pipeline_id: PipelineId) -> Result<(), ClientError> {
+        let reply = self
+            .request(&Request::CancelPipeline(
+                crate::protocol::request::CancelPipeline { pipeline_id },
+            ))
+            .await?;
+        expect_answer(&reply, AnswerKind::PipelineCancelled)?;
+        Ok(())
+    }
+
     /// `probe`: asks the router to broadcast `probe: <token>`.
     ///
     /// # Errors

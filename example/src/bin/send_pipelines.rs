@@ -113,6 +113,9 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 match outcome {
                     Outcome::Finished(secs) => durations.push(secs),
                     Outcome::Failed(f) => failures.push(format!("{} ({}): {f}", id, names[&id])),
+                    Outcome::Cancelled => {
+                        failures.push(format!("{} ({}): cancelled", id, names[&id]))
+                    }
                     Outcome::Unknown => {
                         failures.push(format!("{} ({}): the router forgot it", id, names[&id]))
                     }

@@ -256,6 +256,7 @@ impl State {
                 }
                 .into()
             }
+            Request::CancelPipeline(cancel) => self.cancel_pipeline(cancel, now, events),
             Request::Probe(probe) => {
                 events.push(Event::Probe { token: probe.token });
                 Answer::new(AnswerKind::ProbeSent).into()

@@ -4,7 +4,9 @@
 
 use pypelinin_common::ids::PipelineId;
 use pypelinin_common::pipeline::Pipeline;
-use pypelinin_common::protocol::request::{NewPipeline, PipelineFailed, PipelineFinished};
+use pypelinin_common::protocol::request::{
+    CancelPipeline, NewPipeline, PipelineFailed, PipelineFinished,
+};
 use pypelinin_common::protocol::{
     Answer, AnswerKind, Event, PipelineHandout, PipelineState, PipelineStatus, Reply, SubmittedJob,
 };
@@ -175,6 +177,47 @@ impl State {
         self.changes.pipelines.insert(id.clone());
         self.remember(id.clone(), status, now, request_id);
         true
+    }
+
+    /// Cancels a pending pipeline: it ends in state `cancelled` (its jobs go with it, so a
+    /// running job's late report is ignored), and the broadcast tells brokers to stop its jobs.
+    pub(super) fn cancel_pipeline(
+        &mut self,
+        cancel: CancelPipeline,
+        now: u64,
+        events: &mut Vec<Event>,
+    ) -> Reply {
+        let id = cancel.pipeline_id;
+        if let Some(ended) = self.ended.get(&id) {
+            let how = match ended.status.state {
+                PipelineState::Finished => "finished",
+                PipelineState::Failed => "failed",
+                PipelineState::Cancelled => "was cancelled",
+                _ => "ended",
+            };
+            return Answer::error(
+                AnswerKind::PipelineEnded,
+                format!("pipeline {id} {how} already: nothing to cancel"),
+            )
+            .into();
+        }
+        let status = PipelineStatus {
+            error: Some("cancelled".into()),
+            ..PipelineStatus::of(PipelineState::Cancelled)
+        };
+        if !self.end_pipeline(&id, status, now) {
+            return Answer::error(
+                AnswerKind::UnknownPipelineId,
+                format!("no pipeline {id} is pending or remembered"),
+            )
+            .into();
+        }
+        events.push(Event::PipelineCancelled {
+            pipeline_id: id.clone(),
+        });
+        Answer::new(AnswerKind::PipelineCancelled)
+            .with_pipeline_id(id)
+            .into()
     }
 
     pub(super) fn pipeline_finished(

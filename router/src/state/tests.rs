@@ -2,8 +2,8 @@
 
 use super::*;
 use pypelinin_common::protocol::request::{
-    GetPipelines, JobFailed, JobFinished, JobStatusQuery, NewJob, NewPipeline, PipelineFailed,
-    PipelineFinished, PipelineStatusQuery, RenewLeases,
+    CancelPipeline, GetPipelines, JobFailed, JobFinished, JobStatusQuery, NewJob, NewPipeline,
+    PipelineFailed, PipelineFinished, PipelineStatusQuery, RenewLeases,
 };
 use pypelinin_common::protocol::{JobAssignment, SubmittedJob, WireDuration};
 use serde_json::json;
@@ -106,6 +106,87 @@ fn pipeline_state(state: &mut State, id: &PipelineId) -> PipelineStatus {
         panic!()
     };
     p.remove(id).unwrap()
+}
+
+fn cancel(state: &mut State, id: &PipelineId, events: &mut Vec<Event>) -> Answer {
+    let request = Request::CancelPipeline(CancelPipeline {
+        pipeline_id: id.clone(),
+    });
+    match state.handle(request, T0, events) {
+        Reply::Answer(a) => a,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_cancelled_pipeline_drops_its_waiting_jobs_ignores_late_results_and_stays_cancelled() {
+    let mut s = State::new(Map::new(), Policy::default());
+    let p = new_pipeline(&mut s);
+    assert!(take_pipeline(&mut s, T0).is_some(), "a pipeliner walks it");
+    let running = add_in(&mut s, "A", Some(&p));
+    let taken = get(&mut s, Some(&["A"])).expect("job A handed out");
+    assert_eq!(taken.job_id, running);
+    let waiting = add_in(&mut s, "B", Some(&p));
+    let other = add(&mut s, "B");
+
+    let mut events = vec![];
+    let answer = cancel(&mut s, &p, &mut events);
+    assert_eq!(answer.answer, AnswerKind::PipelineCancelled, "{answer:?}");
+    assert_eq!(
+        events,
+        [Event::PipelineCancelled {
+            pipeline_id: p.clone()
+        }]
+    );
+    assert_eq!(pipeline_state(&mut s, &p).state, PipelineState::Cancelled);
+    // Its waiting job is never handed out; a job of no pipeline still is.
+    let next = get(&mut s, Some(&["B"])).expect("the other job");
+    assert_eq!(next.job_id, other);
+    assert!(
+        get(&mut s, Some(&["B"])).is_none(),
+        "{waiting} was handed out"
+    );
+    // The running job's late result changes nothing.
+    let late = finish(&mut s, &running, &mut vec![]);
+    assert!(
+        matches!(&late, Reply::Answer(a) if a.answer == AnswerKind::UnknownJobId),
+        "{late:?}"
+    );
+    // A second cancel, and a cancel of a pipeline never added, answer clearly.
+    let again = cancel(&mut s, &p, &mut vec![]);
+    assert_eq!(again.answer, AnswerKind::PipelineEnded);
+    assert!(
+        again
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("was cancelled")),
+        "{again:?}"
+    );
+    let unknown = cancel(&mut s, &"nope".into(), &mut vec![]);
+    assert_eq!(unknown.answer, AnswerKind::UnknownPipelineId);
+    s.check_invariants().unwrap();
+    // A restart restores it cancelled.
+    let mut r = s.restarted();
+    s.check_restored(&r).unwrap();
+    assert_eq!(pipeline_state(&mut r, &p).state, PipelineState::Cancelled);
+}
+
+#[test]
+fn a_finished_pipeline_cannot_be_cancelled() {
+    let mut s = State::new(Map::new(), Policy::default());
+    let p = new_pipeline(&mut s);
+    take_pipeline(&mut s, T0).unwrap();
+    let done = PipelineFinished {
+        pipeline_id: p.clone(),
+        duration: WireDuration::from_secs(1.0),
+    };
+    s.handle(Request::PipelineFinished(done), T0, &mut vec![]);
+    let mut events = vec![];
+    let answer = cancel(&mut s, &p, &mut events);
+    assert_eq!(answer.answer, AnswerKind::PipelineEnded);
+    assert!(answer.error.unwrap().contains("finished"));
+    assert!(events.is_empty());
+    assert_eq!(pipeline_state(&mut s, &p).state, PipelineState::Finished);
 }
 
 fn fail(state: &mut State, id: &JobId, now: u64, events: &mut Vec<Event>) -> Reply {
@@ -1015,6 +1096,7 @@ enum Op {
     },
     PipelineFinished(u8),
     PipelineFailed(u8),
+    Cancel(u8),
     TakeBack(u8),
     Advance(u16),
     Restore,
@@ -1034,6 +1116,7 @@ fn op() -> impl proptest::strategy::Strategy<Value = Op> {
         2 => (1u8..3, any::<bool>()).prop_map(|(max, wait)| Op::GetPipelines { max, wait }),
         1 => any::<u8>().prop_map(Op::PipelineFinished),
         1 => any::<u8>().prop_map(Op::PipelineFailed),
+        1 => any::<u8>().prop_map(Op::Cancel),
         1 => any::<u8>().prop_map(Op::TakeBack),
         2 => (0u16..3000).prop_map(Op::Advance),
         1 => Just(Op::Restore),
@@ -1120,6 +1203,8 @@ proptest::proptest! {
                         duration: None,
                     })
                 }),
+                Op::Cancel(n) => pick(&pipelines, n)
+                    .map(|pipeline_id| Request::CancelPipeline(CancelPipeline { pipeline_id })),
                 Op::TakeBack(n) => {
                     let job: Vec<JobId> = pick(&jobs, n).into_iter().collect();
                     let pipeline: Vec<PipelineId> = pick(&pipelines, n).into_iter().collect();
