@@ -119,7 +119,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
 
     for d in daemons.iter_mut().rev() {
         let status = d.stop(Duration::from_secs(10));
-        if !status.is_some_and(|s| s.success()) {
+        if !status.is_some_and(stopped_cleanly) {
             eprintln!("{} stopped with {status:?}; see {}", d.name, logs.display());
         }
     }
@@ -160,22 +160,43 @@ fn supervise(
     interrupted: &std::sync::atomic::AtomicBool,
 ) -> Supervised {
     loop {
-        if let Some(status) = sender.exited() {
-            return Supervised::Done(status.success());
-        }
         if interrupted.load(std::sync::atomic::Ordering::SeqCst) {
             sender.stop(Duration::from_secs(5));
             return Supervised::Interrupted;
         }
+        if let Some(status) = sender.exited() {
+            // A Ctrl-C at the moment a child is started can reach the child too.
+            if by_interrupt(status) {
+                return Supervised::Interrupted;
+            }
+            return Supervised::Done(status.success());
+        }
         for d in daemons.iter_mut() {
-            if d.exited().is_some() {
+            if let Some(status) = d.exited() {
                 sender.stop(Duration::from_secs(5));
+                if by_interrupt(status) {
+                    return Supervised::Interrupted;
+                }
                 return Supervised::ChildFailed(d.name.clone());
             }
         }
         // The demo has nothing else to do; check the children a few times a second.
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Whether a child ended from a Ctrl-C (SIGINT) that reached it: it may, when the user presses
+/// Ctrl-C at the moment the child is started, before it is in a process group of its own.
+fn by_interrupt(status: std::process::ExitStatus) -> bool {
+    std::os::unix::process::ExitStatusExt::signal(&status) == Some(2)
+}
+
+/// Whether a child we asked to stop did: it exited 0, or the stop signal itself ended it (a
+/// daemon stopped while it starts, before it handles signals, has done nothing yet), or a
+/// Ctrl-C that reached it as it was started did.
+fn stopped_cleanly(status: std::process::ExitStatus) -> bool {
+    let signal = std::os::unix::process::ExitStatusExt::signal(&status);
+    status.success() || matches!(signal, Some(2 | 15))
 }
 
 fn ctrl_c_flag() -> anyhow::Result<std::sync::Arc<std::sync::atomic::AtomicBool>> {
