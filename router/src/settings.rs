@@ -25,6 +25,9 @@ pub struct RouterSettings {
     /// Outcomes of ended pipelines kept at most; past it the oldest go first (memory stays
     /// flat however fast pipelines end).
     pub max_remembered_pipelines: usize,
+    /// When jobs have waited this long, in seconds, for a worker that no broker asked for in
+    /// that time, the router logs one warning per worker.
+    pub unserved_worker_warn_secs: f64,
     /// Where the durable record lives (`PYPELININ_DATA_DIR`); `None` keeps everything in
     /// memory only (the binaries always set one unless told `--no-durability`).
     pub data_dir: Option<PathBuf>,
@@ -66,6 +69,7 @@ impl RouterSettings {
             retention_ms: ms(self.retention_secs),
             max_remembered: self.max_remembered_pipelines,
             max_queued_pipelines: self.max_queued_pipelines.max(1),
+            unserved_worker_warn_ms: ms(self.unserved_worker_warn_secs).max(1),
         }
     }
 }
@@ -79,6 +83,7 @@ impl Default for RouterSettings {
             reply_timeout_ms: 1000,
             retention_secs: 300.0,
             max_remembered_pipelines: 100_000,
+            unserved_worker_warn_secs: 30.0,
             data_dir: None,
             durable_cache_mb: 8,
             max_attempts: 3,

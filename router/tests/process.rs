@@ -191,3 +191,55 @@ fn a_legacy_python_client_works_against_the_router() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("all checks passed"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_no_broker_runs_is_warned_about_once() {
+    let dir = std::env::temp_dir().join(format!("pypelinin-unserved-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("cluster.toml");
+    std::fs::write(&file, "[router]\nunserved_worker_warn_secs = 0.3\n").unwrap();
+    let (mut daemon, api, _) = spawn_router(&[
+        "--config",
+        file.to_str().unwrap(),
+        "--api",
+        "tcp://127.0.0.1:0",
+        "--broadcast",
+        "tcp://127.0.0.1:0",
+    ]);
+    let stderr = daemon.0.stderr.take().unwrap();
+    let (lines, warnings) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("no broker runs worker") && lines.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut c = within(
+        WAIT,
+        "connect",
+        pypelinin_common::transport::ApiClient::connect(api, Default::default()),
+    )
+    .await
+    .unwrap();
+    for _ in 0..3 {
+        c.add_job(pypelinin_common::protocol::request::NewJob::new(
+            "Nobody",
+            json!({}),
+        ))
+        .await
+        .unwrap();
+    }
+    let first = tokio::task::block_in_place(|| warnings.recv_timeout(WAIT))
+        .expect("a warning about the worker nobody runs");
+    assert!(
+        first.contains("Nobody") && first.contains("3 job(s)"),
+        "{first}"
+    );
+    // Once per worker, not per job nor per tick: nothing more within ten times the warning
+    // time (a negative needs a wait).
+    let second =
+        tokio::task::block_in_place(|| warnings.recv_timeout(std::time::Duration::from_secs(3)));
+    assert!(second.is_err(), "warned twice: {second:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

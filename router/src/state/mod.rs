@@ -30,6 +30,7 @@ mod pipelines;
 mod policy;
 mod records;
 mod restore;
+mod unserved;
 mod waiting;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -44,6 +45,7 @@ use serde_json::{Map, Value};
 pub use leases::Leases;
 pub use policy::Policy;
 pub use records::{EndedRecord, EndsPipeline, JobRecord, PipelineRecord};
+pub use unserved::Unserved;
 pub use waiting::{Served, MAX_WAITING};
 
 /// Keys whose records changed since the last [`State::take_changes`].
@@ -115,6 +117,7 @@ pub struct State {
     ended: HashMap<PipelineId, EndedRecord>,
     ended_order: VecDeque<(u64, PipelineId)>,
     waiting: VecDeque<waiting::Waiting>,
+    asks: unserved::Asks,
     changes: Changes,
 }
 
@@ -161,6 +164,7 @@ impl State {
             ended: HashMap::with_capacity(remembered),
             ended_order: VecDeque::with_capacity(order),
             waiting: VecDeque::new(),
+            asks: unserved::Asks::default(),
             changes: Changes::default(),
         }
     }
@@ -197,7 +201,10 @@ impl State {
         match request {
             Request::GetConfiguration => Reply::Configuration(self.configuration.clone()),
             Request::AddJob(job) => self.add_job(job, now, events),
-            Request::GetJob(get) => Reply::Job(self.get_job(&get, now)),
+            Request::GetJob(get) => {
+                self.note_asked(get.workers.as_deref(), now);
+                Reply::Job(self.get_job(&get, now))
+            }
             Request::JobFinished(done) => self.job_finished(done, now, events),
             Request::JobFailed(failed) => self.job_failed(failed, now, events),
             Request::AddPipeline(p) => self.add_pipeline(p, events),
@@ -206,6 +213,7 @@ impl State {
                 if get.max > GetJobs::MAX {
                     return too_many("get jobs", get.max);
                 }
+                self.note_asked(get.workers.as_deref(), now);
                 let one = GetJob {
                     workers: get.workers,
                 };
@@ -312,12 +320,14 @@ impl State {
     }
 
     /// Lets time pass until `now`: expired leases put jobs and pipelines back in their queues,
-    /// jobs whose back-off is over are queued again, old outcomes are forgotten.
+    /// jobs whose back-off is over are queued again, old outcomes are forgotten, and workers
+    /// no broker asks for are warned about.
     pub fn tick(&mut self, now: u64, events: &mut Vec<Event>) {
         self.expire_job_leases(now, events);
         self.end_back_offs(now, events);
         self.expire_pipeline_leases(now, events);
         self.forget_old_outcomes(now);
+        self.check_unserved(now);
     }
 
     /// Number of jobs waiting in queues (back-offs included).

@@ -22,6 +22,9 @@ pub struct Policy {
     pub max_remembered: usize,
     /// Above this many queued pipelines, `add pipeline` answers `queue full`.
     pub max_queued_pipelines: usize,
+    /// Jobs that waited this long for a worker no broker asked for in that time get one
+    /// warning per worker in the log.
+    pub unserved_worker_warn_ms: u64,
 }
 
 impl Default for Policy {
@@ -35,6 +38,7 @@ impl Default for Policy {
             retention_ms: 300_000,
             max_remembered: 100_000,
             max_queued_pipelines: 100_000,
+            unserved_worker_warn_ms: 30_000,
         }
     }
 }

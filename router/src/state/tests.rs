@@ -189,6 +189,51 @@ fn a_finished_pipeline_cannot_be_cancelled() {
     assert_eq!(pipeline_state(&mut s, &p).state, PipelineState::Finished);
 }
 
+#[test]
+fn a_worker_no_broker_asks_for_is_reported_once_its_jobs_waited_the_warning_time() {
+    let policy = Policy {
+        unserved_worker_warn_ms: 1_000,
+        ..Policy::default()
+    };
+    let mut s = State::new(Map::new(), policy);
+    add(&mut s, "Nobody");
+    add(&mut s, "Nobody");
+    add(&mut s, "Busy");
+    add(&mut s, "Busy");
+    s.tick(T0, &mut vec![]);
+    // A broker keeps asking for Busy (and takes one of its jobs each time).
+    assert!(get_at(&mut s, Some(&["Busy", "Other"]), T0 + 500).is_some());
+    s.tick(T0 + 999, &mut vec![]);
+    assert!(s.unserved_workers().is_empty(), "reported before its time");
+    s.tick(T0 + 1_000, &mut vec![]);
+    let expected = Unserved {
+        worker: "Nobody".into(),
+        jobs: 2,
+        since: T0,
+    };
+    assert_eq!(s.unserved_workers(), std::slice::from_ref(&expected));
+    // Busy's one job left: nobody asked for it in the last second now.
+    s.tick(T0 + 1_600, &mut vec![]);
+    assert_eq!(s.unserved_workers(), [expected]);
+    s.tick(T0 + 2_600, &mut vec![]);
+    let names: Vec<String> = s.unserved_workers().into_iter().map(|u| u.worker).collect();
+    assert_eq!(names, ["Busy", "Nobody"]);
+    // A broker that asks for Nobody (and waits for it) serves it.
+    let wait = Request::GetJobs(GetJobs {
+        workers: Some(vec!["Other".into(), "Nobody".into()]),
+        max: 1,
+        wait_ms: None,
+    });
+    s.handle_or_wait(0, wait, T0 + 2_700, &mut vec![]);
+    s.tick(T0 + 2_800, &mut vec![]);
+    let names: Vec<String> = s.unserved_workers().into_iter().map(|u| u.worker).collect();
+    assert_eq!(names, ["Busy"]);
+    // A broker that asks for any worker (as the legacy one does) serves them all.
+    assert!(get_at(&mut s, None, T0 + 2_900).is_some());
+    s.tick(T0 + 3_000, &mut vec![]);
+    assert!(s.unserved_workers().is_empty());
+}
+
 fn fail(state: &mut State, id: &JobId, now: u64, events: &mut Vec<Event>) -> Reply {
     let f = JobFailed {
         job_id: id.clone(),

@@ -13,12 +13,12 @@ pub(super) struct Waiting {
     ticket: u64,
     /// When it is answered empty (ms since the epoch).
     until: u64,
-    want: Want,
+    pub(super) want: Want,
 }
 
 /// What a waiting request asks for.
 #[derive(Debug)]
-enum Want {
+pub(super) enum Want {
     Jobs(GetJob, usize),
     Pipelines(usize),
 }
@@ -58,6 +58,7 @@ impl State {
     ) -> Option<Reply> {
         let (want, wait_ms) = match &request {
             Request::GetJobs(get) if (1..=GetJobs::MAX).contains(&get.max) => {
+                self.note_asked(get.workers.as_deref(), now);
                 let one = GetJob {
                     workers: get.workers.clone(),
                 };
