@@ -321,6 +321,20 @@ impl PipelineManager {
         }
     }
 
+    /// As [`wait`](PipelineManager::wait), at most `limit`.
+    ///
+    /// # Errors
+    /// As [`wait`](PipelineManager::wait), and [`Error::Timeout`] when `id` did not end in
+    /// time (it goes on running; a job of a worker no broker runs waits forever, and the
+    /// router warns about such workers).
+    pub async fn wait_within(&mut self, id: &PipelineId, limit: Duration) -> Result<f64, Error> {
+        let mut outcomes = self.wait_all(std::slice::from_ref(id), limit).await?;
+        match outcomes.pop() {
+            Some(outcome) => into_result(id, outcome),
+            None => Err(Error::Unknown(id.clone())),
+        }
+    }
+
     /// Waits for every pipeline of `ids` to end, at most `limit`; returns each outcome in the
     /// order of `ids`.
     ///

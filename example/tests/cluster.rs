@@ -337,3 +337,31 @@ fn each_binary_names_itself_and_my_router_shows_the_data_dir_it_uses() {
     assert!(help.contains("[default: <home>/router-data]"), "{help}");
     assert!(!help.contains("XDG_DATA_HOME"), "{help}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_within_a_limit_for_a_pipeline_that_cannot_run_times_out_and_it_still_ends_later() {
+    // A broker that runs only the Noop workers: a job of "Nobody" cannot run.
+    let cluster = Cluster::start(&["--no-store"], 1, &["--noop-workers", "2"], 1);
+    let mut m = manager(&cluster).await;
+    let stuck = Pipeline::builder()
+        .job("Nobody")
+        .data(json!({"filename": "stuck"}))
+        .build()
+        .unwrap();
+    let stuck = m.start(&stuck).await.unwrap();
+    let limit = std::time::Duration::from_millis(500);
+    match m.wait_within(&stuck, limit).await {
+        Err(pypelinin_client::Error::Timeout { left, .. }) => assert_eq!(left, [stuck.clone()]),
+        other => panic!("{other:?}"),
+    }
+    // A pipeline that can run ends within the limit as usual.
+    let fine = m.start(&noop_pipeline(0)).await.unwrap();
+    let secs = m.wait_within(&fine, WAIT).await.unwrap();
+    assert!(secs >= 0.0);
+    // The stuck one can still be cancelled.
+    m.cancel(&stuck).await.unwrap();
+    assert!(matches!(
+        m.wait_within(&stuck, WAIT).await,
+        Err(pypelinin_client::Error::Cancelled(_))
+    ));
+}
