@@ -351,7 +351,9 @@ async fn waiting_within_a_limit_for_a_pipeline_that_cannot_run_times_out_and_it_
     let stuck = m.start(&stuck).await.unwrap();
     let limit = std::time::Duration::from_millis(500);
     match m.wait_within(&stuck, limit).await {
-        Err(pypelinin_client::Error::Timeout { left, .. }) => assert_eq!(left, [stuck.clone()]),
+        Err(pypelinin_client::Error::Timeout { left, .. }) => {
+            assert_eq!(left, std::slice::from_ref(&stuck))
+        }
         other => panic!("{other:?}"),
     }
     // A pipeline that can run ends within the limit as usual.
