@@ -66,6 +66,9 @@ fn ctrl_c_in_a_terminal_stops_the_demo_and_every_child_cleanly() {
         .stdout(Stdio::from(out))
         .stderr(Stdio::from(err));
     let mut demo = Stopped(command.spawn().expect("the demo starts"));
+    // Only the demo (and the children it gives the terminal) may hold the terminal now, so
+    // its end reaches the reader as the end of the terminal's output.
+    drop(command);
     drop(slave);
     let rx = reader(pty.master.try_clone().unwrap());
     let mut seen = String::new();
@@ -76,19 +79,17 @@ fn ctrl_c_in_a_terminal_stops_the_demo_and_every_child_cleanly() {
     assert_eq!(ctrl_c, 1);
     until(&rx, &mut seen, "interrupted", WAIT);
 
+    // The terminal's output ends once the demo and the children holding it have exited.
     let deadline = Instant::now() + WAIT;
-    let status = loop {
-        if let Some(status) = demo.0.try_wait().unwrap() {
-            break status;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(piece) => seen.push_str(&piece),
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => panic!("the demo did not exit:\n{seen}"),
         }
-        assert!(Instant::now() < deadline, "the demo did not exit:\n{seen}");
-        // A process exit has no event to wait on here.
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    // Whatever is left on the terminal.
-    while let Ok(piece) = rx.recv_timeout(Duration::from_secs(2)) {
-        seen.push_str(&piece);
     }
+    let status = demo.0.wait().unwrap();
     assert_eq!(status.code(), Some(130), "{seen}");
     assert!(seen.contains("all children stopped"), "{seen}");
     assert!(
@@ -98,8 +99,8 @@ fn ctrl_c_in_a_terminal_stops_the_demo_and_every_child_cleanly() {
     assert!(!seen.contains("some pipelines failed"), "{seen}");
 }
 
-/// The demo, asked to stop (SIGTERM: it then stops its children) when the test ends early,
-/// and killed if it has not within the bounded wait.
+/// The demo, asked to stop (SIGTERM: it then stops its children, each within a bounded
+/// grace) and waited for when the test ends early.
 struct Stopped(std::process::Child);
 
 impl Drop for Stopped {
@@ -109,14 +110,6 @@ impl Drop for Stopped {
         }
         let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if matches!(self.0.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
         let _ = self.0.wait();
     }
 }
