@@ -4,9 +4,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::time::timeout;
-use zeromq::{ReqSocket, Socket, SocketOptions, SocketRecv, SocketSend, ZmqError, ZmqMessage};
+use zeromq::{ReqSocket, Socket, SocketOptions, SocketRecv, SocketSend, ZmqMessage};
 
-use super::outbound::{guarded, OutboundGuard, OutboundLimits};
+use super::outbound::{connect_guarded, OutboundGuard, OutboundLimits};
 use super::TransportError;
 use crate::protocol::Request;
 
@@ -95,32 +95,12 @@ impl ApiClient {
 
     async fn ensure_connected(&mut self) -> Result<&mut ReqSocket, TransportError> {
         if self.socket.is_none() {
-            let connect_err = |source| TransportError::ConnectFailed {
-                endpoint: self.endpoint.clone(),
-                source,
-            };
-            let (target, guard) = guarded(&self.endpoint, "req", self.options.outbound())
-                .map_err(|e| connect_err(ZmqError::Network(e)))?;
             let mut options = SocketOptions::default();
             options.connect_timeout(self.options.connect_timeout);
             let mut socket = ReqSocket::with_options(options);
-            // The crate's own timeout covers the retries; ours also bounds a hung handshake.
-            let limit = self.options.connect_timeout + Duration::from_millis(500);
-            let outcome = timeout(limit, socket.connect(&target)).await;
-            // The guard knows why its TCP connection failed better than the handshake does.
-            let failure = guard.as_ref().and_then(OutboundGuard::take_failure);
-            let timed_out = TransportError::Connect {
-                endpoint: self.endpoint.clone(),
-                timeout: self.options.connect_timeout,
-            };
-            match (outcome, failure) {
-                (Ok(Ok(())), _) => {}
-                // Refused until the deadline: the router is not there (yet).
-                (_, Some(e)) if still_away(&e) => return Err(timed_out),
-                (_, Some(e)) => return Err(connect_err(ZmqError::Network(e))),
-                (Ok(Err(ZmqError::ConnectTimeout(_))) | Err(_), None) => return Err(timed_out),
-                (Ok(Err(source)), None) => return Err(connect_err(source)),
-            }
+            let guard =
+                connect_guarded(&mut socket, &self.endpoint, "req", self.options.outbound())
+                    .await?;
             self.socket = Some((socket, guard));
         }
         // Set just above.
@@ -240,15 +220,6 @@ impl ApiClient {
         };
         self.request_bytes_within(body, request_timeout).await
     }
-}
-
-/// Whether the guard's failure to connect means the router is not there (yet), rather than
-/// an address that cannot work.
-pub(crate) fn still_away(e: &std::io::Error) -> bool {
-    matches!(
-        e.kind(),
-        std::io::ErrorKind::TimedOut | std::io::ErrorKind::ConnectionRefused
-    )
 }
 
 /// Exponential back-off for loops that retry the router: each failure doubles the next wait,

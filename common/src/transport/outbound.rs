@@ -22,7 +22,10 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use zeromq::{Socket, ZmqError};
+
 use super::guard::{log_closed, Inner, Scanner, BUFFER};
+use super::TransportError;
 
 /// What the connecting side's guard lets through.
 #[derive(Debug, Clone, Copy)]
@@ -95,7 +98,7 @@ impl Drop for OutboundGuard {
 ///
 /// # Errors
 /// When the guard's private socket cannot be made.
-pub(crate) fn guarded(
+fn guarded(
     endpoint: &str,
     name: &str,
     limits: OutboundLimits,
@@ -107,6 +110,53 @@ pub(crate) fn guarded(
         }
         None => Ok((endpoint.to_owned(), None)),
     }
+}
+
+/// Connects `socket` to `endpoint` (through a guard when it is `tcp://`) within
+/// `limits.connect_timeout`. Returns the guard, which must live as long as the socket.
+///
+/// # Errors
+/// [`TransportError::Connect`] when nothing answers in time (or the router refuses
+/// connections: it is not there yet); [`TransportError::ConnectFailed`] for an address that
+/// cannot work, with the reason.
+pub(crate) async fn connect_guarded<S: Socket>(
+    socket: &mut S,
+    endpoint: &str,
+    name: &str,
+    limits: OutboundLimits,
+) -> Result<Option<OutboundGuard>, TransportError> {
+    let failed = |source| TransportError::ConnectFailed {
+        endpoint: endpoint.to_owned(),
+        source,
+    };
+    let (target, guard) =
+        guarded(endpoint, name, limits).map_err(|e| failed(ZmqError::Network(e)))?;
+    // The crate's own timeout covers the retries; ours also bounds a hung handshake.
+    let limit = limits.connect_timeout + Duration::from_millis(500);
+    let outcome = tokio::time::timeout(limit, socket.connect(&target)).await;
+    // The guard knows why its TCP connection failed better than the handshake does.
+    let failure = guard.as_ref().and_then(OutboundGuard::take_failure);
+    let timed_out = TransportError::Connect {
+        endpoint: endpoint.to_owned(),
+        timeout: limits.connect_timeout,
+    };
+    match (outcome, failure) {
+        (Ok(Ok(())), _) => Ok(guard),
+        // Refused until the deadline: the router is not there (yet).
+        (_, Some(e)) if still_away(&e) => Err(timed_out),
+        (_, Some(e)) => Err(failed(ZmqError::Network(e))),
+        (Ok(Err(ZmqError::ConnectTimeout(_))) | Err(_), None) => Err(timed_out),
+        (Ok(Err(source)), None) => Err(failed(source)),
+    }
+}
+
+/// Whether the guard's failure to connect means the router is not there (yet), rather than
+/// an address that cannot work.
+fn still_away(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::TimedOut | io::ErrorKind::ConnectionRefused
+    )
 }
 
 async fn accept_loop(

@@ -3,11 +3,11 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use tokio::time::{timeout, Instant};
+use tokio::time::Instant;
 use tracing::debug;
 use zeromq::{Socket, SocketOptions, SocketRecv, SubSocket, ZmqError};
 
-use super::outbound::{guarded, OutboundGuard, OutboundLimits};
+use super::outbound::{connect_guarded, OutboundGuard, OutboundLimits};
 use super::{ApiClient, ClientError, TransportError};
 use crate::protocol::Event;
 
@@ -43,41 +43,10 @@ impl Subscriber {
             max_frame_bytes: Self::MAX_BROADCAST_BYTES,
             connect_timeout,
         };
-        let (target, guard) =
-            guarded(endpoint, "sub", limits).map_err(|e| TransportError::ConnectFailed {
-                endpoint: endpoint.to_owned(),
-                source: ZmqError::Network(e),
-            })?;
         let mut options = SocketOptions::default();
         options.connect_timeout(connect_timeout);
         let mut socket = SubSocket::with_options(options);
-        let outcome = timeout(
-            connect_timeout + Duration::from_millis(500),
-            socket.connect(&target),
-        )
-        .await;
-        let failure = guard.as_ref().and_then(OutboundGuard::take_failure);
-        if let Some(e) = failure.filter(|e| !super::connection::still_away(e)) {
-            return Err(TransportError::ConnectFailed {
-                endpoint: endpoint.to_owned(),
-                source: ZmqError::Network(e),
-            });
-        }
-        match outcome {
-            Ok(Ok(())) => {}
-            Ok(Err(ZmqError::ConnectTimeout(_))) | Err(_) => {
-                return Err(TransportError::Connect {
-                    endpoint: endpoint.to_owned(),
-                    timeout: connect_timeout,
-                })
-            }
-            Ok(Err(source)) => {
-                return Err(TransportError::ConnectFailed {
-                    endpoint: endpoint.to_owned(),
-                    source,
-                })
-            }
-        }
+        let guard = connect_guarded(&mut socket, endpoint, "sub", limits).await?;
         let mut subscriber = Self {
             socket,
             endpoint: endpoint.to_owned(),
