@@ -190,3 +190,14 @@ const WAIT_FOR_JOBS: Duration = Duration::from_secs(1);
 
 /// Reports and job requests sent in one batch, at most.
 const MAX_BATCH: usize = 512;
+
+/// The Rust snippets of README.md, docs/workers.md and docs/store.md, compiled as doctests.
+#[cfg(doctest)]
+mod doc_snippets {
+    #[doc = include_str!("../../README.md")]
+    struct Readme;
+    #[doc = include_str!("../../docs/workers.md")]
+    struct Workers;
+    #[doc = include_str!("../../docs/store.md")]
+    struct Store;
+}

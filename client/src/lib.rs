@@ -510,7 +510,11 @@ fn into_result(id: &PipelineId, outcome: Outcome) -> Result<f64, Error> {
     }
 }
 
-/// The Rust snippets of docs/operations.md, compiled as doctests.
+/// The Rust snippets of docs/operations.md and docs/tutorial.md, compiled as doctests.
 #[cfg(doctest)]
-#[doc = include_str!("../../docs/operations.md")]
-struct OperationsDoc;
+mod doc_snippets {
+    #[doc = include_str!("../../docs/operations.md")]
+    struct Operations;
+    #[doc = include_str!("../../docs/tutorial.md")]
+    struct Tutorial;
+}
