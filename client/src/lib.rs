@@ -180,12 +180,43 @@ impl PipelineManager {
     /// pipelines added before the error keep running, and
     /// [`wait_any`](PipelineManager::wait_any) reports them.
     pub async fn start_many(&mut self, pipelines: &[Pipeline]) -> Result<Vec<PipelineId>, Error> {
+        self.start_many_within(pipelines, None).await
+    }
+
+    /// As [`start`](PipelineManager::start), with a deadline: a pipeline that has not ended
+    /// `deadline` after the router took it fails, with an error that names the jobs still
+    /// waiting and the workers they wait for (see docs/operations.md). The deadline is kept
+    /// across router restarts.
+    ///
+    /// # Errors
+    /// As [`start`](PipelineManager::start); a deadline of zero or over a year is refused.
+    pub async fn start_with_deadline(
+        &mut self,
+        pipeline: &Pipeline,
+        deadline: Duration,
+    ) -> Result<PipelineId, Error> {
+        let mut ids = self
+            .start_many_within(std::slice::from_ref(pipeline), Some(deadline))
+            .await?;
+        ids.pop().ok_or_else(|| {
+            Error::Router(ReplyError::Unexpected("no pipeline id for the pipeline".into()).into())
+        })
+    }
+
+    async fn start_many_within(
+        &mut self,
+        pipelines: &[Pipeline],
+        deadline: Option<Duration>,
+    ) -> Result<Vec<PipelineId>, Error> {
         let mut ids = Vec::with_capacity(pipelines.len());
         let mut chunk = Vec::new();
         let mut chunk_bytes = 0;
         for p in pipelines {
             let mut fields = serde_json::Map::new();
             fields.insert("request id".into(), uuid_hex().into());
+            if let Some(d) = deadline {
+                fields.insert("deadline secs".into(), d.as_secs_f64().into());
+            }
             let pipeline = p.to_legacy();
             let bytes = serde_json::to_vec(&pipeline).map_or(0, |v| v.len());
             let full = chunk.len() >= START_BATCH || chunk_bytes + bytes > START_BATCH_BYTES;

@@ -452,3 +452,40 @@ async fn a_cancelled_pipeline_stops_its_running_job_runs_nothing_more_and_stays_
         "a result of the cancelled pipeline was saved"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_past_its_deadline_fails_naming_what_it_waits_for_across_a_router_restart() {
+    let mut cluster =
+        Cluster::start_with_config(&config(""), &["--no-store"], 1, &["--noop-workers", "2"], 1);
+    let mut m = manager(&cluster).await;
+    let pipeline = Pipeline::builder()
+        .edge("Noop0", "Nobody")
+        .data(json!({"filename": "late"}))
+        .build()
+        .unwrap();
+    let id = m
+        .start_with_deadline(&pipeline, Duration::from_secs(3))
+        .await
+        .unwrap();
+    // The router restarts before the deadline: the deadline is kept.
+    cluster.daemon(0).kill();
+    cluster.restart_router(&[]);
+    match m.wait_within(&id, WAIT).await {
+        Err(pypelinin_client::Error::Failed(f)) => {
+            assert_eq!(f.worker, "Nobody", "{f}");
+            assert!(
+                f.error.contains("deadline of 3 s passed")
+                    && f.error.contains("worker Nobody (queued)"),
+                "{f}"
+            );
+        }
+        other => panic!("{other:?}\n{}", cluster.logs()),
+    }
+    // A deadline the router cannot take is refused at once.
+    let refused = m
+        .start_with_deadline(&pipeline, Duration::ZERO)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("deadline secs"), "{refused}");
+}

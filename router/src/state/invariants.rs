@@ -69,8 +69,14 @@ impl State {
                 self.job_leases.len()
             ));
         }
-        let (mut queued, mut leased) = (0, 0);
+        let (mut queued, mut leased, mut with_deadline) = (0, 0, 0);
         for (id, r) in &self.pipelines {
+            if let Some(t) = r.deadline {
+                if !self.deadlines.contains(t, id) {
+                    return Err(format!("pipeline {id}'s deadline {t} is not in the index"));
+                }
+                with_deadline += 1;
+            }
             if r.seq >= self.next_seq {
                 return Err(format!("pipeline {id} has seq {} >= next seq", r.seq));
             }
@@ -95,6 +101,12 @@ impl State {
             if self.ended.contains_key(id) {
                 return Err(format!("pipeline {id} is both pending and ended"));
             }
+        }
+        if self.deadlines.len() != with_deadline {
+            return Err(format!(
+                "the deadline index holds {} pipelines; records say {with_deadline}",
+                self.deadlines.len()
+            ));
         }
         if (self.pipeline_queue.len(), self.pipeline_leases.len()) != (queued, leased) {
             return Err(format!(

@@ -113,6 +113,8 @@ pub struct State {
     pipelines: HashMap<PipelineId, PipelineRecord>,
     pipeline_queue: BTreeMap<u64, PipelineId>,
     pipeline_leases: Leases<PipelineId>,
+    /// Pending pipelines with a deadline, by when it passes.
+    deadlines: Leases<PipelineId>,
     request_ids: HashMap<String, PipelineId>,
     ended: HashMap<PipelineId, EndedRecord>,
     ended_order: VecDeque<(u64, PipelineId)>,
@@ -160,6 +162,7 @@ impl State {
             pipelines: HashMap::new(),
             pipeline_queue: BTreeMap::new(),
             pipeline_leases: Leases::default(),
+            deadlines: Leases::default(),
             request_ids: HashMap::with_capacity(remembered),
             ended: HashMap::with_capacity(remembered),
             ended_order: VecDeque::with_capacity(order),
@@ -207,7 +210,7 @@ impl State {
             }
             Request::JobFinished(done) => self.job_finished(done, now, events),
             Request::JobFailed(failed) => self.job_failed(failed, now, events),
-            Request::AddPipeline(p) => self.add_pipeline(p, events),
+            Request::AddPipeline(p) => self.add_pipeline(p, now, events),
             Request::GetPipeline => Reply::Pipeline(self.get_pipeline(now)),
             Request::GetJobs(get) => {
                 if get.max > GetJobs::MAX {
@@ -320,12 +323,14 @@ impl State {
     }
 
     /// Lets time pass until `now`: expired leases put jobs and pipelines back in their queues,
-    /// jobs whose back-off is over are queued again, old outcomes are forgotten, and workers
+    /// jobs whose back-off is over are queued again, pipelines past their deadline fail, old
+    /// outcomes are forgotten, and workers
     /// no broker asks for are warned about.
     pub fn tick(&mut self, now: u64, events: &mut Vec<Event>) {
         self.expire_job_leases(now, events);
         self.end_back_offs(now, events);
         self.expire_pipeline_leases(now, events);
+        self.expire_deadlines(now, events);
         self.forget_old_outcomes(now);
         self.check_unserved(now);
     }

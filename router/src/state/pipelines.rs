@@ -2,20 +2,27 @@
 //! that move it. As for jobs, [`State::move_pipeline`] is the one function that changes where
 //! a pipeline is; [`State::end_pipeline`] takes it out of both for good.
 
-use pypelinin_common::ids::PipelineId;
+use pypelinin_common::ids::{JobId, PipelineId};
 use pypelinin_common::pipeline::Pipeline;
 use pypelinin_common::protocol::request::{
     CancelPipeline, NewPipeline, PipelineFailed, PipelineFinished,
 };
 use pypelinin_common::protocol::{
-    Answer, AnswerKind, Event, PipelineHandout, PipelineState, PipelineStatus, Reply, SubmittedJob,
+    Answer, AnswerKind, Event, JobState, PipelineHandout, PipelineState, PipelineStatus, Reply,
+    SubmittedJob,
 };
 use serde_json::Value;
 use tracing::warn;
 
 use super::jobs::JobPlace;
-use super::records::PipelineRecord;
+use super::records::{JobRecord, PipelineRecord};
 use super::{State, REQUEST_ID};
+
+/// The key of `add pipeline` that sets a pipeline's deadline, in seconds from its arrival.
+pub const DEADLINE_SECS: &str = "deadline secs";
+
+/// The longest deadline: a year.
+const MAX_DEADLINE_SECS: f64 = 31_536_000.0;
 
 /// Where a pending pipeline goes.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -63,7 +70,12 @@ impl State {
         }
     }
 
-    pub(super) fn add_pipeline(&mut self, new: NewPipeline, events: &mut Vec<Event>) -> Reply {
+    pub(super) fn add_pipeline(
+        &mut self,
+        new: NewPipeline,
+        now: u64,
+        events: &mut Vec<Event>,
+    ) -> Reply {
         let request_id = new
             .fields
             .get(REQUEST_ID)
@@ -75,6 +87,25 @@ impl State {
                 .with_pipeline_id(existing.clone())
                 .into();
         }
+        let deadline = match new.fields.get(DEADLINE_SECS) {
+            None => None,
+            Some(v) => match v
+                .as_f64()
+                .filter(|secs| *secs > 0.0 && *secs <= MAX_DEADLINE_SECS)
+            {
+                Some(secs) => Some(now.saturating_add((secs * 1000.0) as u64)),
+                None => {
+                    return Answer::error(
+                        AnswerKind::SyntaxError,
+                        format!(
+                            "\"{DEADLINE_SECS}\" must be a number of seconds above 0 and at most \
+                             {MAX_DEADLINE_SECS} (a year), not {v}"
+                        ),
+                    )
+                    .into()
+                }
+            },
+        };
         if let Err(e) = Pipeline::from_legacy(&new.pipeline) {
             return Answer::error(AnswerKind::InvalidPipeline, e.to_string()).into();
         }
@@ -110,8 +141,12 @@ impl State {
                 state: PipelineState::Unknown,
                 jobs: Vec::new(),
                 lease_until: None,
+                deadline,
             },
         );
+        if let Some(t) = deadline {
+            self.deadlines.insert(t, id.clone());
+        }
         self.move_pipeline(&id, PipelinePlace::Queued);
         events.push(Event::NewPipeline);
         Answer::new(AnswerKind::PipelineAccepted)
@@ -164,6 +199,9 @@ impl State {
                 self.pipeline_queue.remove(&record.seq);
             }
         }
+        if let Some(t) = record.deadline {
+            self.deadlines.remove(t, id);
+        }
         let jobs = record.jobs.clone();
         let request_id = record
             .fields
@@ -177,6 +215,64 @@ impl State {
         self.changes.pipelines.insert(id.clone());
         self.remember(id.clone(), status, now, request_id);
         true
+    }
+
+    /// Fails the pipelines whose deadline passed, naming the jobs still waiting and the
+    /// workers they wait for.
+    pub(super) fn expire_deadlines(&mut self, now: u64, events: &mut Vec<Event>) {
+        while let Some((_, id)) = self.deadlines.pop_due(now) {
+            let Some(record) = self.pipelines.get(&id) else {
+                continue;
+            };
+            let secs = record
+                .fields
+                .get(DEADLINE_SECS)
+                .and_then(Value::as_f64)
+                .unwrap_or_default();
+            let waiting: Vec<(&JobId, &JobRecord)> = record
+                .jobs
+                .iter()
+                .filter_map(|j| self.jobs.get(j).map(|r| (j, r)))
+                .filter(|(_, r)| matches!(r.state, JobState::Queued | JobState::Running))
+                .collect();
+            let (job_id, worker) = waiting
+                .first()
+                .map(|(j, r)| ((*j).clone(), r.worker.clone()))
+                .unwrap_or_else(|| (JobId::from(""), String::new()));
+            let what: Vec<String> = waiting
+                .iter()
+                .map(|(j, r)| {
+                    let how = if r.state == JobState::Running {
+                        "running"
+                    } else {
+                        "queued"
+                    };
+                    format!("job {j} of worker {} ({how})", r.worker)
+                })
+                .collect();
+            let error = if what.is_empty() {
+                format!("its deadline of {secs} s passed between two of its jobs")
+            } else {
+                format!(
+                    "its deadline of {secs} s passed; still waiting: {}",
+                    what.join(", ")
+                )
+            };
+            // Its own `deadline` is gone from the index already: `end_pipeline` finds nothing.
+            if let Some(r) = self.pipelines.get_mut(&id) {
+                r.deadline = None;
+            }
+            let status = PipelineStatus {
+                job_id: Some(job_id.clone()),
+                worker: Some(worker.clone()),
+                error: Some(error.clone()),
+                ..PipelineStatus::of(PipelineState::Failed)
+            };
+            if self.end_pipeline(&id, status, now) {
+                warn!(pipeline_id = %id, "{error}");
+                events.push(Event::pipeline_failed(id, job_id, &worker, &error));
+            }
+        }
     }
 
     /// Cancels a pending pipeline: it ends in state `cancelled` (its jobs go with it, so a

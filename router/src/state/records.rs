@@ -58,6 +58,9 @@ pub struct PipelineRecord {
     pub jobs: Vec<JobId>,
     /// While running: when its lease ends (ms since the epoch).
     pub lease_until: Option<u64>,
+    /// When it fails if it has not ended (ms since the epoch), from `"deadline secs"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<u64>,
 }
 
 /// The outcome of an ended pipeline, kept for the retention time.

@@ -47,6 +47,9 @@ impl State {
                 }
                 _ => {}
             }
+            if let Some(t) = record.deadline {
+                s.deadlines.insert(t, id.clone());
+            }
             if let Some(r) = record.fields.get(REQUEST_ID).and_then(Value::as_str) {
                 s.request_ids.insert(r.to_owned(), id.clone());
             }
@@ -112,6 +115,9 @@ impl State {
         }
         if restored.pipeline_leases != self.pipeline_leases {
             return differs("pipeline leases");
+        }
+        if restored.deadlines != self.deadlines {
+            return differs("deadlines");
         }
         // Outcomes that ended in the same millisecond may come back in another order.
         let sorted = |s: &State| {

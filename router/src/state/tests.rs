@@ -234,6 +234,73 @@ fn a_worker_no_broker_asks_for_is_reported_once_its_jobs_waited_the_warning_time
     assert!(s.unserved_workers().is_empty());
 }
 
+fn add_pipeline_with_deadline(state: &mut State, deadline: Value) -> Answer {
+    let mut fields = Map::new();
+    fields.insert("deadline secs".into(), deadline);
+    match add_pipeline(state, fields) {
+        Reply::Answer(a) => a,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_pipeline_past_its_deadline_fails_naming_the_jobs_and_workers_it_waits_for() {
+    let mut s = State::new(Map::new(), Policy::default());
+    let late = add_pipeline_with_deadline(&mut s, json!(2.5));
+    let late = late.pipeline_id.expect("accepted");
+    let patient = add_pipeline_with_deadline(&mut s, json!(3600));
+    let patient = patient.pipeline_id.unwrap();
+    let job = add_in(&mut s, "Nobody", Some(&late));
+    s.check_invariants().unwrap();
+    // Kept across a restart.
+    let restarted = s.restarted();
+    s.check_restored(&restarted).unwrap();
+
+    let mut events = vec![];
+    s.tick(T0 + 2_499, &mut events);
+    assert_eq!(pipeline_state(&mut s, &late).state, PipelineState::Queued);
+    s.tick(T0 + 2_500, &mut events);
+    let status = pipeline_state(&mut s, &late);
+    assert_eq!(status.state, PipelineState::Failed);
+    let error = status.error.unwrap();
+    assert!(
+        error.contains("deadline of 2.5 s")
+            && error.contains(&format!("job {job} of worker Nobody (queued)")),
+        "{error}"
+    );
+    assert_eq!(status.worker.as_deref(), Some("Nobody"));
+    assert!(
+        matches!(&events[..], [Event::PipelineFailed { pipeline_id, worker, .. }] if *pipeline_id == late && worker == "Nobody"),
+        "{events:?}"
+    );
+    // Its job is gone; the other pipeline waits on.
+    assert!(get(&mut s, Some(&["Nobody"])).is_none());
+    assert_eq!(
+        pipeline_state(&mut s, &patient).state,
+        PipelineState::Queued
+    );
+    s.check_invariants().unwrap();
+    // A pipeline that ends in time leaves no deadline behind.
+    take_pipeline(&mut s, T0).unwrap();
+    let done = PipelineFinished {
+        pipeline_id: patient.clone(),
+        duration: WireDuration::from_secs(1.0),
+    };
+    s.handle(Request::PipelineFinished(done), T0 + 3_000, &mut vec![]);
+    s.check_invariants().unwrap();
+}
+
+#[test]
+fn a_deadline_that_is_no_number_of_seconds_is_refused() {
+    let mut s = State::new(Map::new(), Policy::default());
+    for bad in [json!("soon"), json!(0), json!(-1), json!(1e12), json!(null)] {
+        let answer = add_pipeline_with_deadline(&mut s, bad.clone());
+        assert_eq!(answer.answer, AnswerKind::SyntaxError, "{bad}: {answer:?}");
+        assert!(answer.error.unwrap().contains("deadline secs"));
+    }
+    assert_eq!(s.pipelines.len(), 0, "nothing was queued");
+}
+
 fn fail(state: &mut State, id: &JobId, now: u64, events: &mut Vec<Event>) -> Reply {
     let f = JobFailed {
         job_id: id.clone(),
