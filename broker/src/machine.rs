@@ -241,8 +241,7 @@ impl Machine for BrokerMachine {
 impl BrokerMachine {
     /// Stops the jobs of a cancelled pipeline: those taken and not started are dropped, and
     /// the running ones are stopped (a command worker's process is killed); none saves a
-    /// result. The router already forgot them, so their reports are only answered
-    /// `unknown job id`.
+    /// result, and none is reported (the router already forgot them).
     fn cancel(&mut self, pipeline_id: &PipelineId) {
         let mut dropped = 0;
         lock(&self.taken).retain(|job| {
@@ -254,9 +253,11 @@ impl BrokerMachine {
             keep
         });
         let mut stopped = 0;
-        for (pipeline, token) in lock(&self.running).values() {
+        for (job_id, (pipeline, token)) in lock(&self.running).iter() {
             if pipeline.as_ref() == Some(pipeline_id) {
+                // Its task ends without a report (the router forgot the job).
                 token.cancel();
+                self.held.remove(job_id);
                 stopped += 1;
             }
         }
@@ -283,17 +284,9 @@ impl JobTask {
     async fn run(self, mut job: JobAssignment, mut permit: tokio::sync::OwnedSemaphorePermit) {
         loop {
             let span = tracing::info_span!("job", job_id = %job.job_id, worker = %job.worker);
+            let job_id = job.job_id.clone();
             let token = CancellationToken::new();
-            lock(&self.running)
-                .insert(job.job_id.clone(), (job.pipeline_id.clone(), token.clone()));
-            let started = std::time::Instant::now();
-            // What a report of a stopped job needs (not the job's data).
-            let stub = JobAssignment {
-                job_id: job.job_id.clone(),
-                worker: job.worker.clone(),
-                pipeline_id: job.pipeline_id.clone(),
-                fields: serde_json::Map::new(),
-            };
+            lock(&self.running).insert(job_id.clone(), (job.pipeline_id.clone(), token.clone()));
             let run = execute::run_job(
                 job,
                 &self.registry,
@@ -303,23 +296,24 @@ impl JobTask {
             )
             .instrument(span.clone());
             // Dropping the run stops it: a command worker's process is killed (and nothing is
-            // saved); a Rust worker's thread runs on, its result unused.
+            // saved); a Rust worker's thread runs on, its result unused. A stopped job is not
+            // reported: the machine let go of it when it cancelled it.
             let ran = tokio::select! {
-                ran = run => ran,
-                () = token.cancelled() => Ran {
-                    job: stub.clone(),
-                    outcome: Outcome::Failed("cancelled: its pipeline was cancelled".into()),
-                    duration: started.elapsed(),
-                },
+                ran = run => Some(ran),
+                () = token.cancelled() => None,
             };
-            lock(&self.running).remove(&stub.job_id);
-            span.in_scope(|| match &ran.outcome {
-                Outcome::Finished => debug!(ms = ran.duration.as_millis() as u64, "job finished"),
-                Outcome::Failed(e) => warn!(error = %e, "job failed"),
-            });
-            // The loop is gone only when the broker stopped past its grace period.
-            if self.done.send(ran).is_err() {
-                return;
+            lock(&self.running).remove(&job_id);
+            if let Some(ran) = ran {
+                span.in_scope(|| match &ran.outcome {
+                    Outcome::Finished => {
+                        debug!(ms = ran.duration.as_millis() as u64, "job finished")
+                    }
+                    Outcome::Failed(e) => warn!(error = %e, "job failed"),
+                });
+                // The loop is gone only when the broker stopped past its grace period.
+                if self.done.send(ran).is_err() {
+                    return;
+                }
             }
             // The slot is free again once the work really ended (a Rust worker that overran
             // its timeout keeps it until its thread returns).

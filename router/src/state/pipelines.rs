@@ -258,10 +258,6 @@ impl State {
                     what.join(", ")
                 )
             };
-            // Its own `deadline` is gone from the index already: `end_pipeline` finds nothing.
-            if let Some(r) = self.pipelines.get_mut(&id) {
-                r.deadline = None;
-            }
             let status = PipelineStatus {
                 job_id: Some(job_id.clone()),
                 worker: Some(worker.clone()),

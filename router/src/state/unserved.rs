@@ -35,38 +35,38 @@ pub struct Unserved {
     pub since: u64,
 }
 
-impl State {
+impl Asks {
     /// A broker asked for jobs of `workers` (all workers when `None`) at `now`.
-    pub(super) fn note_asked(&mut self, workers: Option<&[String]>, now: u64) {
-        let asks = &mut self.asks;
+    fn note(&mut self, workers: Option<&[String]>, now: u64) {
         match workers {
-            None => asks.any = Some(now),
+            None => self.any = Some(now),
             Some(workers) => {
                 for w in workers {
-                    match asks.by_worker.get_mut(w) {
+                    match self.by_worker.get_mut(w) {
                         Some(at) => *at = now,
                         None => {
-                            asks.by_worker.insert(w.clone(), now);
+                            self.by_worker.insert(w.clone(), now);
                         }
                     }
                 }
             }
         }
     }
+}
+
+impl State {
+    /// A broker asked for jobs of `workers` (all workers when `None`) at `now`.
+    pub(super) fn note_asked(&mut self, workers: Option<&[String]>, now: u64) {
+        self.asks.note(workers, now);
+    }
 
     /// Looks for workers nobody serves (see the module documentation); run on each tick.
     pub(super) fn check_unserved(&mut self, now: u64) {
         // A request waiting for work asks all the time it waits.
-        let waiting: Vec<Option<Vec<String>>> = self
-            .waiting
-            .iter()
-            .filter_map(|w| match &w.want {
-                Want::Jobs(get, _) => Some(get.workers.clone()),
-                Want::Pipelines(_) => None,
-            })
-            .collect();
-        for workers in &waiting {
-            self.note_asked(workers.as_deref(), now);
+        for waiting in &self.waiting {
+            if let Want::Jobs(get, _) = &waiting.want {
+                self.asks.note(get.workers.as_deref(), now);
+            }
         }
         let warn_ms = self.policy.unserved_worker_warn_ms;
         let Self {
