@@ -6,8 +6,10 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use pypelinin_common::daemon::identity::Identity;
 use pypelinin_common::daemon::runloop::Machine;
 use pypelinin_common::ids::{JobId, PipelineId};
+use pypelinin_common::protocol::cluster::{Peer, PeerRole};
 use pypelinin_common::protocol::reply::FromReply;
 use pypelinin_common::protocol::request::{GetJobs, JobFailed, JobFinished, RenewLeases};
 use pypelinin_common::protocol::{Answer, Event, JobAssignment, ReplyError, Request, WireDuration};
@@ -53,6 +55,7 @@ pub struct BrokerMachine {
     /// cancelled. Shared with the job tasks.
     running: Arc<Mutex<Running>>,
     monitor: Option<Monitor>,
+    identity: Identity,
 }
 
 impl BrokerMachine {
@@ -68,6 +71,7 @@ impl BrokerMachine {
         monitoring: bool,
     ) -> Self {
         let concurrency = concurrency.max(1);
+        let registry_names = registry.names();
         Self {
             workers: registry.names(),
             registry,
@@ -83,6 +87,7 @@ impl BrokerMachine {
             tasks: JoinSet::new(),
             running: Arc::default(),
             monitor: monitoring.then(Monitor::new),
+            identity: Identity::new(Peer::new(PeerRole::Broker, registry_names)),
         }
     }
 
@@ -225,10 +230,17 @@ impl Machine for BrokerMachine {
         });
     }
 
+    fn peer(&mut self) -> Peer {
+        let waiting = lock(&self.taken).len();
+        let running = self.held.len().saturating_sub(waiting);
+        self.identity.now(running, self.concurrency)
+    }
+
     fn leases(&self) -> RenewLeases {
         RenewLeases {
             job_ids: self.held.keys().cloned().collect(),
             pipeline_ids: Vec::new(),
+            peer: None,
         }
     }
 

@@ -1,6 +1,8 @@
 //! What the pipeliner does, as a [`Machine`] the shared daemon loop drives: pipelines in, the
 //! requests of their walks out. No I/O.
 
+use pypelinin_common::daemon::identity::Identity;
+use pypelinin_common::protocol::cluster::{Peer, PeerRole};
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::time::{Duration, Instant};
@@ -50,6 +52,7 @@ pub struct PipelinerMachine {
     max_pipelines: usize,
     /// Jobs not heard of for this long are asked after.
     resync_after: Duration,
+    identity: Identity,
 }
 
 impl PipelinerMachine {
@@ -60,6 +63,7 @@ impl PipelinerMachine {
             outbox: VecDeque::new(),
             max_pipelines: max_pipelines.max(1),
             resync_after,
+            identity: Identity::new(Peer::new(PeerRole::Pipeliner, Vec::new())),
         }
     }
 
@@ -259,6 +263,7 @@ impl Machine for PipelinerMachine {
             }),
             Out::LostJobs { pipelines, .. } => Request::PipelineStatus(PipelineStatusQuery {
                 pipeline_ids: pipelines.clone(),
+                details: false,
             }),
         }
     }
@@ -310,10 +315,15 @@ impl Machine for PipelinerMachine {
         }
     }
 
+    fn peer(&mut self) -> Peer {
+        self.identity.now(self.walks.len(), self.max_pipelines)
+    }
+
     fn leases(&self) -> RenewLeases {
         RenewLeases {
             job_ids: Vec::new(),
             pipeline_ids: self.walks.ids(),
+            peer: None,
         }
     }
 

@@ -28,6 +28,12 @@ pub struct RouterSettings {
     /// When jobs have waited this long, in seconds, for a worker that no broker asked for in
     /// that time, the router logs one warning per worker.
     pub unserved_worker_warn_secs: f64,
+    /// A broker or pipeliner not heard of for this long, in seconds, is shown as gone by
+    /// `cluster status` (they identify themselves every 2 s).
+    pub peer_timeout_secs: f64,
+    /// Serve Prometheus metrics over HTTP at this address (`127.0.0.1:9555`; `--metrics`).
+    /// Off when absent.
+    pub metrics: Option<String>,
     /// Where the durable record lives (`PYPELININ_DATA_DIR`); `None` keeps everything in
     /// memory only (the binaries always set one unless told `--no-durability`).
     pub data_dir: Option<PathBuf>,
@@ -70,6 +76,7 @@ impl RouterSettings {
             max_remembered: self.max_remembered_pipelines,
             max_queued_pipelines: self.max_queued_pipelines.max(1),
             unserved_worker_warn_ms: ms(self.unserved_worker_warn_secs).max(1),
+            peer_timeout_ms: ms(self.peer_timeout_secs).max(1),
         }
     }
 }
@@ -84,6 +91,8 @@ impl Default for RouterSettings {
             retention_secs: 300.0,
             max_remembered_pipelines: 100_000,
             unserved_worker_warn_secs: 30.0,
+            peer_timeout_secs: 10.0,
+            metrics: None,
             data_dir: None,
             durable_cache_mb: 8,
             max_attempts: 3,

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::config::{secs, ConfigError};
+use crate::protocol::cluster::Peer;
 use crate::protocol::reply::expect_answer_value;
 use crate::protocol::request::RenewLeases;
 use crate::protocol::{AnswerKind, Event, ReplyError, Request};
@@ -69,6 +70,8 @@ pub trait Machine {
     /// Called every [`LoopSettings::housekeeping`]: the pipeliner asks after jobs it has not
     /// heard of for a while, the broker saves its monitoring record.
     fn housekeeping(&mut self);
+    /// Who it is, now (sent to the router every [`LoopSettings::identify`]).
+    fn peer(&mut self) -> Peer;
     /// The leases it holds (renewed every [`LoopSettings::lease_renew`]).
     fn leases(&self) -> RenewLeases;
     /// How much work it holds (none: a stop may end).
@@ -102,6 +105,8 @@ pub struct LoopSettings {
     pub max_batch: usize,
     /// Round trips in one turn, at most, so the loop gets back to events and timers.
     pub turn_round_trips: usize,
+    /// How often the daemon tells the router who it is (on a `renew leases`).
+    pub identify: Duration,
 }
 
 /// The seconds of a broker's or pipeliner's settings, as its settings file spells them;
@@ -152,6 +157,7 @@ impl LoopSettings {
             wait: d(1),
             max_batch: 512,
             turn_round_trips: 4,
+            identify: super::identity::IDENTIFY_EVERY,
         })
     }
 }
@@ -174,6 +180,8 @@ pub struct DaemonLoop {
     backoff: Backoff,
     /// A `renew leases` goes with the next batch.
     renew_due: bool,
+    /// The next batch says who the daemon is (on a `renew leases`).
+    identify_due: bool,
     /// After the subscription failed: when to subscribe again.
     resubscribe_at: Option<Instant>,
     /// Whether the last batch failed for want of the router: later failures of the same outage
@@ -200,6 +208,7 @@ impl DaemonLoop {
             retry_at: None,
             backoff: Backoff::default(),
             renew_due: false,
+            identify_due: true,
             resubscribe_at: None,
             router_away: false,
             subscription_away: false,
@@ -224,6 +233,8 @@ impl DaemonLoop {
         let mut poll = tokio::time::interval(self.settings.poll_interval);
         let mut renew = tokio::time::interval(self.settings.lease_renew);
         renew.reset();
+        let mut identify = tokio::time::interval(self.settings.identify);
+        identify.reset();
         // Without housekeeping the interval's branch is disabled; a year stands for never.
         let mut housekeeping = tokio::time::interval(
             self.settings
@@ -297,6 +308,7 @@ impl DaemonLoop {
                 }
                 _ = poll.tick() => self.want_work = true,
                 _ = renew.tick() => self.renew_due = true,
+                _ = identify.tick() => self.identify_due = true,
                 _ = housekeeping.tick(), if has_housekeeping => machine.housekeeping(),
             }
         };
@@ -321,7 +333,11 @@ impl DaemonLoop {
         for _ in 0..self.settings.turn_round_trips.max(1) {
             let sent = machine.outbox().len().min(self.settings.max_batch);
             // Collected only when due: it lists every lease the machine holds.
-            let leases = self.renew_due.then(|| machine.leases());
+            let mut leases = self.renew_due.then(|| machine.leases());
+            if self.identify_due {
+                leases.get_or_insert_with(RenewLeases::default).peer =
+                    Some(Box::new(machine.peer()));
+            }
             let renew = leases.as_ref().is_some_and(|l| !l.is_empty());
             let fetching = if fetch && self.want_work && self.waiting.is_none() {
                 machine.room()
@@ -360,6 +376,7 @@ impl DaemonLoop {
                     machine.outbox().drain(..sent);
                     self.want_work = false;
                     self.renew_due = false;
+                    self.identify_due = false;
                     return true;
                 }
             };
@@ -380,6 +397,7 @@ impl DaemonLoop {
             }
             if renew {
                 self.renew_due = false;
+                self.identify_due = false;
                 if let Some(Err(e)) = replies
                     .next()
                     .map(|r| expect_answer_value(r, AnswerKind::LeasesRenewed))

@@ -15,8 +15,11 @@
 //!   (`undefined command`, `unknown command`, `syntax error`) apart from malformed input.
 //! - [`reply`]: [`Reply`] and the typed answers, encoding for the router, decoding for clients.
 //! - [`event`]: [`Event`], the broadcasts, with `Display`/`FromStr` for their exact text.
+//! - [`cluster`]: what the router knows of the cluster as a whole (`cluster status`, the
+//!   daemons that identify themselves, a pipeline's jobs).
 //! - [`duration`]: [`WireDuration`], durations printed as the Python 2 router printed them.
 
+pub mod cluster;
 pub mod duration;
 pub mod event;
 pub mod reply;

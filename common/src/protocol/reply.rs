@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
+use super::cluster::{ClusterStatus, JobDetail};
 use super::duration::WireDuration;
 use super::request::RequestError;
 use crate::ids::{JobId, PipelineId};
@@ -74,6 +75,9 @@ pub enum AnswerKind {
     /// before the write failed.
     #[serde(rename = "unavailable")]
     Unavailable,
+    /// Extension: the answer to `cluster status`.
+    #[serde(rename = "cluster status")]
+    ClusterStatus,
 }
 
 impl AnswerKind {
@@ -89,6 +93,7 @@ impl AnswerKind {
                 | AnswerKind::Status
                 | AnswerKind::LeasesRenewed
                 | AnswerKind::PipelineCancelled
+                | AnswerKind::ClusterStatus
         )
     }
 }
@@ -169,6 +174,13 @@ pub struct PipelineStatus {
     /// For a failed pipeline: the error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Extension, with `"details": true`, for a pending pipeline: the serialized pipeline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline: Option<Value>,
+    /// Extension, with `"details": true`, for a pending pipeline: its submitted jobs, in the
+    /// order they were submitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jobs: Option<Vec<JobDetail>>,
 }
 
 impl PipelineStatus {
@@ -180,6 +192,8 @@ impl PipelineStatus {
             job_id: None,
             worker: None,
             error: None,
+            pipeline: None,
+            jobs: None,
         }
     }
 }
@@ -345,6 +359,8 @@ pub enum Reply {
     /// `get pipelines`: `{"answer": "pipelines", "pipelines": [...]}`, each as `get pipeline`
     /// answers it.
     Pipelines(Vec<PipelineHandout>),
+    /// `cluster status`: `{"answer": "cluster status", ...}`.
+    ClusterStatus(Box<ClusterStatus>),
 }
 
 impl From<Answer> for Reply {
@@ -384,6 +400,10 @@ impl Reply {
                     .iter()
                     .map(|p| serde_json::to_vec(p).unwrap_or_default()),
             )),
+            Reply::ClusterStatus(status) => serde_json::to_vec(&Tagged {
+                answer: AnswerKind::ClusterStatus,
+                body: status,
+            }),
             Reply::Answer(a) => serde_json::to_vec(a),
             Reply::Configuration(c) => serde_json::to_vec(c),
             Reply::Job(Some(j)) => serde_json::to_vec(j),
@@ -393,6 +413,14 @@ impl Reply {
         };
         bytes.unwrap_or_default()
     }
+}
+
+/// A reply body with its `"answer"`.
+#[derive(Serialize)]
+struct Tagged<'a, T> {
+    answer: AnswerKind,
+    #[serde(flatten)]
+    body: &'a T,
 }
 
 /// `head`, then the items separated by commas, then `]}`.
@@ -496,6 +524,22 @@ impl FromReply for Vec<Value> {
             ReplyError::Unexpected(_) => ReplyError::Unexpected("not a batch reply".into()),
             e => e,
         })
+    }
+}
+
+/// `cluster status`: `{"answer": "cluster status", ...}`.
+impl FromReply for ClusterStatus {
+    fn from_reply(value: Value) -> Result<Self, ReplyError> {
+        if value.get("answer").and_then(Value::as_str) == Some("cluster status") {
+            return serde_json::from_value(value)
+                .map_err(|e| ReplyError::Unexpected(format!("{e}: in a cluster status reply")));
+        }
+        match serde_json::from_value::<Answer>(value.clone()) {
+            Ok(a) => Err(ReplyError::Refused(Box::new(a))),
+            Err(_) => Err(ReplyError::Unexpected(format!(
+                "not a cluster status reply: {value}"
+            ))),
+        }
     }
 }
 

@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use super::cluster::Peer;
 use super::duration::WireDuration;
 use crate::ids::{JobId, PipelineId};
 
@@ -85,6 +86,11 @@ requests! {
     /// of its running jobs are ignored when they arrive, it ends in state `cancelled`
     /// (durably), and `pipeline cancelled: id=<id>` is broadcast so brokers stop its jobs.
     "cancel pipeline" => CancelPipeline(CancelPipeline),
+    /// Extension: asks what the router knows of the cluster: jobs per worker, pipelines by
+    /// state, the brokers and pipeliners heard of, recent failures, the last minute's
+    /// throughput and the workers nobody serves; answers `{"answer": "cluster status", ...}`
+    /// ([`crate::protocol::cluster::ClusterStatus`]).
+    "cluster status" => ClusterStatus,
     /// Extension: several requests in one round trip. The router handles them in order, with
     /// nothing in between, and writes their changes in one durable write; it answers
     /// `{"answer": "batch", "replies": [...]}`, one reply per request, each what the request
@@ -296,12 +302,16 @@ pub struct RenewLeases {
         skip_serializing_if = "Vec::is_empty"
     )]
     pub pipeline_ids: Vec<PipelineId>,
+    /// Extension: who sends it (brokers and pipeliners say so every couple of seconds); the
+    /// router lists them in `cluster status`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<Box<Peer>>,
 }
 
 impl RenewLeases {
-    /// Whether it renews nothing.
+    /// Whether it renews nothing and identifies no one.
     pub fn is_empty(&self) -> bool {
-        self.job_ids.is_empty() && self.pipeline_ids.is_empty()
+        self.job_ids.is_empty() && self.pipeline_ids.is_empty() && self.peer.is_none()
     }
 }
 
@@ -319,6 +329,10 @@ pub struct PipelineStatusQuery {
     /// The pipelines asked about.
     #[serde(rename = "pipeline ids")]
     pub pipeline_ids: Vec<PipelineId>,
+    /// Extension: also the serialized pipeline and its submitted jobs (worker, state,
+    /// attempts, duration, error) of each pending pipeline.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub details: bool,
 }
 
 /// `probe`.
@@ -699,6 +713,20 @@ mod tests {
             }),
             Request::PipelineStatus(PipelineStatusQuery {
                 pipeline_ids: vec!["p".into()],
+                details: false,
+            }),
+            Request::PipelineStatus(PipelineStatusQuery {
+                pipeline_ids: vec!["p".into()],
+                details: true,
+            }),
+            Request::ClusterStatus,
+            Request::RenewLeases(RenewLeases {
+                job_ids: vec!["j".into()],
+                pipeline_ids: vec![],
+                peer: Some(Box::new(crate::protocol::cluster::Peer::new(
+                    crate::protocol::cluster::PeerRole::Broker,
+                    vec!["A".into()],
+                ))),
             }),
             Request::Batch(Batch::of(&[Request::GetPipeline])),
             Request::GetJobs(GetJobs::new(Some(vec!["A".into(), "B".into()]), 64)),

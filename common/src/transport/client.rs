@@ -6,6 +6,7 @@ use std::time::Duration;
 use super::{ApiClient, ClientError};
 use crate::ids::{JobId, PipelineId};
 use crate::pipeline::Pipeline;
+use crate::protocol::cluster::ClusterStatus;
 use crate::protocol::reply::{decode_reply, expect_answer};
 use crate::protocol::request::{
     GetJob, GetJobs, GetPipelines, JobFailed, JobFinished, JobStatusQuery, NewJob, NewPipeline,
@@ -273,13 +274,43 @@ impl ApiClient {
         &mut self,
         pipeline_ids: Vec<PipelineId>,
     ) -> Result<BTreeMap<PipelineId, PipelineStatus>, ClientError> {
+        self.pipeline_status_with(pipeline_ids, false).await
+    }
+
+    /// `pipeline status` of `pipeline_ids` with `"details": true`: a pending pipeline's
+    /// status also carries the serialized pipeline and its submitted jobs.
+    ///
+    /// # Errors
+    /// Transport failures, or an error answer.
+    pub async fn pipeline_details(
+        &mut self,
+        pipeline_ids: Vec<PipelineId>,
+    ) -> Result<BTreeMap<PipelineId, PipelineStatus>, ClientError> {
+        self.pipeline_status_with(pipeline_ids, true).await
+    }
+
+    async fn pipeline_status_with(
+        &mut self,
+        pipeline_ids: Vec<PipelineId>,
+        details: bool,
+    ) -> Result<BTreeMap<PipelineId, PipelineStatus>, ClientError> {
         let reply = self
             .request(&Request::PipelineStatus(PipelineStatusQuery {
                 pipeline_ids,
+                details,
             }))
             .await?;
         let answer = expect_answer(&reply, AnswerKind::Status)?;
         Ok(answer.pipelines.unwrap_or_default())
+    }
+
+    /// `cluster status`: what the router knows of the cluster.
+    ///
+    /// # Errors
+    /// Transport failures, or an error answer.
+    pub async fn cluster_status(&mut self) -> Result<ClusterStatus, ClientError> {
+        let reply = self.request(&Request::ClusterStatus).await?;
+        Ok(decode_reply(&reply)?)
     }
 
     /// `cancel pipeline`: cancels a pending pipeline.

@@ -164,6 +164,7 @@ impl State {
                 lease_until: None,
                 not_before: None,
                 error: None,
+                duration: None,
                 ends_pipeline,
             },
         );
@@ -211,13 +212,16 @@ impl State {
         record.error = Some(error.to_owned());
         let attempts = record.attempts;
         let worker = record.worker.clone();
+        let pipeline = record.pipeline_id.clone();
         let max = self.max_attempts(&worker);
-        if attempts >= max {
+        let last = attempts >= max;
+        if last {
             let error = if max > 1 {
                 format!("{error} (failed {attempts} of {max} attempts)")
             } else {
                 error.to_owned()
             };
+            self.count_job_failed(id, &worker, pipeline.as_ref(), &error, true, now);
             events.push(Event::job_failed(id.clone(), &error));
             self.move_job(id, JobPlace::Ended(JobState::Failed, Some(error)));
             return;
@@ -227,6 +231,7 @@ impl State {
             .retry_backoff_ms
             .saturating_mul(1 << (attempts - 1).min(16))
             .min(30_000);
+        self.count_job_failed(id, &worker, pipeline.as_ref(), error, false, now);
         self.move_job(id, JobPlace::Delayed(now.saturating_add(backoff)));
         debug!(job_id = %id, %worker, attempts, backoff_ms = backoff, "job will be retried");
     }
@@ -242,11 +247,26 @@ impl State {
         if !self.is_pending(&done.job_id) {
             return Answer::new(AnswerKind::UnknownJobId).into();
         }
+        // Kept for the counts: the record of a job without a pipeline goes when it ends.
+        let worker = self
+            .jobs
+            .get(&done.job_id)
+            .filter(|r| r.pipeline_id.is_none())
+            .map(|r| r.worker.clone());
         let ends = self.jobs.get(&done.job_id).and_then(|r| {
             let ends = r.ends_pipeline.as_ref()?;
             Some((r.pipeline_id.clone()?, ends.clone()))
         });
         self.move_job(&done.job_id, JobPlace::Ended(JobState::Finished, None));
+        let secs = done.duration.as_secs();
+        if let Some(record) = self.jobs.get_mut(&done.job_id) {
+            // A job of a pending pipeline keeps its record until the pipeline ends.
+            record.duration = Some(secs);
+            let worker = record.worker.clone();
+            self.count_job_finished(&worker, secs, now);
+        } else if let Some(worker) = worker {
+            self.count_job_finished(&worker, secs, now);
+        }
         events.push(Event::job_finished(done.job_id, &done.duration));
         if let Some((pipeline_id, ends)) = ends {
             // Its pipeliner's `pipeline finished`, in the same write.

@@ -22,6 +22,7 @@
 //! - `invariants`: [`State::check_invariants`], run after every step of the property tests and
 //!   of the fuzz target.
 
+mod census;
 mod invariants;
 mod jobs;
 mod leases;
@@ -36,12 +37,14 @@ mod waiting;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use pypelinin_common::ids::{JobId, PipelineId};
+use pypelinin_common::protocol::cluster::JobDetail;
 use pypelinin_common::protocol::request::{GetJob, GetJobs};
 use pypelinin_common::protocol::{
     Answer, AnswerKind, Batch, Event, JobState, PipelineState, PipelineStatus, Reply, Request,
 };
 use serde_json::{Map, Value};
 
+pub use census::{Histogram, DURATION_BUCKETS};
 pub use leases::Leases;
 pub use policy::Policy;
 pub use records::{EndedRecord, EndsPipeline, JobRecord, PipelineRecord};
@@ -120,6 +123,7 @@ pub struct State {
     ended_order: VecDeque<(u64, PipelineId)>,
     waiting: VecDeque<waiting::Waiting>,
     asks: unserved::Asks,
+    census: census::Census,
     changes: Changes,
 }
 
@@ -168,6 +172,7 @@ impl State {
             ended_order: VecDeque::with_capacity(order),
             waiting: VecDeque::new(),
             asks: unserved::Asks::default(),
+            census: census::Census::default(),
             changes: Changes::default(),
         }
     }
@@ -201,6 +206,12 @@ impl State {
     /// Applies `request` at `now` (ms since the epoch), returning the reply and pushing the
     /// events it causes onto `events`.
     pub fn handle(&mut self, request: Request, now: u64, events: &mut Vec<Event>) -> Reply {
+        self.observe(&request, now);
+        self.apply(request, now, events)
+    }
+
+    /// [`State::handle`] of a request counted already.
+    fn apply(&mut self, request: Request, now: u64, events: &mut Vec<Event>) -> Reply {
         match request {
             Request::GetConfiguration => Reply::Configuration(self.configuration.clone()),
             Request::AddJob(job) => self.add_job(job, now, events),
@@ -257,7 +268,11 @@ impl State {
                     .pipeline_ids
                     .into_iter()
                     .map(|id| {
-                        let status = self.pipeline_status(&id);
+                        let status = if q.details {
+                            self.pipeline_details(&id)
+                        } else {
+                            self.pipeline_status(&id)
+                        };
                         (id, status)
                     })
                     .collect();
@@ -268,6 +283,7 @@ impl State {
                 .into()
             }
             Request::CancelPipeline(cancel) => self.cancel_pipeline(cancel, now, events),
+            Request::ClusterStatus => Reply::ClusterStatus(Box::new(self.cluster_status(now))),
             Request::Probe(probe) => {
                 events.push(Event::Probe { token: probe.token });
                 Answer::new(AnswerKind::ProbeSent).into()
@@ -327,6 +343,7 @@ impl State {
     /// outcomes are forgotten, and workers
     /// no broker asks for are warned about.
     pub fn tick(&mut self, now: u64, events: &mut Vec<Event>) {
+        self.census_tick(now);
         self.expire_job_leases(now, events);
         self.end_back_offs(now, events);
         self.expire_pipeline_leases(now, events);
@@ -364,6 +381,34 @@ impl State {
             .get(id)
             .map(|e| e.status.clone())
             .unwrap_or_else(|| PipelineStatus::of(PipelineState::Unknown))
+    }
+
+    /// A pipeline's status with its details: for a pending one, the serialized pipeline and
+    /// its submitted jobs.
+    fn pipeline_details(&self, id: &PipelineId) -> PipelineStatus {
+        let Some(record) = self.pipelines.get(id) else {
+            return self.pipeline_status(id);
+        };
+        let jobs = record
+            .jobs
+            .iter()
+            .filter_map(|j| {
+                let r = self.jobs.get(j)?;
+                Some(JobDetail {
+                    job_id: j.clone(),
+                    worker: r.worker.clone(),
+                    state: r.state,
+                    attempts: r.attempts,
+                    duration: r.duration,
+                    error: r.error.clone(),
+                })
+            })
+            .collect();
+        PipelineStatus {
+            pipeline: serde_json::from_str(record.pipeline.get()).ok(),
+            jobs: Some(jobs),
+            ..PipelineStatus::of(record.state)
+        }
     }
 
     /// The next sequence number (FIFO order across jobs and pipelines).

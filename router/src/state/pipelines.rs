@@ -213,6 +213,7 @@ impl State {
         }
         self.pipelines.remove(id);
         self.changes.pipelines.insert(id.clone());
+        self.count_pipeline_ended(id, &status, now);
         self.remember(id.clone(), status, now, request_id);
         true
     }
@@ -337,11 +338,11 @@ impl State {
         events: &mut Vec<Event>,
     ) -> Reply {
         let status = PipelineStatus {
-            state: PipelineState::Failed,
             duration: failed.duration.clone(),
             job_id: Some(failed.job_id.clone()),
             worker: Some(failed.worker.clone()),
             error: Some(failed.error.clone()),
+            ..PipelineStatus::of(PipelineState::Failed)
         };
         if !self.end_pipeline(&failed.pipeline_id, status, now) {
             return Answer::new(AnswerKind::UnknownPipelineId).into();

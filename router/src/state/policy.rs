@@ -25,6 +25,8 @@ pub struct Policy {
     /// Jobs that waited this long for a worker no broker asked for in that time get one
     /// warning per worker in the log.
     pub unserved_worker_warn_ms: u64,
+    /// A broker or pipeliner not heard of for this long is shown as gone.
+    pub peer_timeout_ms: u64,
 }
 
 impl Default for Policy {
@@ -39,6 +41,7 @@ impl Default for Policy {
             max_remembered: 100_000,
             max_queued_pipelines: 100_000,
             unserved_worker_warn_ms: 30_000,
+            peer_timeout_ms: 10_000,
         }
     }
 }

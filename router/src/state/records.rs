@@ -29,6 +29,9 @@ pub struct JobRecord {
     pub not_before: Option<u64>,
     /// The last error.
     pub error: Option<String>,
+    /// How long its run took, once finished (seconds, as its broker reported).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration: Option<f64>,
     /// The last job of its pipeline: the router ends the pipeline when the job finishes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ends_pipeline: Option<EndsPipeline>,

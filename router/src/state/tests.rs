@@ -97,6 +97,7 @@ fn job_state(state: &mut State, id: &JobId) -> JobState {
 fn pipeline_state(state: &mut State, id: &PipelineId) -> PipelineStatus {
     let q = PipelineStatusQuery {
         pipeline_ids: vec![id.clone()],
+        details: false,
     };
     let Reply::Answer(Answer {
         pipelines: Some(mut p),
@@ -599,6 +600,7 @@ fn an_expired_lease_requeues_the_job_and_a_renewed_one_does_not() {
     let renew = RenewLeases {
         job_ids: vec![b.clone()],
         pipeline_ids: vec![],
+        peer: None,
     };
     assert_eq!(
         s.handle(Request::RenewLeases(renew), T0 + 20_000, &mut events),
@@ -1288,6 +1290,7 @@ proptest::proptest! {
                 Op::Renew(n) => Some(Request::RenewLeases(RenewLeases {
                     job_ids: pick(&jobs, n).into_iter().collect(),
                     pipeline_ids: pick(&pipelines, n).into_iter().collect(),
+                    peer: None,
                 })),
                 Op::AddPipeline { request_id } => {
                     let mut fields = Map::new();
@@ -1363,4 +1366,127 @@ proptest::proptest! {
             }
         }
     }
+}
+
+fn cluster(state: &mut State, now: u64) -> pypelinin_common::protocol::cluster::ClusterStatus {
+    match state.handle(Request::ClusterStatus, now, &mut vec![]) {
+        Reply::ClusterStatus(status) => *status,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn cluster_status_counts_jobs_pipelines_peers_and_failures() {
+    use pypelinin_common::protocol::cluster::{Peer, PeerRole};
+    let mut s = State::new(
+        Map::new(),
+        Policy {
+            max_attempts: 2,
+            retry_backoff_ms: 100,
+            ..Policy::default()
+        },
+    );
+    let mut events = vec![];
+    s.tick(T0, &mut events);
+    // A: one finished, one running; B: one failed for good after a retry; C: queued.
+    let a1 = add(&mut s, "A");
+    let a2 = add(&mut s, "A");
+    let b = add(&mut s, "B");
+    add(&mut s, "C");
+    for _ in 0..3 {
+        get(&mut s, Some(&["A", "B"]));
+    }
+    finish(&mut s, &a1, &mut events);
+    fail(&mut s, &b, T0, &mut events);
+    s.tick(T0 + 200, &mut events);
+    get_at(&mut s, Some(&["B"]), T0 + 200).unwrap();
+    fail(&mut s, &b, T0 + 300, &mut events);
+    // A broker offering A identifies itself; a pipeliner did long ago.
+    let mut broker = Peer::new(PeerRole::Broker, vec!["A".into()]);
+    broker.id = "broker-1".into();
+    let mut pipeliner = Peer::new(PeerRole::Pipeliner, vec![]);
+    pipeliner.id = "pipeliner-1".into();
+    for (peer, at) in [(pipeliner, T0), (broker, T0 + 20_000)] {
+        let renew = RenewLeases {
+            peer: Some(Box::new(peer)),
+            ..RenewLeases::default()
+        };
+        s.handle(Request::RenewLeases(renew), at, &mut events);
+    }
+    let p = new_pipeline(&mut s);
+    cancel(&mut s, &p, &mut events);
+    new_pipeline(&mut s);
+
+    let status = cluster(&mut s, T0 + 21_000);
+    let w = |name: &str| status.workers[name].clone();
+    assert_eq!((w("A").finished, w("A").running, w("A").brokers), (1, 1, 1));
+    assert_eq!((w("B").failed, w("B").retried, w("B").brokers), (1, 1, 0));
+    assert_eq!(w("C").queued, 1);
+    assert_eq!(status.pipelines.queued, 1);
+    assert_eq!(status.pipelines.cancelled, 1);
+    assert_eq!(
+        status.recent_failures.len(),
+        1,
+        "{:?}",
+        status.recent_failures
+    );
+    assert_eq!(status.recent_failures[0].job_id.as_ref(), Some(&b));
+    assert!(status.recent_failures[0].error.contains("failed 2 of 2"));
+    let gone: Vec<(&str, bool)> = status
+        .peers
+        .iter()
+        .map(|p| (p.peer.id.as_str(), p.gone))
+        .collect();
+    assert_eq!(gone, [("broker-1", false), ("pipeliner-1", true)]);
+    assert_eq!(status.last_minute.jobs_finished, 1);
+    assert_eq!(status.last_minute.jobs_failed, 1);
+    assert!((status.uptime_secs - 21.0).abs() < 1e-9);
+    let commands: HashMap<&str, u64> = s.requests_by_command().into_iter().collect();
+    assert_eq!(commands["add job"], 4);
+    assert_eq!(commands["renew leases"], 2);
+    assert_eq!(commands["cluster status"], 1);
+    let _ = a2;
+}
+
+#[test]
+fn pipeline_details_list_the_submitted_jobs_with_their_state_and_duration() {
+    let mut s = State::default();
+    let mut events = vec![];
+    let p = new_pipeline(&mut s);
+    take_pipeline(&mut s, T0).unwrap();
+    let a = add_in(&mut s, "A", Some(&p));
+    get(&mut s, Some(&["A"])).unwrap();
+    let done = JobFinished {
+        job_id: a.clone(),
+        duration: WireDuration::from_secs(1.5),
+    };
+    s.handle(Request::JobFinished(done), T0, &mut events);
+    let b = add_in(&mut s, "B", Some(&p));
+    let q = PipelineStatusQuery {
+        pipeline_ids: vec![p.clone()],
+        details: true,
+    };
+    let Reply::Answer(Answer {
+        pipelines: Some(mut all),
+        ..
+    }) = s.handle(Request::PipelineStatus(q), T0, &mut events)
+    else {
+        panic!()
+    };
+    let status = all.remove(&p).unwrap();
+    assert_eq!(status.state, PipelineState::Running);
+    assert_eq!(status.pipeline, Some(pipeline_json()));
+    let jobs: Vec<_> = status
+        .jobs
+        .unwrap()
+        .into_iter()
+        .map(|j| (j.job_id, j.worker, j.state, j.duration))
+        .collect();
+    assert_eq!(
+        jobs,
+        [
+            (a, "A".to_owned(), JobState::Finished, Some(1.5)),
+            (b, "B".to_owned(), JobState::Queued, None)
+        ]
+    );
 }

@@ -56,6 +56,7 @@ impl State {
         now: u64,
         events: &mut Vec<Event>,
     ) -> Option<Reply> {
+        self.observe(&request, now);
         let (want, wait_ms) = match &request {
             Request::GetJobs(get) if (1..=GetJobs::MAX).contains(&get.max) => {
                 self.note_asked(get.workers.as_deref(), now);
@@ -67,11 +68,11 @@ impl State {
             Request::GetPipelines(get) if (1..=GetJobs::MAX).contains(&get.max) => {
                 (Want::Pipelines(get.max), get.wait_ms)
             }
-            _ => return Some(self.handle(request, now, events)),
+            _ => return Some(self.apply(request, now, events)),
         };
         let wait_ms = wait_ms.unwrap_or(0).min(GetJobs::MAX_WAIT_MS);
         if wait_ms == 0 || self.waiting.len() >= MAX_WAITING {
-            return Some(self.handle(request, now, events));
+            return Some(self.apply(request, now, events));
         }
         if let Some(reply) = self.take(&want, now) {
             return Some(reply);
