@@ -134,8 +134,33 @@ async fn run_command_job(
     }
 }
 
+/// Kills the process group of a command worker when dropped before [`GroupGuard::ran`]: the
+/// program and every process it started (`sh -c "a | b"` runs `a` and `b` as children of the
+/// shell, which a kill of the shell alone would leave running).
+struct GroupGuard {
+    pgid: Option<nix::unistd::Pid>,
+}
+
+impl GroupGuard {
+    /// The program ran to its end: nothing to kill.
+    fn ran(&mut self) {
+        self.pgid = None;
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if let Some(pgid) = self.pgid {
+            // The leader is not reaped yet (its `Child` is dropped after this guard), so the
+            // group id cannot have been reused.
+            let _gone = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
 /// Runs the program with `input` as JSON on stdin and reads a JSON object from its stdout.
-/// The child is killed if this future is dropped (timeout or shutdown).
+/// The program runs in a process group of its own; the group is killed if this future is
+/// dropped (timeout, cancellation or shutdown).
 pub(crate) async fn run_command(
     command: &CommandWorker,
     input: &JsonObject,
@@ -145,9 +170,17 @@ pub(crate) async fn run_command(
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        .process_group(0)
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| format!("cannot start command {:?}: {e}", command.command))?;
+    // Declared after `child`, so dropped before it: the group dies while its leader is unreaped.
+    let mut group = GroupGuard {
+        pgid: child
+            .id()
+            .and_then(|id| i32::try_from(id).ok())
+            .map(nix::unistd::Pid::from_raw),
+    };
     let body = serde_json::to_vec(input).map_err(|e| e.to_string())?;
     let mut stdin = child.stdin.take();
     let mut stdout = child.stdout.take();
@@ -178,6 +211,7 @@ pub(crate) async fn run_command(
         .wait()
         .await
         .map_err(|e| format!("cannot wait for command {:?}: {e}", command.command))?;
+    group.ran();
     let tail = stderr_tail(&err);
     if !status.success() {
         return Err(format!(

@@ -22,10 +22,12 @@
 //! pipelines stand (`pipeline status`) when it has heard nothing for a while, so a missed
 //! broadcast never leaves it waiting forever.
 //!
-//! Layout: [`PipelineManager`] (async), [`blocking::PipelineManager`] (for scripts), and the
+//! Layout: [`PipelineManager`] (async), [`blocking::PipelineManager`] (for scripts), [`cli`]
+//! (the `pypelinin` command-line tool), and the
 //! re-exports a client needs: [`Pipeline`], [`Job`], [`save_dot`], [`PipelineId`].
 
 pub mod blocking;
+pub mod cli;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -201,6 +203,19 @@ impl PipelineManager {
         ids.pop().ok_or_else(|| {
             Error::Router(ReplyError::Unexpected("no pipeline id for the pipeline".into()).into())
         })
+    }
+
+    /// As [`start_many`](PipelineManager::start_many), each pipeline with `deadline` (see
+    /// [`start_with_deadline`](PipelineManager::start_with_deadline); `None`: no deadline).
+    ///
+    /// # Errors
+    /// As [`start_many`](PipelineManager::start_many).
+    pub async fn start_many_with_deadline(
+        &mut self,
+        pipelines: &[Pipeline],
+        deadline: Option<Duration>,
+    ) -> Result<Vec<PipelineId>, Error> {
+        self.start_many_within(pipelines, deadline).await
     }
 
     async fn start_many_within(

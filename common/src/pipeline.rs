@@ -261,6 +261,21 @@ impl Pipeline {
     /// The DOT text of the legacy `Pipeline.to_dot()`: every job, a blank line, every edge,
     /// each sorted by worker name so the text does not depend on construction order.
     pub fn to_dot(&self) -> String {
+        self.to_dot_coloured(|_| None)
+    }
+
+    /// As [`Pipeline::to_dot`], each job filled with the colour `colour` gives its worker
+    /// (an SVG/X11 colour name or `#rrggbb`; `None`: left plain). `pypelinin show --dot`
+    /// colours jobs by state with it.
+    ///
+    /// ```
+    /// use pypelinin_common::pipeline::Pipeline;
+    /// let p = Pipeline::builder().edge("A", "B").build().unwrap();
+    /// let dot = p.to_dot_coloured(|w| (w == "A").then_some("palegreen"));
+    /// assert!(dot.contains(r#""A" [style=filled, fillcolor="palegreen"];"#), "{dot}");
+    /// assert!(dot.contains("    \"B\";"), "{dot}");
+    /// ```
+    pub fn to_dot_coloured<'a>(&self, colour: impl Fn(&str) -> Option<&'a str>) -> String {
         let mut nodes: Vec<&str> = self
             .graph
             .node_weights()
@@ -270,7 +285,14 @@ impl Pipeline {
         let edges = sorted_edges(self);
         let mut out = String::from("digraph graphname {\n");
         for n in nodes {
-            out.push_str(&format!("    {};\n", dot_quote(n)));
+            match colour(n) {
+                Some(c) => out.push_str(&format!(
+                    "    {} [style=filled, fillcolor={}];\n",
+                    dot_quote(n),
+                    dot_quote(c)
+                )),
+                None => out.push_str(&format!("    {};\n", dot_quote(n))),
+            }
         }
         out.push('\n');
         for (a, b) in edges {
@@ -280,6 +302,37 @@ impl Pipeline {
         out
     }
 
+    /// The pipeline drawn as an SVG image, laid out without Graphviz (by the `layout-rs`
+    /// crate), jobs coloured as [`Pipeline::to_dot_coloured`] says.
+    ///
+    /// ```
+    /// use pypelinin_common::pipeline::Pipeline;
+    /// let p = Pipeline::builder().edges("Download", ["Parse", "Index"]).build().unwrap();
+    /// let svg = p.to_svg(|_| None).unwrap();
+    /// assert!(svg.contains("<svg") && svg.contains("Download"), "{svg}");
+    /// ```
+    ///
+    /// # Errors
+    /// [`PipelineError::Format`] if the layout fails.
+    pub fn to_svg<'a>(
+        &self,
+        colour: impl Fn(&str) -> Option<&'a str>,
+    ) -> Result<String, PipelineError> {
+        dot_to_svg(&self.to_dot_coloured(colour))
+    }
+
+    /// Writes [`Pipeline::to_svg`] (no colours) to `path`.
+    ///
+    /// # Errors
+    /// [`PipelineError::Io`] when the file cannot be written.
+    pub fn save_svg(&self, path: impl AsRef<Path>) -> Result<(), PipelineError> {
+        let path = path.as_ref();
+        std::fs::write(path, self.to_svg(|_| None)?).map_err(|e| PipelineError::Io {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })
+    }
+
     /// Writes [`Pipeline::to_dot`] to `path`.
     ///
     /// # Errors
@@ -287,6 +340,28 @@ impl Pipeline {
     pub fn save_dot(&self, path: impl AsRef<Path>) -> Result<(), PipelineError> {
         save_dot(self, path)
     }
+}
+
+/// Lays out DOT text and draws it as SVG (pure Rust: no Graphviz needed).
+///
+/// # Errors
+/// [`PipelineError::Format`] when the text is not DOT the layout understands.
+pub fn dot_to_svg(dot: &str) -> Result<String, PipelineError> {
+    let mut parser = layout::gv::DotParser::new(dot);
+    let graph = parser
+        .process()
+        .map_err(|e| PipelineError::Format(format!("cannot lay out the DOT text: {e}")))?;
+    // The layout asserts its own invariants; a graph it cannot place is an error here, not a
+    // crash of the caller.
+    std::panic::catch_unwind(move || {
+        let mut builder = layout::gv::GraphBuilder::new();
+        builder.visit_graph(&graph);
+        let mut visual = builder.get();
+        let mut svg = layout::backends::svg::SVGWriter::new();
+        visual.do_it(false, false, false, &mut svg);
+        svg.finalize()
+    })
+    .map_err(|_| PipelineError::Format("the layout of the DOT text failed".into()))
 }
 
 /// Writes the DOT text of `pipeline` to `path` (the legacy `save_dot`).

@@ -353,19 +353,40 @@ async fn a_flood_of_malformed_requests_does_not_stop_a_run() {
     assert!(outcomes.iter().all(|o| matches!(o, Outcome::Finished(_))));
 }
 
-/// A command worker that notes its process id in `<dir>/<name>.pids` and then sleeps (as that
-/// same process) for ten minutes: only a kill ends it within a test.
+/// A command worker that notes its process id in `<dir>/<name>.pids` and then runs `sleep`
+/// for ten minutes as a child of its shell (so the shell's process group holds two
+/// processes): only a kill of the whole group ends it within a test.
 fn sleeping_worker(dir: &Path, name: &str) -> String {
     let pids = dir.join(format!("{name}.pids"));
     format!(
         r#"
 [[broker.command_workers]]
 name = "{name}"
-command = ["sh", "-c", "echo $$ >> '{}'; exec sleep 600"]
+command = ["sh", "-c", "echo $$ >> '{}'; sleep 600; echo '{{}}'"]
 timeout_secs = 900
 "#,
         pids.display()
     )
+}
+
+/// The live processes whose parent is `pid`.
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let child: u32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            // After the command's closing parenthesis: state, ppid, ...
+            let (_, rest) = stat.rsplit_once(") ")?;
+            let mut fields = rest.split_whitespace();
+            let state = fields.next()?;
+            let ppid: u32 = fields.next()?.parse().ok()?;
+            (state != "Z" && ppid == pid).then_some(child)
+        })
+        .collect()
 }
 
 /// Whether process `pid` is gone (or a zombie: dead, not reaped yet).
@@ -404,6 +425,11 @@ async fn a_cancelled_pipeline_stops_its_running_job_runs_nothing_more_and_stays_
         .trim()
         .parse()
         .unwrap();
+    until("the worker's shell to start its sleep", || {
+        !children_of(pid).is_empty()
+    })
+    .await;
+    let children = children_of(pid);
 
     m.cancel(&id).await.unwrap();
     let outcomes = m
@@ -411,9 +437,10 @@ async fn a_cancelled_pipeline_stops_its_running_job_runs_nothing_more_and_stays_
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
     assert_eq!(outcomes, [Outcome::Cancelled]);
-    until("the running worker's process to be killed", || {
-        process_gone(pid)
-    })
+    until(
+        "the worker's processes (its shell and the shell's child) to be killed",
+        || process_gone(pid) && children.iter().all(|c| process_gone(*c)),
+    )
     .await;
     // A second cancel says it ended already.
     let again = m.cancel(&id).await.unwrap_err().to_string();

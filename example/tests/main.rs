@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used)] // Test code: a failed unwrap is a failed test.
 
+mod cli;
 mod cluster;
 mod faults;
 mod hostile;

@@ -316,7 +316,7 @@ impl Machine for PipelinerMachine {
     }
 
     fn peer(&mut self) -> Peer {
-        self.identity.now(self.walks.len(), self.max_pipelines)
+        self.identity.now(self.walks.len(), 0)
     }
 
     fn leases(&self) -> RenewLeases {

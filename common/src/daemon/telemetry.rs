@@ -7,8 +7,13 @@ use tracing_subscriber::EnvFilter;
 /// see [`Reachability`](crate::transport::outbound::Reachability)). Calling it twice is
 /// harmless.
 pub fn init() {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,zeromq=error"));
+    init_with_default("info,zeromq=error");
+}
+
+/// As [`init`], with `default` as the filter when `RUST_LOG` is not set (a command-line tool
+/// logs only warnings, say).
+pub fn init_with_default(default: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let _already_set = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
