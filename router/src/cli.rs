@@ -29,6 +29,10 @@ pub struct RouterArgs {
     /// to start and says what is missing.
     #[arg(long)]
     pub accept_loss: bool,
+    /// Serve Prometheus metrics over HTTP at this address (GET /metrics), e.g.
+    /// 127.0.0.1:9555 [default: off]
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics: Option<String>,
 }
 
 /// The default folder of the router's durable record.
@@ -67,6 +71,9 @@ impl RouterArgs {
             settings.data_dir = Some(dir.clone());
         }
         settings.accept_loss = self.accept_loss;
+        if let Some(address) = &self.metrics {
+            settings.metrics = Some(address.clone());
+        }
         if self.no_durability {
             settings.data_dir = None;
         } else if settings.data_dir.is_none() {
@@ -79,7 +86,8 @@ impl RouterArgs {
     }
 }
 
-/// The line a router prints on stdout once its sockets are bound; tests and scripts read it.
+/// The line a router prints on stdout once its sockets are bound; tests and scripts read it
+/// (`metrics=http://HOST:PORT/metrics` is added when it serves metrics).
 pub fn listening_line(api: &str, broadcast: &str) -> String {
     format!("listening api={api} broadcast={broadcast}")
 }
@@ -117,10 +125,11 @@ pub async fn run_with_data_dir(
         broadcast = router.broadcast_endpoint(),
         "router listening"
     );
-    println!(
-        "{}",
-        listening_line(router.api_endpoint(), router.broadcast_endpoint())
-    );
+    let mut line = listening_line(router.api_endpoint(), router.broadcast_endpoint());
+    if let Some(address) = router.metrics_address() {
+        line.push_str(&format!(" metrics=http://{address}/metrics"));
+    }
+    println!("{line}");
     router.run(shutdown).await?;
     Ok(())
 }

@@ -10,6 +10,7 @@
 //! - [`persist`]: the durable record (fjall), written once per group of batches before their replies.
 //! - [`settings`]: the router's own settings.
 //! - [`cli`]: the command line shared by `pypelinin-router` and the example's `my_router`.
+//! - [`metrics`]: Prometheus metrics over HTTP (`--metrics`), from snapshots of the state.
 //!
 //! Inside [`Router::run`]: the receive loop decodes requests and answers malformed ones; the
 //! state task applies requests in batches (what arrived together is handled together) and keeps
@@ -22,6 +23,7 @@
 //! committer that could not write, say).
 
 pub mod cli;
+pub mod metrics;
 pub mod persist;
 pub mod settings;
 pub mod state;
@@ -76,6 +78,13 @@ pub struct Router {
     settings: RouterSettings,
     state: State,
     durable: Option<(Durable, Index)>,
+    metrics: Option<Metrics>,
+}
+
+/// The metrics server's side in the router: its address and the scrapes it asks for.
+struct Metrics {
+    server: metrics::Server,
+    scrapes: mpsc::Receiver<metrics::ScrapeRequest>,
 }
 
 impl Router {
@@ -135,12 +144,21 @@ impl Router {
         let limits = GuardLimits::api(settings.max_request_bytes);
         let api = ApiServer::bind_with(&settings.api, limits).await?;
         let publisher = Publisher::bind(&settings.broadcast).await?;
+        let metrics = match &settings.metrics {
+            Some(address) => {
+                let (tx, scrapes) = mpsc::channel(16);
+                let server = metrics::serve(address, tx).map_err(Error::Settings)?;
+                Some(Metrics { server, scrapes })
+            }
+            None => None,
+        };
         Ok(Self {
             api,
             publisher,
             settings,
             state,
             durable,
+            metrics,
         })
     }
 
@@ -152,6 +170,11 @@ impl Router {
     /// The broadcast endpoint actually bound.
     pub fn broadcast_endpoint(&self) -> &str {
         self.publisher.endpoint()
+    }
+
+    /// Where metrics are served (`GET /metrics`), when they are.
+    pub fn metrics_address(&self) -> Option<std::net::SocketAddr> {
+        self.metrics.as_ref().map(|m| m.server.address)
     }
 
     /// Serves until `shutdown` is cancelled, then answers what it already received and returns.
@@ -172,18 +195,34 @@ impl Router {
             None => (None, None),
         };
         let mut tasks = tokio::task::JoinSet::new();
+        // The metrics server stops when `run` returns (and drops it).
+        let (_metrics_server, scrapes) = match self.metrics {
+            Some(m) => (Some(m.server), Some(m.scrapes)),
+            None => (None, None),
+        };
+        let commit_stats =
+            (scrapes.is_some() && durable.is_some()).then(metrics::SharedCommitStats::default);
         // A durable router hands each batch to the committer, which writes it and then passes
         // it to the outbox; without durability batches go straight to the outbox.
         let sink = match durable {
             Some(durable) => {
                 let (commit_tx, commit_rx) = mpsc::channel::<Handled>(COMMIT_QUEUE);
                 let outbox = out_tx.clone();
-                tasks.spawn_blocking(move || commit_loop(&durable, commit_rx, &outbox));
+                let stats = commit_stats.clone();
+                tasks.spawn_blocking(move || {
+                    commit_loop(&durable, commit_rx, &outbox, stats.as_ref())
+                });
                 Sink::Commit(commit_tx)
             }
             None => Sink::Send(out_tx.clone()),
         };
-        tasks.spawn(state_loop(self.state, index, request_rx, back_rx, sink));
+        let observers = Observers {
+            scrapes,
+            commit_stats,
+        };
+        tasks.spawn(state_loop(
+            self.state, index, request_rx, back_rx, sink, observers,
+        ));
         tasks.spawn(outbox_loop(out_rx, replier, self.publisher, back_tx));
         let token = self.settings.token.clone();
         let mut unauthorized_log = Throttle::new(Duration::from_secs(10));
@@ -369,6 +408,24 @@ enum Sink {
     Send(mpsc::Sender<Outgoing>),
 }
 
+/// What looks at the state from outside the request path: metrics scrapes.
+struct Observers {
+    /// Scrapes asking for a snapshot (with `--metrics`).
+    scrapes: Option<mpsc::Receiver<metrics::ScrapeRequest>>,
+    /// The committer's figures, for the snapshots.
+    commit_stats: Option<metrics::SharedCommitStats>,
+}
+
+impl Observers {
+    /// The next scrape; never, without metrics.
+    async fn scrape(&mut self) -> Option<metrics::ScrapeRequest> {
+        match &mut self.scrapes {
+            Some(scrapes) => scrapes.recv().await,
+            None => std::future::pending().await,
+        }
+    }
+}
+
 /// Applies requests in batches; hands each batch's changed rows and replies to the committer.
 /// Requests that wait for work are kept here (their envelopes by ticket) and answered in the
 /// batch that queues work for them, or once their wait is over (checked every [`TICK`]).
@@ -378,6 +435,7 @@ async fn state_loop(
     mut requests: mpsc::Receiver<(Envelope, Request)>,
     mut taken_back: mpsc::UnboundedReceiver<Handout>,
     sink: Sink,
+    mut observers: Observers,
 ) -> Result<(), Error> {
     let mut batch = Vec::with_capacity(BATCH);
     let mut back = Vec::new();
@@ -399,6 +457,12 @@ async fn state_loop(
                 }
             }
             _ = tick.tick() => {}
+            Some(scrape) = observers.scrape() => {
+                let snapshot = metrics::Snapshot::of(&state, now_ms(), observers.commit_stats.as_ref());
+                // Room for one, and asked for once: never waits.
+                let _ = scrape.try_send(snapshot);
+                continue;
+            }
         }
         let now = now_ms();
         let mut outgoing = Outgoing {
@@ -468,6 +532,7 @@ fn commit_loop(
     durable: &Durable,
     mut handled: mpsc::Receiver<Handled>,
     outbox: &mpsc::Sender<Outgoing>,
+    stats: Option<&metrics::SharedCommitStats>,
 ) -> Result<(), Error> {
     let mut group = Vec::with_capacity(COMMIT_GROUP);
     while let Some(first) = handled.blocking_recv() {
@@ -487,6 +552,12 @@ fn commit_loop(
             let (batches, rows) = (writes.len(), writes.iter().map(Writes::len).sum::<usize>());
             let started = std::time::Instant::now();
             let written = durable.write_all(&writes);
+            if let Some(stats) = stats {
+                if let Ok(mut stats) = stats.lock() {
+                    stats.seconds.observe(started.elapsed().as_secs_f64());
+                    stats.rows.observe(rows as f64);
+                }
+            }
             debug!(
                 batches,
                 rows,

@@ -7,6 +7,7 @@ mod api;
 mod concurrency;
 mod disk;
 mod hostile;
+mod metrics;
 mod process;
 mod support;
 mod waiting;

@@ -16,6 +16,8 @@ pub const WAIT: Duration = Duration::from_secs(10);
 pub struct TestRouter {
     pub api: String,
     pub broadcast: String,
+    /// Where metrics are served, when the settings ask for them.
+    pub metrics: Option<std::net::SocketAddr>,
     shutdown: CancellationToken,
     task: Option<JoinHandle<()>>,
 }
@@ -46,12 +48,14 @@ impl TestRouter {
             router.api_endpoint().to_owned(),
             router.broadcast_endpoint().to_owned(),
         );
+        let metrics = router.metrics_address();
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
         let task = tokio::spawn(async move { router.run(token).await.expect("router runs") });
         Self {
             api,
             broadcast,
+            metrics,
             shutdown,
             task: Some(task),
         }

@@ -23,16 +23,18 @@ const MAX_PEERS: usize = 10_000;
 const WINDOW_SECS: u64 = 60;
 
 /// Upper bounds of the job duration buckets, in seconds.
-pub const DURATION_BUCKETS: [f64; 12] = [
+pub const DURATION_BUCKETS: &[f64] = &[
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 300.0,
 ];
 
-/// A histogram of durations: counts per bucket of [`DURATION_BUCKETS`] (not cumulative; the
-/// last slot counts what is above them all), their sum and count.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// A histogram: counts per bucket of its bounds (not cumulative; the last slot counts what is
+/// above them all), their sum and count. Updated in place by one owner, no lock.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Histogram {
-    /// Observations per bucket, the last one above every bound.
-    pub counts: [u64; DURATION_BUCKETS.len() + 1],
+    /// Upper bounds of the buckets, increasing.
+    pub bounds: &'static [f64],
+    /// Observations per bucket, and one more for those above every bound.
+    pub counts: Vec<u64>,
     /// Sum of the observations.
     pub sum: f64,
     /// Number of observations.
@@ -40,15 +42,33 @@ pub struct Histogram {
 }
 
 impl Histogram {
+    /// An empty histogram with these bucket bounds.
+    pub fn new(bounds: &'static [f64]) -> Self {
+        Self {
+            bounds,
+            counts: vec![0; bounds.len() + 1],
+            sum: 0.0,
+            count: 0,
+        }
+    }
+
     /// Counts `value`.
     pub fn observe(&mut self, value: f64) {
-        let slot = DURATION_BUCKETS
+        let slot = self
+            .bounds
             .iter()
             .position(|bound| value <= *bound)
-            .unwrap_or(DURATION_BUCKETS.len());
+            .unwrap_or(self.bounds.len());
         self.counts[slot] += 1;
         self.sum += value;
         self.count += 1;
+    }
+}
+
+impl Default for Histogram {
+    /// A histogram of job durations ([`DURATION_BUCKETS`]).
+    fn default() -> Self {
+        Self::new(DURATION_BUCKETS)
     }
 }
 
