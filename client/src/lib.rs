@@ -22,12 +22,10 @@
 //! pipelines stand (`pipeline status`) when it has heard nothing for a while, so a missed
 //! broadcast never leaves it waiting forever.
 //!
-//! Layout: [`PipelineManager`] (async), [`blocking::PipelineManager`] (for scripts), [`cli`]
-//! (the `pypelinin` command-line tool), and the
+//! Layout: [`PipelineManager`] (async), [`blocking::PipelineManager`] (for scripts), and the
 //! re-exports a client needs: [`Pipeline`], [`Job`], [`save_dot`], [`PipelineId`].
 
 pub mod blocking;
-pub mod cli;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};

@@ -62,6 +62,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_pipeline_file_is_the_document_pipeline() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/pipelines/document.toml");
+        let mut read = pypelinin_cli::file::read(std::path::Path::new(path)).unwrap();
+        assert_eq!(read.len(), 1);
+        let from_file = read.remove(0).pipeline;
+        let built = document_pipeline("bees", "file:///bees.html").unwrap();
+        assert_eq!(from_file.to_dot(), built.to_dot());
+    }
+
+    #[test]
     fn the_default_home_is_per_user_and_per_cluster() {
         let a = default_home("tcp://127.0.0.1:5555");
         let b = default_home("tcp://127.0.0.1:6555");

@@ -14,6 +14,8 @@ pub struct Daemon {
     /// Its role, for messages.
     pub name: String,
     child: Child,
+    /// A router's metrics URL, from its listening line (with `--metrics`).
+    metrics_url: Option<String>,
 }
 
 impl Daemon {
@@ -74,7 +76,13 @@ impl Daemon {
         Ok(Self {
             name: name.to_owned(),
             child,
+            metrics_url: None,
         })
+    }
+
+    /// A router's metrics URL, once [`Daemon::read_endpoints`] read it (with `--metrics`).
+    pub fn metrics_url(&self) -> Option<&str> {
+        self.metrics_url.as_deref()
     }
 
     /// Its process id.
@@ -110,6 +118,8 @@ impl Daemon {
                 api = Some(v.to_owned());
             } else if let Some(v) = part.strip_prefix("broadcast=") {
                 broadcast = Some(v.to_owned());
+            } else if let Some(v) = part.strip_prefix("metrics=") {
+                self.metrics_url = Some(v.to_owned());
             }
         }
         match (api, broadcast) {

@@ -9,13 +9,14 @@ use serde_json::Value;
 
 use crate::support::{Cluster, WAIT};
 
-/// The `pypelinin` binary, built beside the example's (the client package's tests build it).
+/// The `pypelinin` binary, built beside the example's (the `pypelinin-cli` package's tests
+/// build it in a workspace test run).
 fn pypelinin_bin() -> PathBuf {
     let bin = Path::new(env!("CARGO_BIN_EXE_my_router")).with_file_name("pypelinin");
     assert!(
         bin.exists(),
-        "{} is missing: build it with `cargo build -p pypelinin-client` (the workspace's test \
-         run builds it)",
+        "{} is missing: build it with `cargo build -p pypelinin-cli` (a workspace test run \
+         builds it)",
         bin.display()
     );
     bin

@@ -232,6 +232,17 @@ pub struct UnservedWorker {
     pub waiting_secs: f64,
 }
 
+/// A pending pipeline's DAG and jobs (`pipeline status` with `"details": true`, under
+/// `"details"`; kept apart from [`PipelineStatus`](super::PipelineStatus), which the router
+/// remembers for every ended pipeline, so that stays small).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PipelineDetails {
+    /// The serialized pipeline, as `add pipeline` sent it.
+    pub pipeline: serde_json::Value,
+    /// Its submitted jobs, in the order they were submitted.
+    pub jobs: Vec<JobDetail>,
+}
+
 /// One job of a pending pipeline (`pipeline status` with `"details": true`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobDetail {

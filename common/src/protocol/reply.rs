@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-use super::cluster::{ClusterStatus, JobDetail};
+use super::cluster::{ClusterStatus, PipelineDetails};
 use super::duration::WireDuration;
 use super::request::RequestError;
 use crate::ids::{JobId, PipelineId};
@@ -131,6 +131,10 @@ pub struct Answer {
     /// `pipeline status`: where each pipeline stands.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pipelines: Option<BTreeMap<PipelineId, PipelineStatus>>,
+    /// Extension: `pipeline status` with `"details": true`: each pending pipeline's DAG and
+    /// submitted jobs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub details: Option<BTreeMap<PipelineId, PipelineDetails>>,
     /// `job accepted`: the router will end the job's pipeline when the job finishes (the
     /// job was sent with `"ends pipeline"` and its pipeline is pending).
     #[serde(
@@ -174,13 +178,6 @@ pub struct PipelineStatus {
     /// For a failed pipeline: the error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-    /// Extension, with `"details": true`, for a pending pipeline: the serialized pipeline.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pipeline: Option<Value>,
-    /// Extension, with `"details": true`, for a pending pipeline: its submitted jobs, in the
-    /// order they were submitted.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub jobs: Option<Vec<JobDetail>>,
 }
 
 impl PipelineStatus {
@@ -192,8 +189,6 @@ impl PipelineStatus {
             job_id: None,
             worker: None,
             error: None,
-            pipeline: None,
-            jobs: None,
         }
     }
 }
@@ -226,6 +221,7 @@ impl Answer {
             error: None,
             jobs: None,
             pipelines: None,
+            details: None,
             ends_pipeline: false,
         }
     }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use super::{ApiClient, ClientError};
 use crate::ids::{JobId, PipelineId};
 use crate::pipeline::Pipeline;
-use crate::protocol::cluster::ClusterStatus;
+use crate::protocol::cluster::{ClusterStatus, PipelineDetails};
 use crate::protocol::reply::{decode_reply, expect_answer};
 use crate::protocol::request::{
     GetJob, GetJobs, GetPipelines, JobFailed, JobFinished, JobStatusQuery, NewJob, NewPipeline,
@@ -274,34 +274,44 @@ impl ApiClient {
         &mut self,
         pipeline_ids: Vec<PipelineId>,
     ) -> Result<BTreeMap<PipelineId, PipelineStatus>, ClientError> {
-        self.pipeline_status_with(pipeline_ids, false).await
+        let answer = self.pipeline_status_with(pipeline_ids, false).await?;
+        Ok(answer.pipelines.unwrap_or_default())
     }
 
-    /// `pipeline status` of `pipeline_ids` with `"details": true`: a pending pipeline's
-    /// status also carries the serialized pipeline and its submitted jobs.
+    /// `pipeline status` of `pipeline_ids` with `"details": true`: each status, and the DAG
+    /// and submitted jobs of those that are pending.
     ///
     /// # Errors
     /// Transport failures, or an error answer.
     pub async fn pipeline_details(
         &mut self,
         pipeline_ids: Vec<PipelineId>,
-    ) -> Result<BTreeMap<PipelineId, PipelineStatus>, ClientError> {
-        self.pipeline_status_with(pipeline_ids, true).await
+    ) -> Result<BTreeMap<PipelineId, (PipelineStatus, Option<PipelineDetails>)>, ClientError> {
+        let answer = self.pipeline_status_with(pipeline_ids, true).await?;
+        let mut details = answer.details.unwrap_or_default();
+        Ok(answer
+            .pipelines
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(id, status)| {
+                let d = details.remove(&id);
+                (id, (status, d))
+            })
+            .collect())
     }
 
     async fn pipeline_status_with(
         &mut self,
         pipeline_ids: Vec<PipelineId>,
         details: bool,
-    ) -> Result<BTreeMap<PipelineId, PipelineStatus>, ClientError> {
+    ) -> Result<Answer, ClientError> {
         let reply = self
             .request(&Request::PipelineStatus(PipelineStatusQuery {
                 pipeline_ids,
                 details,
             }))
             .await?;
-        let answer = expect_answer(&reply, AnswerKind::Status)?;
-        Ok(answer.pipelines.unwrap_or_default())
+        Ok(expect_answer(&reply, AnswerKind::Status)?)
     }
 
     /// `cluster status`: what the router knows of the cluster.

@@ -59,6 +59,10 @@ struct Cli {
     /// Pipelines in flight at once, at most.
     #[arg(long, default_value_t = 1000)]
     window: usize,
+    /// Serve the router's Prometheus metrics and scrape them once a second during the run (to
+    /// show what metrics cost).
+    #[arg(long)]
+    metrics: bool,
     /// Keep the router's queues in memory only (to show what durability costs).
     #[arg(long)]
     no_durability: bool,
@@ -193,6 +197,51 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
+/// Scrapes a metrics URL once a second on a thread of its own until stopped.
+struct Scraper {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<anyhow::Result<u64>>,
+}
+
+impl Scraper {
+    fn start(url: String) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut scrapes = 0;
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                let body = ureq::get(&url)
+                    .call()
+                    .with_context(|| format!("scraping {url}"))?
+                    .body_mut()
+                    .read_to_string()?;
+                anyhow::ensure!(
+                    body.contains("pypelinin_requests_total"),
+                    "a scrape without the request counters"
+                );
+                scrapes += 1;
+                // Sleep a second, checking the stop flag every 50 ms.
+                for _ in 0..20 {
+                    if stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+            Ok(scrapes)
+        });
+        Self { stop, thread }
+    }
+
+    /// Stops it; the number of scrapes it made.
+    fn stop(self) -> anyhow::Result<u64> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("the scraper panicked"))?
+    }
+}
+
 struct Cluster {
     router: Daemon,
     brokers: Vec<Daemon>,
@@ -216,6 +265,9 @@ fn start_cluster(cli: &Cli, home: &Path) -> anyhow::Result<Cluster> {
     ];
     if cli.no_durability {
         router_args.push("--no-durability");
+    }
+    if cli.metrics {
+        router_args.extend(["--metrics", "127.0.0.1:0"]);
     }
     let args = |a: &[&str]| a.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
     let mut router = Daemon::spawn(
@@ -376,6 +428,12 @@ async fn cluster_bench(cli: &Cli, cluster: &mut Cluster) -> anyhow::Result<()> {
         .context("cannot reach the benchmark's router")?;
     let payload = "x".repeat(cli.payload_bytes);
 
+    // With --metrics, a scraper as Prometheus would be: a GET every second while the run lasts.
+    let scraper = cluster
+        .router
+        .metrics_url()
+        .map(|url| Scraper::start(url.to_owned()));
+
     // Throughput: N pipelines, at most `window` in flight.
     let started = Instant::now();
     let cpu_before = cluster_cpu(cluster);
@@ -461,6 +519,7 @@ async fn cluster_bench(cli: &Cli, cluster: &mut Cluster) -> anyhow::Result<()> {
         .fold(0.0, f64::max);
     let jobs = cli.pipelines * cli.jobs_per_pipeline.max(1);
     let (p50, p99) = (percentile(&latencies, 0.5), percentile(&latencies, 0.99));
+    let scrapes = scraper.map(Scraper::stop).transpose()?;
     println!("pypelinin cluster benchmark");
     println!("  pipelines           {}", cli.pipelines);
     println!(
@@ -474,6 +533,9 @@ async fn cluster_bench(cli: &Cli, cluster: &mut Cluster) -> anyhow::Result<()> {
     println!("  pipeliners          {}", cli.pipeliners);
     println!("  payload             {} B", cli.payload_bytes);
     println!("  durable             {}", !cli.no_durability);
+    if let Some(n) = scrapes {
+        println!("  metrics scrapes     {n} (one a second)");
+    }
     println!("  wall                {wall:.2} s");
     println!("  pipelines/s         {:.0}", cli.pipelines as f64 / wall);
     println!("  jobs/s              {:.0}", jobs as f64 / wall);
@@ -503,6 +565,7 @@ async fn cluster_bench(cli: &Cli, cluster: &mut Cluster) -> anyhow::Result<()> {
             "broker_peak_rss_mb": (broker_rss * 10.0).round() / 10.0,
             "pipeliner_peak_rss_mb": (pipeliner_rss * 10.0).round() / 10.0,
             "durable": !cli.no_durability,
+            "metrics_scrapes": scrapes,
             "brokers": cli.brokers,
             "pipeliners": cli.pipeliners,
             "concurrency": cli.concurrency,

@@ -37,7 +37,7 @@ mod waiting;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use pypelinin_common::ids::{JobId, PipelineId};
-use pypelinin_common::protocol::cluster::JobDetail;
+use pypelinin_common::protocol::cluster::{JobDetail, PipelineDetails};
 use pypelinin_common::protocol::request::{GetJob, GetJobs};
 use pypelinin_common::protocol::{
     Answer, AnswerKind, Batch, Event, JobState, PipelineState, PipelineStatus, Reply, Request,
@@ -264,20 +264,23 @@ impl State {
                 .into()
             }
             Request::PipelineStatus(q) => {
+                let details = q.details.then(|| {
+                    q.pipeline_ids
+                        .iter()
+                        .filter_map(|id| Some((id.clone(), self.pipeline_details(id)?)))
+                        .collect()
+                });
                 let pipelines = q
                     .pipeline_ids
                     .into_iter()
                     .map(|id| {
-                        let status = if q.details {
-                            self.pipeline_details(&id)
-                        } else {
-                            self.pipeline_status(&id)
-                        };
+                        let status = self.pipeline_status(&id);
                         (id, status)
                     })
                     .collect();
                 Answer {
                     pipelines: Some(pipelines),
+                    details,
                     ..Answer::new(AnswerKind::Status)
                 }
                 .into()
@@ -383,12 +386,9 @@ impl State {
             .unwrap_or_else(|| PipelineStatus::of(PipelineState::Unknown))
     }
 
-    /// A pipeline's status with its details: for a pending one, the serialized pipeline and
-    /// its submitted jobs.
-    fn pipeline_details(&self, id: &PipelineId) -> PipelineStatus {
-        let Some(record) = self.pipelines.get(id) else {
-            return self.pipeline_status(id);
-        };
+    /// A pending pipeline's DAG and submitted jobs; `None` for one that is not pending.
+    fn pipeline_details(&self, id: &PipelineId) -> Option<PipelineDetails> {
+        let record = self.pipelines.get(id)?;
         let jobs = record
             .jobs
             .iter()
@@ -404,11 +404,10 @@ impl State {
                 })
             })
             .collect();
-        PipelineStatus {
-            pipeline: serde_json::from_str(record.pipeline.get()).ok(),
-            jobs: Some(jobs),
-            ..PipelineStatus::of(record.state)
-        }
+        Some(PipelineDetails {
+            pipeline: serde_json::from_str(record.pipeline.get()).unwrap_or(Value::Null),
+            jobs,
+        })
     }
 
     /// The next sequence number (FIFO order across jobs and pipelines).

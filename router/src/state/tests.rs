@@ -1467,18 +1467,18 @@ fn pipeline_details_list_the_submitted_jobs_with_their_state_and_duration() {
         details: true,
     };
     let Reply::Answer(Answer {
-        pipelines: Some(mut all),
+        pipelines: Some(all),
+        details: Some(mut details),
         ..
     }) = s.handle(Request::PipelineStatus(q), T0, &mut events)
     else {
         panic!()
     };
-    let status = all.remove(&p).unwrap();
-    assert_eq!(status.state, PipelineState::Running);
-    assert_eq!(status.pipeline, Some(pipeline_json()));
-    let jobs: Vec<_> = status
+    assert_eq!(all[&p].state, PipelineState::Running);
+    let details = details.remove(&p).unwrap();
+    assert_eq!(details.pipeline, pipeline_json());
+    let jobs: Vec<_> = details
         .jobs
-        .unwrap()
         .into_iter()
         .map(|j| (j.job_id, j.worker, j.state, j.duration))
         .collect();

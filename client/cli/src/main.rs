@@ -2,7 +2,7 @@
 //! docs/operations.md).
 
 use clap::Parser;
-use pypelinin_client::cli::{run, Cli, Exit};
+use pypelinin_cli::{run, Cli, Exit};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Exit {

@@ -4,11 +4,11 @@ use std::fmt::Write;
 
 use anstyle::{AnsiColor, Style};
 use pypelinin_common::pipeline::Pipeline;
-use pypelinin_common::protocol::cluster::{ClusterStatus, PeerRole};
+use pypelinin_common::protocol::cluster::{ClusterStatus, PeerRole, PipelineDetails};
 use pypelinin_common::protocol::{Event, JobState, PipelineState, PipelineStatus};
 use serde_json::{json, Value};
 
-use crate::PipelineId;
+use pypelinin_client::PipelineId;
 
 /// Failures.
 pub const RED: Style = AnsiColor::Red.on_default();
@@ -29,10 +29,9 @@ pub fn paint(colour: bool, style: Style, text: &str) -> String {
 }
 
 /// Where the job of `worker` stands in a pipeline's details; `None`: not submitted yet.
-pub fn job_state(status: &PipelineStatus, worker: &str) -> Option<JobState> {
-    status
+pub fn job_state(details: Option<&PipelineDetails>, worker: &str) -> Option<JobState> {
+    details?
         .jobs
-        .as_ref()?
         .iter()
         .rev()
         .find(|j| j.worker == worker)
@@ -244,6 +243,7 @@ pub fn status(s: &ClusterStatus, colour: bool) -> String {
 pub fn pipeline(
     id: &PipelineId,
     s: &PipelineStatus,
+    details: Option<&PipelineDetails>,
     dag: Option<&Pipeline>,
     colour: bool,
 ) -> String {
@@ -284,7 +284,7 @@ pub fn pipeline(
         }
         return out;
     };
-    let jobs = s.jobs.as_deref().unwrap_or_default();
+    let jobs = details.map_or(&[][..], |d| d.jobs.as_slice());
     let width = dag
         .jobs()
         .map(|(_, j)| j.worker.len())

@@ -134,7 +134,7 @@ pub fn read(path: &Path) -> Result<Vec<FilePipeline>, FileError> {
 /// reason.
 ///
 /// ```
-/// use pypelinin_client::cli::file::parse;
+/// use pypelinin_cli::file::parse;
 /// let text = "[[jobs]]\nworker = \"A\"\n[[jobs]]\nworker = \"B\"\nafter = [\"C\"]\n";
 /// let (line, reason) = parse(text, false).unwrap_err();
 /// assert_eq!(line, 5);

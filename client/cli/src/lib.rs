@@ -25,7 +25,7 @@ use pypelinin_common::transport::{ApiClient, ClientError, ClientOptions, Subscri
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::{Outcome, PipelineId, PipelineManager};
+use pypelinin_client::{Outcome, PipelineId, PipelineManager};
 
 /// A command's result: its exit code.
 pub type Exit = std::process::ExitCode;
@@ -170,10 +170,10 @@ impl From<ClientError> for Failure {
     }
 }
 
-impl From<crate::Error> for Failure {
-    fn from(e: crate::Error) -> Self {
+impl From<pypelinin_client::Error> for Failure {
+    fn from(e: pypelinin_client::Error) -> Self {
         match e {
-            crate::Error::Router(e) => e.into(),
+            pypelinin_client::Error::Router(e) => e.into(),
             e => Failure(e.to_string()),
         }
     }
@@ -433,7 +433,7 @@ async fn show(
         .await?
         .pipeline_details(vec![id.clone()])
         .await?;
-    let status = all
+    let (status, details) = all
         .remove(&id)
         .ok_or_else(|| Failure(format!("the router did not answer for pipeline {id}")))?;
     if status.state == PipelineState::Unknown {
@@ -444,17 +444,16 @@ async fn show(
             "the router does not know pipeline {id} (never submitted, or ended longer ago than its retention_secs)"
         )));
     }
-    let pipeline = status
-        .pipeline
+    let pipeline = details
         .as_ref()
-        .and_then(|p| Pipeline::from_legacy(p).ok());
+        .and_then(|d| Pipeline::from_legacy(&d.pipeline).ok());
     if dot.is_some() || svg.is_some() {
         let Some(p) = &pipeline else {
             return Err(Failure(format!(
                 "pipeline {id} has ended: the router keeps only its outcome, not its DAG"
             )));
         };
-        let colour = |w: &str| render::state_colour(render::job_state(&status, w));
+        let colour = |w: &str| render::state_colour(render::job_state(details.as_ref(), w));
         if let Some(path) = dot {
             std::fs::write(path, p.to_dot_coloured(colour))
                 .map_err(|e| Failure(format!("cannot write {}: {e}", path.display())))?;
@@ -469,6 +468,12 @@ async fn show(
         let mut value = serde_json::to_value(&status).unwrap_or_default();
         if let Value::Object(map) = &mut value {
             map.insert("pipeline id".into(), json!(id));
+            if let Some(d) = &details {
+                map.insert(
+                    "jobs".into(),
+                    serde_json::to_value(&d.jobs).unwrap_or_default(),
+                );
+            }
             // The DAG, readable: jobs and edges by worker name.
             if let Some(p) = &pipeline {
                 map.insert("pipeline".into(), render::dag_json(p));
@@ -478,7 +483,13 @@ async fn show(
     } else {
         print!(
             "{}",
-            render::pipeline(&id, &status, pipeline.as_ref(), ctx.colour)
+            render::pipeline(
+                &id,
+                &status,
+                details.as_ref(),
+                pipeline.as_ref(),
+                ctx.colour
+            )
         );
     }
     Ok(match status.state {
@@ -607,16 +618,10 @@ async fn watch(
                 | Event::PipelineCancelled { pipeline_id } => pipeline_id == p,
                 Event::JobFinished { job_id, .. } | Event::JobFailed { job_id, .. } => {
                     if !jobs_of_pipeline.contains(job_id) {
-                        if let Some(status) =
+                        if let Some((_, Some(details))) =
                             client.pipeline_details(vec![p.clone()]).await?.remove(p)
                         {
-                            jobs_of_pipeline.extend(
-                                status
-                                    .jobs
-                                    .unwrap_or_default()
-                                    .into_iter()
-                                    .map(|j| j.job_id),
-                            );
+                            jobs_of_pipeline.extend(details.jobs.into_iter().map(|j| j.job_id));
                         }
                     }
                     jobs_of_pipeline.contains(job_id)
