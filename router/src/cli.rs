@@ -67,6 +67,7 @@ impl RouterArgs {
         default_data_dir: PathBuf,
     ) -> anyhow::Result<(RouterSettings, Map<String, Value>)> {
         let (mut settings, file): (RouterSettings, _) = self.daemon.load("router")?;
+        file.check_store()?;
         if let Some(dir) = &self.data_dir {
             settings.data_dir = Some(dir.clone());
         }

@@ -129,6 +129,19 @@ fn binary_exits_non_zero_with_a_clear_message_on_bad_settings() {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // A FileStore's table with a misspelt key is refused at start (not by every broker later).
+    std::fs::write(&file, "[store]\n\"data directoy\" = \"/tmp/docs\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_pypelinin-router"))
+        .args(["--config", file.to_str().unwrap(), "--no-durability"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("[store] data directoy") && err.contains("did you mean data directory?"),
+        "{err}"
+    );
+
     let out = Command::new(env!("CARGO_BIN_EXE_pypelinin-router"))
         .args([
             "--api",

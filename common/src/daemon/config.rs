@@ -229,6 +229,77 @@ impl ConfigFile {
         Ok(self.settings::<Cluster>("cluster")?.token)
     }
 
+    /// Checks the `[store]` table of the cluster configuration, when it is for a shipped store
+    /// (no `type`, `type = "file"`: the `FileStore`; `type = "none"`), so a mistake is named
+    /// when the router starts rather than by every broker later. A store of one's own (any
+    /// other `type`) is left to its broker.
+    ///
+    /// ```
+    /// use pypelinin_common::daemon::config::ConfigFile;
+    /// let file = ConfigFile::parse("[store]\n\"data directoy\" = \"/tmp/docs\"\n").unwrap();
+    /// let error = file.check_store().unwrap_err().to_string();
+    /// assert!(error.contains("did you mean data directory?"), "{error}");
+    /// ```
+    ///
+    /// # Errors
+    /// [`ConfigError::Value`] for a key the store does not know, a value of the wrong type,
+    /// or a `FileStore` without its `"data directory"`.
+    pub fn check_store(&self) -> Result<(), ConfigError> {
+        let Some(store) = self.table.get("store") else {
+            return Ok(());
+        };
+        let bad = |name: &str, reason: String| ConfigError::Value {
+            name: format!("[store] {name}"),
+            reason,
+        };
+        let Some(table) = store.as_table() else {
+            return Err(bad("", "store must be a table".into()));
+        };
+        let kind = match table.get("type") {
+            None => "file",
+            Some(toml::Value::String(t)) => t.as_str(),
+            Some(_) => return Err(bad("type", "must be a string".into())),
+        };
+        let known: &[&str] = match kind {
+            "file" => &[
+                "type",
+                "data directory",
+                "monitoring filename",
+                "document key",
+            ],
+            "none" => &["type"],
+            _ => return Ok(()),
+        };
+        for (key, value) in table {
+            if !known.contains(&key.as_str()) {
+                let closest = known
+                    .iter()
+                    .map(|k| (strsim::levenshtein(k, key), *k))
+                    .min()
+                    .filter(|(distance, _)| *distance <= 3);
+                let hint = match closest {
+                    Some((_, k)) => format!("did you mean {k}?"),
+                    None => format!("the keys of a {kind} store are {}", known.join(", ")),
+                };
+                return Err(bad(key, format!("no such key; {hint}")));
+            }
+            if !value.is_str() {
+                return Err(bad(
+                    key,
+                    format!("must be a string, not {}", value.type_str()),
+                ));
+            }
+        }
+        if kind == "file" && !table.contains_key("data directory") {
+            return Err(bad(
+                "data directory",
+                "a FileStore needs its \"data directory\" (or type = \"none\" to store nothing)"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Refuses a key of the file's `section` that is no setting of `T`, naming the closest one
     /// (`concurency = 4` in `[broker]`: "did you mean concurrency?").
     ///
@@ -447,6 +518,31 @@ api = "tcp://127.0.0.1:7000"
                 "{bad}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn the_store_table_of_a_shipped_store_is_checked() {
+        let check = |text: &str| ConfigFile::parse(text).unwrap().check_store();
+        assert!(check("").is_ok());
+        assert!(check("[store]\n\"data directory\" = \"/d\"\n\"document key\" = \"id\"\n").is_ok());
+        assert!(check("[store]\ntype = \"none\"\n").is_ok());
+        // A store of one's own is its broker's business.
+        assert!(check("[store]\ntype = \"postgres\"\nurl = \"postgres://\"\n").is_ok());
+        let e = check("[store]\n\"monitoring filename\" = \"/m\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("needs its \"data directory\""), "{e}");
+        let e = check("[store]\n\"data directory\" = 7\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("must be a string, not integer"), "{e}");
+        let e = check("[store]\ntype = \"none\"\n\"data directory\" = \"/d\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("[store] data directory") && e.contains("no such key"),
+            "{e}"
+        );
     }
 
     #[test]
