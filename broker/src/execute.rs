@@ -10,6 +10,7 @@ use pypelinin_common::protocol::JobAssignment;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
 
 use crate::store::{JobInfo, Store};
 use crate::worker::{BoxError, CommandWorker, JsonObject, Registered, Runner, WorkerRegistry};
@@ -39,12 +40,15 @@ pub struct Ran {
 
 /// Runs `job`. The `permit` (a slot of the broker's concurrency) is released when the work
 /// really ends — for a Rust worker that overran its timeout, only once its thread returns.
+/// `cancel` tells a Rust worker to stop ([`crate::worker::cancelled`]); it is cancelled here
+/// too when the job overruns its timeout. A Rust worker whose job is cancelled saves nothing.
 pub async fn run_job(
     job: JobAssignment,
     registry: &WorkerRegistry,
     store: Arc<dyn Store>,
     default_timeout: Duration,
     permit: OwnedSemaphorePermit,
+    cancel: CancellationToken,
 ) -> Ran {
     let started = Instant::now();
     let outcome = match registry.get(&job.worker) {
@@ -57,7 +61,7 @@ pub async fn run_job(
                 data: job.data().clone(),
             };
             let limit = registered.timeout.unwrap_or(default_timeout);
-            run_registered(registered, info, store, limit, permit).await
+            run_registered(registered, info, store, limit, permit, cancel).await
         }
     };
     Ran {
@@ -73,22 +77,33 @@ async fn run_registered(
     store: Arc<dyn Store>,
     limit: Duration,
     permit: OwnedSemaphorePermit,
+    cancel: CancellationToken,
 ) -> Outcome {
     match &registered.runner {
         Runner::InProcess(worker) => {
             let worker = worker.clone();
+            let token = cancel.clone();
             let work = tokio::task::spawn_blocking(move || {
                 let _permit = permit;
+                let _job = crate::worker::enter_job(token.clone());
                 let input = store
                     .retrieve(&info)
                     .map_err(|e| format!("store failed to retrieve the input: {e}"))?;
                 let result = call_catching_panics(|| worker.process(input))?;
+                // A cancelled job's result is not wanted: its pipeline ended, or it overran.
+                if token.is_cancelled() {
+                    return Err("the job was cancelled; its result was not saved".into());
+                }
                 store
                     .save(&info, &result)
                     .map_err(|e| format!("store failed to save the result: {e}"))
             });
             match tokio::time::timeout(limit, work).await {
-                Err(_) => Outcome::Failed(format!("timed out after {limit:?}")),
+                Err(_) => {
+                    // Tell the worker, which runs on: it may check and stop.
+                    cancel.cancel();
+                    Outcome::Failed(format!("timed out after {limit:?}"))
+                }
                 Ok(Err(join)) => Outcome::Failed(format!("worker task failed: {join}")),
                 Ok(Ok(Err(e))) => Outcome::Failed(e),
                 Ok(Ok(Ok(()))) => Outcome::Finished,
@@ -295,7 +310,123 @@ fn call_catching_panics(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::worker::{cancelled, Worker, WorkerResult};
     use serde_json::json;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A store that counts saves.
+    #[derive(Default)]
+    struct Counting(AtomicUsize);
+
+    impl Store for Counting {
+        fn retrieve(&self, _: &JobInfo) -> Result<JsonObject, BoxError> {
+            Ok(JsonObject::new())
+        }
+        fn save(&self, _: &JobInfo, _: &JsonObject) -> Result<(), BoxError> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        fn save_monitoring(&self, _: &Value) -> Result<(), BoxError> {
+            Ok(())
+        }
+    }
+
+    /// Says it started, then works until told to stop (10 s at most).
+    struct UntilCancelled(std::sync::Mutex<std::sync::mpsc::Sender<()>>);
+
+    impl Worker for UntilCancelled {
+        fn name(&self) -> &str {
+            "UntilCancelled"
+        }
+        fn timeout(&self) -> Option<Duration> {
+            Some(Duration::from_millis(300))
+        }
+        fn process(&self, _: JsonObject) -> WorkerResult<JsonObject> {
+            let _ = self.0.lock().map(|s| s.send(()));
+            let end = Instant::now() + Duration::from_secs(10);
+            while !cancelled() && Instant::now() < end {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            assert!(cancelled(), "the worker was never told to stop");
+            Ok(JsonObject::new())
+        }
+    }
+
+    fn job() -> JobAssignment {
+        JobAssignment {
+            job_id: "j".into(),
+            worker: "UntilCancelled".into(),
+            pipeline_id: None,
+            fields: serde_json::Map::new(),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rust_worker_is_told_of_a_cancel_and_of_a_timeout_and_saves_nothing() {
+        let (started_tx, started) = std::sync::mpsc::channel();
+        let mut registry = WorkerRegistry::new();
+        registry
+            .add(UntilCancelled(std::sync::Mutex::new(started_tx)))
+            .unwrap();
+        let registry = Arc::new(registry);
+        let store = Arc::new(Counting::default());
+        let slots = Arc::new(tokio::sync::Semaphore::new(1));
+
+        // Cancelled while it runs: it sees `cancelled()`, and its result is not saved.
+        let token = CancellationToken::new();
+        let permit = slots.clone().acquire_owned().await.unwrap();
+        let run = tokio::spawn({
+            let (registry, store, token) = (registry.clone(), store.clone(), token.clone());
+            async move {
+                run_job(
+                    job(),
+                    &registry,
+                    store,
+                    Duration::from_secs(60),
+                    permit,
+                    token,
+                )
+                .await
+            }
+        });
+        tokio::task::spawn_blocking(move || started.recv_timeout(Duration::from_secs(10)))
+            .await
+            .unwrap()
+            .expect("the worker started");
+        token.cancel();
+        let ran = run.await.unwrap();
+        assert!(
+            matches!(&ran.outcome, Outcome::Failed(e) if e.contains("cancelled")),
+            "{:?}",
+            ran.outcome
+        );
+        assert_eq!(
+            store.0.load(Ordering::SeqCst),
+            0,
+            "a cancelled job saved its result"
+        );
+
+        // Past its timeout (300 ms): failed, and its token cancelled so the thread ends and
+        // frees its slot.
+        let permit = slots.clone().acquire_owned().await.unwrap();
+        let ran = run_job(
+            job(),
+            &registry,
+            store.clone(),
+            Duration::from_secs(60),
+            permit,
+            CancellationToken::new(),
+        )
+        .await;
+        assert!(
+            matches!(&ran.outcome, Outcome::Failed(e) if e.contains("timed out")),
+            "{:?}",
+            ran.outcome
+        );
+        let slot = tokio::time::timeout(Duration::from_secs(10), slots.acquire()).await;
+        assert!(slot.is_ok(), "the timed-out worker's thread never ended");
+        assert_eq!(store.0.load(Ordering::SeqCst), 0);
+    }
 
     fn cmd(args: &[&str]) -> CommandWorker {
         CommandWorker {

@@ -99,6 +99,7 @@ pub async fn run_pipeline(
                 store,
                 Duration::from_secs(600),
                 permit,
+                tokio_util::sync::CancellationToken::new(),
             )
             .await;
             (job, ran.outcome)

@@ -299,17 +299,21 @@ impl JobTask {
             let job_id = job.job_id.clone();
             let token = CancellationToken::new();
             lock(&self.running).insert(job_id.clone(), (job.pipeline_id.clone(), token.clone()));
+            // The worker's token: cancelled with the job's, and by a timeout (which must not
+            // look like a cancel here: a timed-out job is reported).
             let run = execute::run_job(
                 job,
                 &self.registry,
                 self.store.clone(),
                 self.timeout,
                 permit,
+                token.child_token(),
             )
             .instrument(span.clone());
-            // Dropping the run stops it: a command worker's process is killed (and nothing is
-            // saved); a Rust worker's thread runs on, its result unused. A stopped job is not
-            // reported: the machine let go of it when it cancelled it.
+            // Dropping the run stops it: a command worker's process group is killed (and
+            // nothing is saved); a Rust worker's thread runs on, told by its token
+            // (`worker::cancelled`), and saves nothing. A stopped job is not reported: the
+            // machine let go of it when it cancelled it.
             let ran = tokio::select! {
                 ran = run => Some(ran),
                 () = token.cancelled() => None,

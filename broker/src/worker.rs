@@ -5,6 +5,11 @@
 //! [`CommandWorker`] runs a program in any language: the input as JSON on stdin, the result as a
 //! JSON object on stdout.
 //!
+//! A long Rust worker may check [`cancelled`] now and then, and return early once it is true:
+//! its job's pipeline was cancelled, or the job overran its timeout, so its result would be
+//! thrown away (a thread cannot be stopped from outside; a command worker's process is
+//! killed instead).
+//!
 //! ```
 //! use pypelinin_broker::worker::{JsonObject, Worker, WorkerResult};
 //!
@@ -26,9 +31,12 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::cell::RefCell;
+
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use tokio_util::sync::CancellationToken;
 
 /// A JSON object: what workers take and return.
 pub type JsonObject = serde_json::Map<String, Value>;
@@ -277,5 +285,62 @@ impl WorkerRegistry {
 
     pub(crate) fn get(&self, worker: &str) -> Option<&Registered> {
         self.workers.get(worker)
+    }
+}
+
+thread_local! {
+    /// The cancellation token of the job this thread runs, while it runs one.
+    static CURRENT_JOB: RefCell<Option<CancellationToken>> = const { RefCell::new(None) };
+}
+
+/// Whether the job the calling worker runs should stop: its pipeline was cancelled, or it
+/// overran its timeout. Its result is not saved either way, so a long worker may check this
+/// now and then and return early (with any error). False outside a job.
+///
+/// ```
+/// use pypelinin_broker::worker::{cancelled, JsonObject, Worker, WorkerResult};
+///
+/// struct Crunch;
+///
+/// impl Worker for Crunch {
+///     fn name(&self) -> &str { "Crunch" }
+///     fn process(&self, _input: JsonObject) -> WorkerResult<JsonObject> {
+///         for _step in 0..1_000 {
+///             if cancelled() {
+///                 return Err("stopped: the job was cancelled".into());
+///             }
+///             // ... one step of the work ...
+///         }
+///         Ok(JsonObject::new())
+///     }
+/// }
+/// assert!(!cancelled());
+/// ```
+pub fn cancelled() -> bool {
+    CURRENT_JOB.with(|c| {
+        c.borrow()
+            .as_ref()
+            .is_some_and(CancellationToken::is_cancelled)
+    })
+}
+
+/// The cancellation token of the job the calling worker runs (`None` outside a job): for a
+/// worker that hands its work to other threads or awaits it (`token.cancelled().await`).
+pub fn cancellation_token() -> Option<CancellationToken> {
+    CURRENT_JOB.with(|c| c.borrow().clone())
+}
+
+/// Makes `token` the current job's while the returned guard lives (on this thread).
+pub(crate) fn enter_job(token: CancellationToken) -> JobGuard {
+    CURRENT_JOB.with(|c| *c.borrow_mut() = Some(token));
+    JobGuard
+}
+
+/// Clears the current job's token when dropped.
+pub(crate) struct JobGuard;
+
+impl Drop for JobGuard {
+    fn drop(&mut self) {
+        CURRENT_JOB.with(|c| *c.borrow_mut() = None);
     }
 }

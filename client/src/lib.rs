@@ -32,9 +32,12 @@ use std::time::{Duration, Instant};
 
 pub use pypelinin_common::ids::{JobId, PipelineId};
 pub use pypelinin_common::pipeline::{save_dot, Job, Pipeline, PipelineError};
+pub use pypelinin_common::protocol::cluster::JobDetail;
 use pypelinin_common::protocol::reply::expect_answer_value;
 use pypelinin_common::protocol::request::NewPipeline;
-use pypelinin_common::protocol::{Answer, AnswerKind, Event, PipelineState, ReplyError, Request};
+use pypelinin_common::protocol::{
+    Answer, AnswerKind, Event, JobState, PipelineState, ReplyError, Request,
+};
 use pypelinin_common::transport::{ApiClient, ClientError, ClientOptions, Subscriber};
 use tracing::debug;
 
@@ -82,6 +85,15 @@ pub enum Error {
         /// The pipelines still running.
         left: Vec<PipelineId>,
     },
+}
+
+/// A job a pipeline waits for ([`PipelineManager::waiting_for`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct WaitingJob {
+    /// The job: its id, worker, state (queued or running), attempts and last error.
+    pub job: JobDetail,
+    /// Live brokers offering its worker (0: none runs it).
+    pub brokers: usize,
 }
 
 /// How a pipeline ended.
@@ -308,6 +320,45 @@ impl PipelineManager {
     pub async fn cancel(&mut self, id: &PipelineId) -> Result<(), Error> {
         self.client.cancel_pipeline(id.clone()).await?;
         Ok(())
+    }
+
+    /// What pipeline `id` waits for: its jobs still queued or running, each with its worker
+    /// and how many live brokers offer that worker (0: no broker runs it, so the job waits
+    /// until one does). Empty for a pipeline that ended, or whose next jobs a pipeliner has
+    /// not submitted yet (a queued pipeline waits for a pipeliner).
+    ///
+    /// ```no_run
+    /// # async fn stuck(m: &mut pypelinin_client::PipelineManager, id: pypelinin_client::PipelineId)
+    /// # -> Result<(), pypelinin_client::Error> {
+    /// use std::time::Duration;
+    /// if m.wait_within(&id, Duration::from_secs(60)).await.is_err() {
+    ///     for w in m.waiting_for(&id).await? {
+    ///         if w.brokers == 0 {
+    ///             eprintln!("job {} waits for worker {}, which no broker runs", w.job.job_id, w.job.worker);
+    ///         }
+    ///     }
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Router`] when the router cannot be reached.
+    pub async fn waiting_for(&mut self, id: &PipelineId) -> Result<Vec<WaitingJob>, Error> {
+        let mut details = self.client.pipeline_details(vec![id.clone()]).await?;
+        let Some((_, Some(details))) = details.remove(id) else {
+            return Ok(Vec::new());
+        };
+        let status = self.client.cluster_status().await?;
+        Ok(details
+            .jobs
+            .into_iter()
+            .filter(|j| matches!(j.state, JobState::Queued | JobState::Running))
+            .map(|job| WaitingJob {
+                brokers: status.workers.get(&job.worker).map_or(0, |w| w.brokers),
+                job,
+            })
+            .collect())
     }
 
     /// Pipelines started and not ended yet.

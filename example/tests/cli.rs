@@ -164,6 +164,16 @@ timeout_secs = 900
         text.contains("no broker runs worker Nobody: 1 job(s) waiting"),
         "{text}"
     );
+    // The Rust client tells which worker the stuck pipeline waits for, and that none runs it.
+    let waiting = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let mut m = crate::support::manager(&cluster).await;
+        m.waiting_for(&id.as_str().into()).await.unwrap()
+    });
+    let waiting: Vec<(&str, usize)> = waiting
+        .iter()
+        .map(|w| (w.job.worker.as_str(), w.brokers))
+        .collect();
+    assert_eq!(waiting, [("Nobody", 0)]);
     // The router warned of it once (not per job, not at every check).
     let logs = cluster.logs();
     assert_eq!(
