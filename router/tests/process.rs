@@ -68,7 +68,7 @@ async fn binary_serves_the_settings_file_and_exits_0_on_sigterm() {
     let file = dir.join("cluster.toml");
     std::fs::write(
         &file,
-        "\"monitoring interval\" = 60\n[store]\n\"monitoring filename\" = \"/tmp/monitoring.log\"\n[router]\nmax_request_bytes = 1000\n",
+        "\"monitoring interval\" = 60\n[store]\n\"data directory\" = \"/tmp/docs\"\n\"monitoring filename\" = \"/tmp/monitoring.log\"\n[router]\nmax_request_bytes = 1000\n",
     )
     .unwrap();
     let (mut daemon, api, _) = spawn_router(&[
@@ -89,7 +89,7 @@ async fn binary_serves_the_settings_file_and_exits_0_on_sigterm() {
     let config = c.get_configuration().await.unwrap();
     assert_eq!(
         serde_json::Value::Object(config),
-        json!({"monitoring interval": 60, "store": {"monitoring filename": "/tmp/monitoring.log"}})
+        json!({"monitoring interval": 60, "store": {"data directory": "/tmp/docs", "monitoring filename": "/tmp/monitoring.log"}})
     );
     // The [router] table applies: requests above 1000 bytes are refused, and served after.
     let big = json!({"command": "add job", "worker": "A", "data": "x".repeat(2000)}).to_string();
