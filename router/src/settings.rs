@@ -31,6 +31,10 @@ pub struct RouterSettings {
     /// A broker or pipeliner not heard of for this long, in seconds, is shown as gone by
     /// `cluster status` (they identify themselves every 2 s).
     pub peer_timeout_secs: f64,
+    /// The lease, in seconds, of a job taken by `get job` or a pipeline taken by `get pipeline`
+    /// (the legacy commands, which the original's broker and pipeliner use and which never
+    /// renew a lease). 0 or less: the usual leases.
+    pub legacy_lease_secs: f64,
     /// Serve Prometheus metrics over HTTP at this address (`127.0.0.1:9555`; `--metrics`).
     /// Off when absent.
     pub metrics: Option<String>,
@@ -62,6 +66,12 @@ pub struct RouterSettings {
     pub accept_loss: bool,
 }
 
+/// The default lease of work taken through the legacy commands: 6 hours. The original
+/// router had no leases at all — a job whose broker died was never run again — so its users'
+/// jobs may take as long as they like; 6 hours covers a long job (a big document through a
+/// slow model) and still brings back, the same day, the work of a legacy broker that died.
+pub const LEGACY_LEASE_SECS: f64 = 6.0 * 3600.0;
+
 impl RouterSettings {
     /// The failure, lease and load policy these settings describe.
     pub fn policy(&self) -> Policy {
@@ -77,6 +87,7 @@ impl RouterSettings {
             max_queued_pipelines: self.max_queued_pipelines.max(1),
             unserved_worker_warn_ms: ms(self.unserved_worker_warn_secs).max(1),
             peer_timeout_ms: ms(self.peer_timeout_secs).max(1),
+            legacy_lease_ms: (self.legacy_lease_secs > 0.0).then(|| ms(self.legacy_lease_secs)),
         }
     }
 }
@@ -92,6 +103,7 @@ impl Default for RouterSettings {
             max_remembered_pipelines: 100_000,
             unserved_worker_warn_secs: 30.0,
             peer_timeout_secs: 10.0,
+            legacy_lease_secs: LEGACY_LEASE_SECS,
             metrics: None,
             data_dir: None,
             durable_cache_mb: 8,

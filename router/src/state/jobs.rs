@@ -177,8 +177,14 @@ impl State {
         .into()
     }
 
-    /// Hands out the oldest queued job of the workers `get` names (any worker: `None`).
-    pub(super) fn get_job(&mut self, get: &GetJob, now: u64) -> Option<JobAssignment> {
+    /// Hands out the oldest queued job of the workers `get` names (any worker: `None`), leased
+    /// for `lease_ms`.
+    pub(super) fn get_job(
+        &mut self,
+        get: &GetJob,
+        now: u64,
+        lease_ms: u64,
+    ) -> Option<JobAssignment> {
         fn front<'a>((_, q): (&'a String, &'a BTreeMap<u64, JobId>)) -> Option<(u64, &'a JobId)> {
             q.first_key_value().map(|(seq, id)| (*seq, id))
         }
@@ -191,7 +197,7 @@ impl State {
             None => self.job_queues.iter().filter_map(front).min(),
         };
         let id = best?.1.clone();
-        let lease_until = now.saturating_add(self.policy.job_lease_ms);
+        let lease_until = now.saturating_add(lease_ms);
         self.move_job(&id, JobPlace::Leased(lease_until));
         let record = self.jobs.get(&id)?;
         Some(JobAssignment {

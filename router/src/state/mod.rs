@@ -217,12 +217,16 @@ impl State {
             Request::AddJob(job) => self.add_job(job, now, events),
             Request::GetJob(get) => {
                 self.note_asked(get.workers.as_deref(), now);
-                Reply::Job(self.get_job(&get, now))
+                let lease = self.policy.legacy_job_lease_ms();
+                Reply::Job(self.get_job(&get, now, lease))
             }
             Request::JobFinished(done) => self.job_finished(done, now, events),
             Request::JobFailed(failed) => self.job_failed(failed, now, events),
             Request::AddPipeline(p) => self.add_pipeline(p, now, events),
-            Request::GetPipeline => Reply::Pipeline(self.get_pipeline(now)),
+            Request::GetPipeline => {
+                let lease = self.policy.legacy_pipeline_lease_ms();
+                Reply::Pipeline(self.get_pipeline(now, lease))
+            }
             Request::GetJobs(get) => {
                 if get.max > GetJobs::MAX {
                     return too_many("get jobs", get.max);
@@ -231,14 +235,16 @@ impl State {
                 let one = GetJob {
                     workers: get.workers,
                 };
-                let jobs = (0..get.max).map_while(|_| self.get_job(&one, now));
+                let lease = self.policy.job_lease_ms;
+                let jobs = (0..get.max).map_while(|_| self.get_job(&one, now, lease));
                 Reply::Jobs(jobs.collect())
             }
             Request::GetPipelines(get) => {
                 if get.max > GetJobs::MAX {
                     return too_many("get pipelines", get.max);
                 }
-                let pipelines = (0..get.max).map_while(|_| self.get_pipeline(now));
+                let lease = self.policy.pipeline_lease_ms;
+                let pipelines = (0..get.max).map_while(|_| self.get_pipeline(now, lease));
                 Reply::Pipelines(pipelines.collect())
             }
             Request::PipelineFinished(done) => self.pipeline_finished(done, now, events),

@@ -154,11 +154,12 @@ impl State {
             .into()
     }
 
-    /// Hands out the oldest queued pipeline, with the jobs submitted for it so far.
-    pub(super) fn get_pipeline(&mut self, now: u64) -> Option<PipelineHandout> {
+    /// Hands out the oldest queued pipeline, with the jobs submitted for it so far, leased for
+    /// `lease_ms`.
+    pub(super) fn get_pipeline(&mut self, now: u64, lease_ms: u64) -> Option<PipelineHandout> {
         let (_, id) = self.pipeline_queue.first_key_value()?;
         let id = id.clone();
-        let lease_until = now.saturating_add(self.policy.pipeline_lease_ms);
+        let lease_until = now.saturating_add(lease_ms);
         self.move_pipeline(&id, PipelinePlace::Leased(lease_until));
         let record = self.pipelines.get(&id)?;
         let submitted_jobs = record

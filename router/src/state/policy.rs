@@ -27,6 +27,24 @@ pub struct Policy {
     pub unserved_worker_warn_ms: u64,
     /// A broker or pipeliner not heard of for this long is shown as gone.
     pub peer_timeout_ms: u64,
+    /// The lease of work taken through the legacy commands (`get job`, `get pipeline`), whose
+    /// takers (the original's broker and pipeliner) never renew: long enough that a long job
+    /// is not run again. `None`: the usual leases. A renewal gives the usual lease.
+    pub legacy_lease_ms: Option<u64>,
+}
+
+impl Policy {
+    /// The lease of a job handed out by `get job`.
+    pub fn legacy_job_lease_ms(&self) -> u64 {
+        self.legacy_lease_ms
+            .map_or(self.job_lease_ms, |l| l.max(self.job_lease_ms))
+    }
+
+    /// The lease of a pipeline handed out by `get pipeline`.
+    pub fn legacy_pipeline_lease_ms(&self) -> u64 {
+        self.legacy_lease_ms
+            .map_or(self.pipeline_lease_ms, |l| l.max(self.pipeline_lease_ms))
+    }
 }
 
 impl Default for Policy {
@@ -42,6 +60,7 @@ impl Default for Policy {
             max_queued_pipelines: 100_000,
             unserved_worker_warn_ms: 30_000,
             peer_timeout_ms: 10_000,
+            legacy_lease_ms: None,
         }
     }
 }

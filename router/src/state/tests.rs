@@ -1490,3 +1490,81 @@ fn pipeline_details_list_the_submitted_jobs_with_their_state_and_duration() {
         ]
     );
 }
+
+#[test]
+fn work_taken_by_the_legacy_commands_gets_the_legacy_lease_until_renewed() {
+    let mut s = State::new(
+        Map::new(),
+        Policy {
+            job_lease_ms: 1_000,
+            pipeline_lease_ms: 1_000,
+            legacy_lease_ms: Some(60_000),
+            ..Policy::default()
+        },
+    );
+    let mut events = vec![];
+    let legacy = add(&mut s, "A");
+    let modern = add(&mut s, "A");
+    let renewed = add(&mut s, "A");
+    // `get job` (what the original broker sends, never renewing): the long lease.
+    assert_eq!(get(&mut s, None).unwrap().job_id, legacy);
+    // `get jobs` (ours, renewing): the usual one.
+    let Reply::Jobs(jobs) = s.handle(Request::GetJobs(GetJobs::new(None, 1)), T0, &mut events)
+    else {
+        panic!()
+    };
+    assert_eq!(jobs[0].job_id, modern);
+    assert_eq!(get(&mut s, None).unwrap().job_id, renewed);
+    // A legacy taker that renews after all is treated as any other: the usual lease from then.
+    let renew = RenewLeases {
+        job_ids: vec![renewed.clone()],
+        ..RenewLeases::default()
+    };
+    s.handle(Request::RenewLeases(renew), T0 + 500, &mut events);
+
+    s.tick(T0 + 30_000, &mut events);
+    assert_eq!(
+        job_state(&mut s, &legacy),
+        JobState::Running,
+        "re-run within its legacy lease"
+    );
+    assert_eq!(job_state(&mut s, &modern), JobState::Queued);
+    assert_eq!(job_state(&mut s, &renewed), JobState::Queued);
+    s.tick(T0 + 60_001, &mut events);
+    assert_eq!(
+        job_state(&mut s, &legacy),
+        JobState::Queued,
+        "its legacy lease ended"
+    );
+
+    // The same for pipelines: `get pipeline` against `get pipelines`.
+    let p1 = new_pipeline(&mut s);
+    let p2 = new_pipeline(&mut s);
+    take_pipeline(&mut s, T0 + 60_001).unwrap();
+    s.handle(
+        Request::GetPipelines(GetPipelines::new(1)),
+        T0 + 60_001,
+        &mut events,
+    );
+    s.tick(T0 + 90_000, &mut events);
+    assert_eq!(pipeline_state(&mut s, &p1).state, PipelineState::Running);
+    assert_eq!(pipeline_state(&mut s, &p2).state, PipelineState::Queued);
+}
+
+#[test]
+fn the_router_gives_legacy_takers_six_hours_by_default() {
+    let policy = crate::RouterSettings::default().policy();
+    assert_eq!(policy.legacy_job_lease_ms(), 6 * 3600 * 1000);
+    assert_eq!(policy.legacy_pipeline_lease_ms(), 6 * 3600 * 1000);
+    // Never shorter than the usual lease.
+    let short = crate::RouterSettings {
+        legacy_lease_secs: 1.0,
+        ..crate::RouterSettings::default()
+    };
+    assert_eq!(short.policy().legacy_job_lease_ms(), 30_000);
+    let off = crate::RouterSettings {
+        legacy_lease_secs: 0.0,
+        ..crate::RouterSettings::default()
+    };
+    assert_eq!(off.policy().legacy_job_lease_ms(), 30_000);
+}

@@ -127,11 +127,17 @@ impl State {
     fn take(&mut self, want: &Want, now: u64) -> Option<Reply> {
         match want {
             Want::Jobs(get, max) => {
-                let jobs: Vec<_> = (0..*max).map_while(|_| self.get_job(get, now)).collect();
+                let lease = self.policy.job_lease_ms;
+                let jobs: Vec<_> = (0..*max)
+                    .map_while(|_| self.get_job(get, now, lease))
+                    .collect();
                 (!jobs.is_empty()).then_some(Reply::Jobs(jobs))
             }
             Want::Pipelines(max) => {
-                let pipelines: Vec<_> = (0..*max).map_while(|_| self.get_pipeline(now)).collect();
+                let lease = self.policy.pipeline_lease_ms;
+                let pipelines: Vec<_> = (0..*max)
+                    .map_while(|_| self.get_pipeline(now, lease))
+                    .collect();
                 (!pipelines.is_empty()).then_some(Reply::Pipelines(pipelines))
             }
         }
