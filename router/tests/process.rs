@@ -161,6 +161,46 @@ fn binary_exits_non_zero_with_a_clear_message_on_bad_settings() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// The original broker (`get job` in a loop, never renewing) running a job past the usual job
+/// lease: the job is not handed out again (it used to run twice), and its report is taken.
+#[test]
+fn a_legacy_broker_that_never_renews_runs_a_long_job_once() {
+    let python = python();
+    let dir = std::env::temp_dir().join(format!("pypelinin-legacy-lease-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("cluster.toml");
+    // A job lease of 1 s and a legacy lease of 20 s; the job takes 2.5 s.
+    std::fs::write(
+        &file,
+        "[router]\njob_lease_secs = 1\nlegacy_lease_secs = 20\n",
+    )
+    .unwrap();
+    let (_daemon, api, _) = spawn_router(&[
+        "--config",
+        file.to_str().unwrap(),
+        "--api",
+        "tcp://127.0.0.1:0",
+        "--broadcast",
+        "tcp://127.0.0.1:0",
+        "--no-durability",
+    ]);
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/python/legacy_broker_lease.py"
+    );
+    let out = Command::new(&python)
+        .args([script, "--api", &api, "--job-secs", "2.5"])
+        .output()
+        .expect("python runs");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 /// The Python interpreter with pyzmq: `PYPELININ_PYTHON`, else the repository's `.venv`, else
 /// `python3`.
 fn python() -> String {
