@@ -14,6 +14,20 @@ pub async fn within<T>(limit: Duration, what: &str, fut: impl Future<Output = T>
     }
 }
 
+/// Checks `check` every 20 ms until it holds, panicking with `what` if it does not within
+/// `limit` (for a condition no event announces: a file written by another process, a process
+/// gone, a state another process reports).
+pub fn wait_until(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + limit;
+    while !check() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Raw ZMTP 3.0 bytes, for tests that play a hostile peer without a ZeroMQ library.
 pub mod zmtp {
     /// A ZMTP 3.0 greeting with the NULL mechanism.

@@ -1,11 +1,10 @@
 //! The `pypelinin` command-line tool against a real cluster: submit, status, show, cancel,
 //! watch and a deadline, each subcommand's `--json` parsed, exit codes checked.
 
+use pypelinin_common::testing::wait_until;
+use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
-
-use serde_json::Value;
 
 use crate::support::{Cluster, WAIT};
 
@@ -53,20 +52,14 @@ fn json(cluster: &Cluster, args: &[&str]) -> (Option<i32>, Value) {
 
 /// Polls `pypelinin --json status` until `check` holds, for at most [`WAIT`].
 fn status_until(cluster: &Cluster, what: &str, check: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + WAIT;
-    loop {
+    let mut last = Value::Null;
+    wait_until(WAIT, what, || {
         let (code, status) = json(cluster, &["status"]);
         assert_eq!(code, Some(0), "{status}");
-        if check(&status) {
-            return status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}; last status: {status:#}\n{}",
-            cluster.logs()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        last = status;
+        check(&last)
+    });
+    last
 }
 
 /// A child process killed (and reaped) when the test ends, however it ends.
@@ -228,15 +221,9 @@ timeout_secs = 900
         String::from_utf8_lossy(&out.stderr)
     );
     let sleepy_id = stdout(&out).trim().to_owned();
-    let deadline = Instant::now() + WAIT;
-    while !std::fs::read_to_string(&pids).is_ok_and(|t| t.ends_with('\n')) {
-        assert!(
-            Instant::now() < deadline,
-            "Sleepy never started\n{}",
-            cluster.logs()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(WAIT, "the Sleepy worker to start", || {
+        std::fs::read_to_string(&pids).is_ok_and(|t| t.ends_with('\n'))
+    });
     let pid: u32 = std::fs::read_to_string(&pids)
         .unwrap()
         .trim()
@@ -244,17 +231,13 @@ timeout_secs = 900
         .unwrap();
     let out = run(&cluster, &["cancel", &sleepy_id]);
     assert!(out.status.success(), "{}", stdout(&out));
-    let deadline = Instant::now() + WAIT;
-    while std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        s.rsplit_once(") ")
-            .is_some_and(|(_, rest)| !rest.starts_with('Z'))
-    }) {
-        assert!(
-            Instant::now() < deadline,
-            "the Sleepy process {pid} outlived its cancel"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(WAIT, "the cancelled Sleepy process to be killed", || {
+        // Gone, or a zombie (dead, not reaped yet).
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
+            s.rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('Z'))
+        })
+    });
     assert!(!cluster.store().join("sleepy.json").exists());
 
     // 4. A deadline: `submit --wait` fails the pipeline naming the worker it waited for.
@@ -273,15 +256,9 @@ timeout_secs = 900
     );
 
     // `watch` saw the cancellation and the deadline's failure, one JSON object per line.
-    let deadline = Instant::now() + WAIT;
-    while watch.0.try_wait().unwrap().is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "watch did not see 3 events\n{}",
-            cluster.logs()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(WAIT, "watch to see its 3 events", || {
+        watch.0.try_wait().unwrap().is_some()
+    });
     let mut seen = String::new();
     std::io::Read::read_to_string(&mut watch.0.stdout.take().unwrap(), &mut seen).unwrap();
     let lines: Vec<Value> = seen

@@ -330,6 +330,14 @@ async fn submit(
     let mut failed = 0;
     while outcomes.len() < ids.len() {
         let Some((id, outcome)) = manager.wait_any(Duration::from_secs(3600)).await? else {
+            if manager.running() == 0 {
+                // Nothing left to wait for, though not every outcome came: never loop idle.
+                return Err(Failure(format!(
+                    "{} of {} pipelines ended; the others are no longer followed",
+                    outcomes.len(),
+                    ids.len()
+                )));
+            }
             continue;
         };
         if !matches!(outcome, Outcome::Finished(_)) {
