@@ -71,9 +71,10 @@ impl BrokerMachine {
         monitoring: bool,
     ) -> Self {
         let concurrency = concurrency.max(1);
-        let registry_names = registry.names();
+        let workers = registry.names();
         Self {
-            workers: registry.names(),
+            identity: Identity::new(Peer::new(PeerRole::Broker, workers.clone())),
+            workers,
             registry,
             store,
             semaphore: Arc::new(Semaphore::new(concurrency)),
@@ -87,7 +88,6 @@ impl BrokerMachine {
             tasks: JoinSet::new(),
             running: Arc::default(),
             monitor: monitoring.then(Monitor::new),
-            identity: Identity::new(Peer::new(PeerRole::Broker, registry_names)),
         }
     }
 

@@ -110,6 +110,13 @@ impl Pipeline {
         self.data.as_ref()
     }
 
+    /// The same DAG with `data` as the pipeline's data (handed to every job without data of
+    /// its own).
+    pub fn with_data(mut self, data: Map<String, Value>) -> Self {
+        self.data = Some(data);
+        self
+    }
+
     /// The job at `index`.
     ///
     /// # Panics

@@ -328,23 +328,7 @@ pub fn with_data(pipeline: &Pipeline, overrides: &[String], i: usize) -> Result<
         let value = serde_json::from_str(&value).unwrap_or(Value::String(value));
         data.insert(key.to_owned(), value);
     }
-    let mut builder = Pipeline::builder();
-    for (_, job) in pipeline.jobs() {
-        builder = match &job.data {
-            Some(d) => builder.job_with_data(job.worker.clone(), d.clone()),
-            None => builder.job(job.worker.clone()),
-        };
-    }
-    for (from, to) in pipeline.edges() {
-        builder = builder.edge(
-            pipeline.job(from).worker.clone(),
-            pipeline.job(to).worker.clone(),
-        );
-    }
-    builder
-        .data(Value::Object(data))
-        .build()
-        .map_err(|e| e.to_string())
+    Ok(pipeline.clone().with_data(data))
 }
 
 #[cfg(test)]
