@@ -35,6 +35,10 @@ pub struct RouterSettings {
     /// (the legacy commands, which the original's broker and pipeliner use and which never
     /// renew a lease). 0 or less: the usual leases.
     pub legacy_lease_secs: f64,
+    /// Also broadcast `pipeline finished: id=…` when a pipeline added without a request id (by
+    /// the original's client, which listens for nothing else) fails or is cancelled, right after
+    /// `pipeline failed` / `pipeline cancelled`, so such a client does not wait forever.
+    pub legacy_end_broadcast: bool,
     /// Serve Prometheus metrics over HTTP at this address (`127.0.0.1:9555`; `--metrics`).
     /// Off when absent.
     pub metrics: Option<String>,
@@ -88,6 +92,7 @@ impl RouterSettings {
             unserved_worker_warn_ms: ms(self.unserved_worker_warn_secs).max(1),
             peer_timeout_ms: ms(self.peer_timeout_secs).max(1),
             legacy_lease_ms: (self.legacy_lease_secs > 0.0).then(|| ms(self.legacy_lease_secs)),
+            legacy_end_broadcast: self.legacy_end_broadcast,
         }
     }
 }
@@ -104,6 +109,7 @@ impl Default for RouterSettings {
             unserved_worker_warn_secs: 30.0,
             peer_timeout_secs: 10.0,
             legacy_lease_secs: LEGACY_LEASE_SECS,
+            legacy_end_broadcast: true,
             metrics: None,
             data_dir: None,
             durable_cache_mb: 8,

@@ -121,6 +121,32 @@ def main():
     fields = dict(item.split("=") for item in message.split(": ")[1].split(", "))
     check(fields == {"id": pipeline_id, "duration": "2.0"} and float(fields["duration"]) == 2.0, "legacy parsing")
 
+    # A pipeline of the legacy client that fails (reported by one of our pipeliners) or is
+    # cancelled still ends for that client: "pipeline finished: id=ID" follows the extension's
+    # broadcast, so it does not wait forever.
+    for end in ("fail", "cancel"):
+        answer = ask({"command": "add pipeline", "pipeline": pipeline})
+        pipeline_id = answer["pipeline id"]
+        check(sub.recv_string() == "new pipeline", "new pipeline broadcast")
+        sub.setsockopt_string(zmq.SUBSCRIBE, "pipeline finished: id=" + pipeline_id)
+        got = ask({"command": "get pipeline"})
+        check(got["pipeline id"] == pipeline_id, "get pipeline id (%s)" % end)
+        if end == "fail":
+            answer = ask({"command": "pipeline failed", "pipeline id": pipeline_id, "job id": "j",
+                          "worker": "Upper", "error": "boom", "duration": 1.5})
+            check(answer == {"answer": "failure recorded"}, "pipeline failed: %r" % (answer,))
+        else:
+            answer = ask({"command": "cancel pipeline", "pipeline id": pipeline_id})
+            check(answer["answer"] == "pipeline cancelled", "cancel pipeline: %r" % (answer,))
+        message = sub.recv_string()
+        check(message.startswith("pipeline finished: id=%s, duration=" % pipeline_id),
+              "the legacy client heard no end of its %sed pipeline: %r" % (end, message))
+        fields = dict(item.split("=") for item in message.split(": ")[1].split(", "))
+        float(fields["duration"])
+        status = ask({"command": "pipeline status", "pipeline ids": [pipeline_id]})
+        check(status["pipelines"][pipeline_id]["state"] in ("failed", "cancelled"),
+              "its status says how it ended: %r" % (status,))
+
     # Errors keep the legacy answers, and bad bytes do not kill the router.
     check(ask({"no": "command"}) == {"answer": "undefined command"}, "undefined command")
     check(ask({"command": "GET JOB"}) == {"answer": "unknown command"}, "unknown command")

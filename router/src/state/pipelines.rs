@@ -9,7 +9,7 @@ use pypelinin_common::protocol::request::{
 };
 use pypelinin_common::protocol::{
     Answer, AnswerKind, Event, JobState, PipelineHandout, PipelineState, PipelineStatus, Reply,
-    SubmittedJob,
+    SubmittedJob, WireDuration,
 };
 use serde_json::Value;
 use tracing::warn;
@@ -266,9 +266,11 @@ impl State {
                 error: Some(error.clone()),
                 ..PipelineStatus::of(PipelineState::Failed)
             };
+            let echo = self.legacy_echo(&id);
             if self.end_pipeline(&id, status, now) {
                 warn!(pipeline_id = %id, "{error}");
-                events.push(Event::pipeline_failed(id, job_id, &worker, &error));
+                events.push(Event::pipeline_failed(id.clone(), job_id, &worker, &error));
+                push_echo(echo, id, None, events);
             }
         }
     }
@@ -299,6 +301,7 @@ impl State {
             error: Some("cancelled".into()),
             ..PipelineStatus::of(PipelineState::Cancelled)
         };
+        let echo = self.legacy_echo(&id);
         if !self.end_pipeline(&id, status, now) {
             return Answer::error(
                 AnswerKind::UnknownPipelineId,
@@ -309,6 +312,7 @@ impl State {
         events.push(Event::PipelineCancelled {
             pipeline_id: id.clone(),
         });
+        push_echo(echo, id.clone(), None, events);
         Answer::new(AnswerKind::PipelineCancelled)
             .with_pipeline_id(id)
             .into()
@@ -345,16 +349,29 @@ impl State {
             error: Some(failed.error.clone()),
             ..PipelineStatus::of(PipelineState::Failed)
         };
+        let echo = self.legacy_echo(&failed.pipeline_id);
         if !self.end_pipeline(&failed.pipeline_id, status, now) {
             return Answer::new(AnswerKind::UnknownPipelineId).into();
         }
         events.push(Event::pipeline_failed(
-            failed.pipeline_id,
+            failed.pipeline_id.clone(),
             failed.job_id,
             &failed.worker,
             &failed.error,
         ));
+        push_echo(echo, failed.pipeline_id, failed.duration, events);
         Answer::new(AnswerKind::FailureRecorded).into()
+    }
+
+    /// Whether the failure or cancellation of pending pipeline `id` is also broadcast as `pipeline
+    /// finished` (see [`Policy::legacy_end_broadcast`](super::Policy::legacy_end_broadcast)):
+    /// for a pipeline added without a request id, as the original's client adds them.
+    fn legacy_echo(&self, id: &PipelineId) -> bool {
+        self.policy.legacy_end_broadcast
+            && self
+                .pipelines
+                .get(id)
+                .is_some_and(|r| !r.fields.contains_key(REQUEST_ID))
     }
 
     /// Extends the leases of the running pipelines among `ids`.
@@ -380,5 +397,14 @@ impl State {
                 events.push(Event::NewPipeline);
             }
         }
+    }
+}
+
+/// Pushes `pipeline finished: id=ID, duration=D` after a failure or cancellation, when `echo`
+/// (the only end the original's client listens for).
+fn push_echo(echo: bool, id: PipelineId, duration: Option<WireDuration>, events: &mut Vec<Event>) {
+    if echo {
+        let duration = duration.unwrap_or_else(|| WireDuration::from_secs(0.0));
+        events.push(Event::pipeline_finished(id, &duration));
     }
 }

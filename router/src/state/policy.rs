@@ -31,6 +31,11 @@ pub struct Policy {
     /// takers (the original's broker and pipeliner) never renew: long enough that a long job
     /// is not run again. `None`: the usual leases. A renewal gives the usual lease.
     pub legacy_lease_ms: Option<u64>,
+    /// A pipeline added without a request id (as the original's client adds them) that fails
+    /// or is cancelled is also broadcast as `pipeline finished`, the only end that client
+    /// listens for, so it does not wait forever (it learns how it ended from `pipeline
+    /// status`, if it asks).
+    pub legacy_end_broadcast: bool,
 }
 
 impl Policy {
@@ -61,6 +66,7 @@ impl Default for Policy {
             unserved_worker_warn_ms: 30_000,
             peer_timeout_ms: 10_000,
             legacy_lease_ms: None,
+            legacy_end_broadcast: false,
         }
     }
 }

@@ -1568,3 +1568,69 @@ fn the_router_gives_legacy_takers_six_hours_by_default() {
     };
     assert_eq!(off.policy().legacy_job_lease_ms(), 30_000);
 }
+
+#[test]
+fn a_legacy_clients_pipeline_that_fails_or_is_cancelled_is_also_broadcast_finished() {
+    let mut s = State::new(
+        Map::new(),
+        Policy {
+            legacy_end_broadcast: true,
+            ..Policy::default()
+        },
+    );
+    let legacy = new_pipeline(&mut s);
+    let mut ours = Map::new();
+    ours.insert("request id".into(), json!("r-1"));
+    let Reply::Answer(Answer {
+        pipeline_id: Some(ours),
+        ..
+    }) = add_pipeline(&mut s, ours)
+    else {
+        panic!()
+    };
+    let cancelled = new_pipeline(&mut s);
+    let kinds = |events: &[Event]| -> Vec<String> {
+        events
+            .iter()
+            .map(|e| {
+                e.to_string()
+                    .split(':')
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+            .collect()
+    };
+    for (id, echoed) in [(&legacy, true), (&ours, false)] {
+        let mut events = vec![];
+        let failed = PipelineFailed {
+            pipeline_id: id.clone(),
+            job_id: "j".into(),
+            worker: "A".into(),
+            error: "boom".into(),
+            duration: Some(WireDuration::from_secs(1.5)),
+        };
+        s.handle(Request::PipelineFailed(failed), T0, &mut events);
+        let expected: &[&str] = if echoed {
+            &["pipeline failed", "pipeline finished"]
+        } else {
+            &["pipeline failed"]
+        };
+        assert_eq!(kinds(&events), expected);
+        if echoed {
+            assert_eq!(
+                events[1],
+                Event::pipeline_finished(id.clone(), &WireDuration::from_secs(1.5))
+            );
+        }
+        // Its status still says how it ended.
+        assert_eq!(pipeline_state(&mut s, id).state, PipelineState::Failed);
+    }
+    let mut events = vec![];
+    cancel(&mut s, &cancelled, &mut events);
+    assert_eq!(kinds(&events), ["pipeline cancelled", "pipeline finished"]);
+    assert_eq!(
+        pipeline_state(&mut s, &cancelled).state,
+        PipelineState::Cancelled
+    );
+}
