@@ -170,6 +170,14 @@ pub fn status(s: &ClusterStatus, colour: bool) -> String {
         }
     }
     if !s.peers.is_empty() {
+        // The id is host-pid-random: the host and pid columns say it (`--json` has the id).
+        let host_width = s
+            .peers
+            .iter()
+            .map(|p| p.peer.host.len())
+            .max()
+            .unwrap_or(4)
+            .max(4);
         let _ = writeln!(
             out,
             "\n{}",
@@ -177,8 +185,8 @@ pub fn status(s: &ClusterStatus, colour: bool) -> String {
                 colour,
                 BOLD,
                 &format!(
-                    "{:<9} {:<28} {:>8} {:>9} {:>6} {:>9} {:>10}  WORKERS",
-                    "ROLE", "ID", "PID", "RUNNING", "CPU", "MEMORY", "LAST SEEN"
+                    "{:<9} {:<host_width$} {:>8} {:>9} {:>6} {:>9} {:>10}  WORKERS",
+                    "ROLE", "HOST", "PID", "RUNNING", "CPU", "MEMORY", "LAST SEEN"
                 )
             )
         );
@@ -204,8 +212,8 @@ pub fn status(s: &ClusterStatus, colour: bool) -> String {
                 format!("{} ago", secs_text(p.last_seen_secs))
             };
             let line = format!(
-                "{role:<9} {:<28} {:>8} {running:>9} {cpu:>6} {mem:>9} {seen:>10}  {}",
-                p.peer.id,
+                "{role:<9} {:<host_width$} {:>8} {running:>9} {cpu:>6} {mem:>9} {seen:>10}  {}",
+                p.peer.host,
                 p.peer.pid,
                 p.peer.workers.join(", ")
             );
@@ -369,4 +377,59 @@ pub fn event_line(at: f64, event: &Event, colour: bool) -> String {
         _ => Style::new(),
     };
     format!("{time} UTC  {}", paint(colour, style, &event.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pypelinin_common::protocol::cluster::{Peer, PeerStatus, UnservedWorker, WorkerStatus};
+
+    #[test]
+    fn the_status_text_names_hosts_gone_peers_and_unserved_workers() {
+        let mut broker = Peer::new(PeerRole::Broker, vec!["Upper".into()]);
+        broker.host = "gpu-7".into();
+        broker.running = 1;
+        broker.slots = 4;
+        let status = ClusterStatus {
+            uptime_secs: 90.0,
+            workers: [(
+                "Upper".to_owned(),
+                WorkerStatus {
+                    queued: 3,
+                    brokers: 1,
+                    ..WorkerStatus::default()
+                },
+            )]
+            .into_iter()
+            .collect(),
+            peers: vec![PeerStatus {
+                peer: broker,
+                last_seen_secs: 12.0,
+                gone: true,
+            }],
+            unserved: vec![UnservedWorker {
+                worker: "Nobody".into(),
+                jobs: 2,
+                waiting_secs: 180.0,
+            }],
+            ..ClusterStatus::default()
+        };
+        let text = super::status(&status, false);
+        assert!(
+            text.contains("no broker runs worker Nobody: 2 job(s) waiting for 3 min"),
+            "{text}"
+        );
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("broker"))
+            .unwrap_or_default();
+        assert!(
+            line.contains("gpu-7") && line.contains("1/4") && line.contains("gone 12.0 s"),
+            "{line}"
+        );
+        assert!(
+            !text.contains('\u{1b}'),
+            "colours without a terminal: {text}"
+        );
+    }
 }
