@@ -165,7 +165,6 @@ fn binary_exits_non_zero_with_a_clear_message_on_bad_settings() {
 /// lease: the job is not handed out again (it used to run twice), and its report is taken.
 #[test]
 fn a_legacy_broker_that_never_renews_runs_a_long_job_once() {
-    let python = python();
     let dir = std::env::temp_dir().join(format!("pypelinin-legacy-lease-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("cluster.toml");
@@ -184,21 +183,35 @@ fn a_legacy_broker_that_never_renews_runs_a_long_job_once() {
         "tcp://127.0.0.1:0",
         "--no-durability",
     ]);
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../tests/python/legacy_broker_lease.py"
-    );
-    let out = Command::new(&python)
-        .args([script, "--api", &api, "--job-secs", "2.5"])
-        .output()
-        .expect("python runs");
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    legacy_script(
+        "legacy_broker_lease.py",
+        &["--api", &api, "--job-secs", "2.5"],
     );
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Runs `tests/python/<script>` with `args` under [`python`] (checking first that it has
+/// pyzmq), asserts it succeeded, and returns what it printed.
+fn legacy_script(script: &str, args: &[&str]) -> String {
+    let python = python();
+    let probe = Command::new(&python).args(["-c", "import zmq"]).output();
+    assert!(
+        probe.as_ref().is_ok_and(|o| o.status.success()),
+        "{python} cannot import zmq: install it with `python3 -m pip install -r requirements-dev.txt`"
+    );
+    let path = format!("{}/../tests/python/{script}", env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(&python)
+        .arg(&path)
+        .args(args)
+        .output()
+        .expect("python runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{script} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
 }
 
 /// The Python interpreter with pyzmq: `PYPELININ_PYTHON`, else the repository's `.venv`, else
@@ -216,33 +229,17 @@ fn python() -> String {
 
 #[test]
 fn a_legacy_python_client_works_against_the_router() {
-    let python = python();
-    let probe = Command::new(&python).args(["-c", "import zmq"]).output();
-    assert!(
-        probe.as_ref().is_ok_and(|o| o.status.success()),
-        "{python} cannot import zmq: install it with `python3 -m pip install -r requirements-dev.txt`"
-    );
     let (_daemon, api, broadcast) = spawn_router(&[
         "--api",
         "tcp://127.0.0.1:0",
         "--broadcast",
         "tcp://127.0.0.1:0",
     ]);
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../tests/python/legacy_client.py"
+    let stdout = legacy_script(
+        "legacy_client.py",
+        &["--api", &api, "--broadcast", &broadcast],
     );
-    let out = Command::new(&python)
-        .args([script, "--api", &api, "--broadcast", &broadcast])
-        .output()
-        .expect("python runs");
-    assert!(
-        out.status.success(),
-        "legacy client failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("all checks passed"));
+    assert!(stdout.contains("all checks passed"), "{stdout}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
