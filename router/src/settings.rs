@@ -39,6 +39,11 @@ pub struct RouterSettings {
     /// the original's client, which listens for nothing else) fails or is cancelled, right after
     /// `pipeline failed` / `pipeline cancelled`, so such a client does not wait forever.
     pub legacy_end_broadcast: bool,
+    /// Hold the end broadcast of work added as the original's pipeliner and client add it (a
+    /// job without a pipeline id, a pipeline without a request id) until this many seconds
+    /// after its `add` reply: they subscribe to that end only once they have the reply, so a
+    /// job or pipeline that ends sooner would otherwise never reach them. 0: never held.
+    pub legacy_subscribe_grace_secs: f64,
     /// Serve Prometheus metrics over HTTP at this address (`127.0.0.1:9555`; `--metrics`).
     /// Off when absent.
     pub metrics: Option<String>,
@@ -76,6 +81,13 @@ pub struct RouterSettings {
 /// slow model) and still brings back, the same day, the work of a legacy broker that died.
 pub const LEGACY_LEASE_SECS: f64 = 6.0 * 3600.0;
 
+/// The default hold of a legacy end broadcast: 0.2 s after the `add` reply. The original's
+/// pipeliner and client subscribe a few Python statements after reading that reply, and a
+/// subscription crosses to the router in well under a millisecond on a LAN; 0.2 s also covers a
+/// Python process that the scheduler set aside for a while. Only work that ends sooner is
+/// delayed, by at most the rest of those 0.2 s (plus the router's 0.1 s tick).
+pub const LEGACY_SUBSCRIBE_GRACE_SECS: f64 = 0.2;
+
 impl RouterSettings {
     /// The failure, lease and load policy these settings describe.
     pub fn policy(&self) -> Policy {
@@ -93,6 +105,7 @@ impl RouterSettings {
             peer_timeout_ms: ms(self.peer_timeout_secs).max(1),
             legacy_lease_ms: (self.legacy_lease_secs > 0.0).then(|| ms(self.legacy_lease_secs)),
             legacy_end_broadcast: self.legacy_end_broadcast,
+            legacy_subscribe_grace_ms: ms(self.legacy_subscribe_grace_secs),
         }
     }
 }
@@ -110,6 +123,7 @@ impl Default for RouterSettings {
             peer_timeout_secs: 10.0,
             legacy_lease_secs: LEGACY_LEASE_SECS,
             legacy_end_broadcast: true,
+            legacy_subscribe_grace_secs: LEGACY_SUBSCRIBE_GRACE_SECS,
             metrics: None,
             data_dir: None,
             durable_cache_mb: 8,

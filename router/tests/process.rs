@@ -161,57 +161,48 @@ fn binary_exits_non_zero_with_a_clear_message_on_bad_settings() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
-/// The original broker (`get job` in a loop, never renewing) running a job past the usual job
-/// lease: the job is not handed out again (it used to run twice), and its report is taken.
+/// The original's client, one request at a time: every request/reply path and broadcast it
+/// uses answers as the original router's did (tests/python/test_legacy_client.py).
 #[test]
-fn a_legacy_broker_that_never_renews_runs_a_long_job_once() {
-    let dir = std::env::temp_dir().join(format!("pypelinin-legacy-lease-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("cluster.toml");
-    // A job lease of 1 s and a legacy lease of 20 s; the job takes 2.5 s.
-    std::fs::write(
-        &file,
-        "[router]\njob_lease_secs = 1\nlegacy_lease_secs = 20\n",
-    )
-    .unwrap();
-    let (_daemon, api, _) = spawn_router(&[
-        "--config",
-        file.to_str().unwrap(),
-        "--api",
-        "tcp://127.0.0.1:0",
-        "--broadcast",
-        "tcp://127.0.0.1:0",
-        "--no-durability",
-    ]);
-    legacy_script(
-        "legacy_broker_lease.py",
-        &["--api", &api, "--job-secs", "2.5"],
-    );
-    std::fs::remove_dir_all(dir).unwrap();
+fn a_legacy_python_client_works_against_the_router() {
+    pytest("test_legacy_client.py");
 }
 
-/// Runs `tests/python/<script>` with `args` under [`python`] (checking first that it has
-/// pyzmq), asserts it succeeded, and returns what it printed.
-fn legacy_script(script: &str, args: &[&str]) -> String {
+/// Stand-ins of the original's broker, pipeliner and client (tests/python/legacy.py) against
+/// the router: a long job of a broker that never renews runs once, a pipeliner or client that
+/// subscribes after the job or pipeline ended still hears the end, and a pipeline handed out
+/// again does not crash the pipeliner (tests/python/test_legacy_daemons.py).
+#[test]
+fn the_originals_daemons_run_nothing_twice_and_wait_for_nothing_forever() {
+    pytest("test_legacy_daemons.py");
+}
+
+/// Runs the pytest file `tests/python/<file>` under [`python`] (checking first that it has
+/// pyzmq and pytest) against this build's router binary, and asserts it passed.
+fn pytest(file: &str) {
     let python = python();
-    let probe = Command::new(&python).args(["-c", "import zmq"]).output();
+    let probe = Command::new(&python)
+        .args(["-c", "import zmq, pytest"])
+        .output();
     assert!(
         probe.as_ref().is_ok_and(|o| o.status.success()),
-        "{python} cannot import zmq: install it with `python3 -m pip install -r requirements-dev.txt`"
+        "{python} cannot import zmq and pytest: install them with \
+         `python3 -m pip install -r requirements-dev.txt`"
     );
-    let path = format!("{}/../tests/python/{script}", env!("CARGO_MANIFEST_DIR"));
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/python");
     let out = Command::new(&python)
-        .arg(&path)
-        .args(args)
+        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", file])
+        .current_dir(dir)
+        .env("PYPELININ_ROUTER", env!("CARGO_BIN_EXE_pypelinin-router"))
+        .env("PYTHONDONTWRITEBYTECODE", "1")
         .output()
         .expect("python runs");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
-        "{script} failed:\n{stdout}\n{}",
+        "{file} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    stdout
 }
 
 /// The Python interpreter with pyzmq: `PYPELININ_PYTHON`, else the repository's `.venv`, else
@@ -225,21 +216,6 @@ fn python() -> String {
         return venv.to_owned();
     }
     "python3".to_owned()
-}
-
-#[test]
-fn a_legacy_python_client_works_against_the_router() {
-    let (_daemon, api, broadcast) = spawn_router(&[
-        "--api",
-        "tcp://127.0.0.1:0",
-        "--broadcast",
-        "tcp://127.0.0.1:0",
-    ]);
-    let stdout = legacy_script(
-        "legacy_client.py",
-        &["--api", &api, "--broadcast", &broadcast],
-    );
-    assert!(stdout.contains("all checks passed"), "{stdout}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -130,6 +130,17 @@ impl State {
                 ));
             }
         }
+        let recorded: usize = self.pipelines.values().map(|r| r.aliases.len()).sum();
+        if recorded != self.legacy.aliases.len()
+            || self.legacy.aliases.iter().any(|(alias, id)| {
+                !self
+                    .pipelines
+                    .get(id)
+                    .is_some_and(|r| r.aliases.contains(alias))
+            })
+        {
+            return Err("the alias index does not match the pipelines' aliases".into());
+        }
         if self.waiting.len() > MAX_WAITING {
             return Err(format!(
                 "{} requests wait, more than {MAX_WAITING}",

@@ -168,6 +168,10 @@ impl State {
                 ends_pipeline,
             },
         );
+        if self.jobs[&id].pipeline_id.is_none() {
+            // Added as the original's pipeliner adds jobs: it subscribes to the end only now.
+            self.note_legacy_job(&id, now);
+        }
         self.move_job(&id, JobPlace::Queued);
         events.push(Event::NewJob);
         Answer {
@@ -229,6 +233,14 @@ impl State {
             };
             self.count_job_failed(id, &worker, pipeline.as_ref(), &error, true, now);
             events.push(Event::job_failed(id.clone(), &error));
+            if pipeline.is_none() && self.policy.legacy_end_broadcast {
+                // Added as the original's pipeliner adds jobs: it hears only `job finished`,
+                // and its broker reported a failed job as finished, so this one is too.
+                events.push(Event::job_finished(
+                    id.clone(),
+                    &WireDuration::from_secs(0.0),
+                ));
+            }
             self.move_job(id, JobPlace::Ended(JobState::Failed, Some(error)));
             return;
         }

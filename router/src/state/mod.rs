@@ -18,6 +18,8 @@
 //! - `pipelines`: the same for pipelines (`move_pipeline`), and their transitions.
 //! - `outcomes`: ended pipelines remembered for the retention time, and request ids.
 //! - `waiting`: `get jobs` / `get pipelines` that wait for work.
+//! - `legacy`: for the original's pipeliner and client, ends held until they can hear them,
+//!   and aliases of pipelines handed out again.
 //! - `restore`: rebuilding the state from persisted records.
 //! - `invariants`: [`State::check_invariants`], run after every step of the property tests and
 //!   of the fuzz target.
@@ -26,6 +28,7 @@ mod census;
 mod invariants;
 mod jobs;
 mod leases;
+mod legacy;
 mod outcomes;
 mod pipelines;
 mod policy;
@@ -124,6 +127,7 @@ pub struct State {
     waiting: VecDeque<waiting::Waiting>,
     asks: unserved::Asks,
     census: census::Census,
+    legacy: legacy::Legacy,
     changes: Changes,
 }
 
@@ -173,6 +177,7 @@ impl State {
             waiting: VecDeque::new(),
             asks: unserved::Asks::default(),
             census: census::Census::default(),
+            legacy: legacy::Legacy::default(),
             changes: Changes::default(),
         }
     }
@@ -212,6 +217,14 @@ impl State {
 
     /// [`State::handle`] of a request counted already.
     fn apply(&mut self, request: Request, now: u64, events: &mut Vec<Event>) -> Reply {
+        let from = events.len();
+        let reply = self.transition(request, now, events);
+        self.hold_early_ends(from, now, events);
+        reply
+    }
+
+    /// The transition `request` makes, with every event it causes (none held yet).
+    fn transition(&mut self, request: Request, now: u64, events: &mut Vec<Event>) -> Reply {
         match request {
             Request::GetConfiguration => Reply::Configuration(self.configuration.clone()),
             Request::AddJob(job) => self.add_job(job, now, events),
@@ -225,7 +238,11 @@ impl State {
             Request::AddPipeline(p) => self.add_pipeline(p, now, events),
             Request::GetPipeline => {
                 let lease = self.policy.legacy_pipeline_lease_ms();
-                Reply::Pipeline(self.get_pipeline(now, lease))
+                let mut handout = self.get_pipeline(now, lease);
+                if let Some(handout) = &mut handout {
+                    self.alias_rehanded(handout);
+                }
+                Reply::Pipeline(handout)
             }
             Request::GetJobs(get) => {
                 if get.max > GetJobs::MAX {
@@ -342,6 +359,10 @@ impl State {
                 .is_some_and(|r| r.state == PipelineState::Running)
             {
                 self.move_pipeline(id, pipelines::PipelinePlace::Queued);
+                if let Some(record) = self.pipelines.get_mut(id) {
+                    // Never delivered: not a handout.
+                    record.handouts = record.handouts.saturating_sub(1);
+                }
                 events.push(Event::NewPipeline);
             }
         }
@@ -349,8 +370,8 @@ impl State {
 
     /// Lets time pass until `now`: expired leases put jobs and pipelines back in their queues,
     /// jobs whose back-off is over are queued again, pipelines past their deadline fail, old
-    /// outcomes are forgotten, and workers
-    /// no broker asks for are warned about.
+    /// outcomes are forgotten, workers no broker asks for are warned about, and held
+    /// broadcasts whose time came are sent.
     pub fn tick(&mut self, now: u64, events: &mut Vec<Event>) {
         self.census_tick(now);
         self.expire_job_leases(now, events);
@@ -359,6 +380,7 @@ impl State {
         self.expire_deadlines(now, events);
         self.forget_old_outcomes(now);
         self.check_unserved(now);
+        self.release_held(now, events);
     }
 
     /// Number of jobs waiting in queues (back-offs included).

@@ -142,8 +142,14 @@ impl State {
                 jobs: Vec::new(),
                 lease_until: None,
                 deadline,
+                handouts: 0,
+                aliases: Vec::new(),
             },
         );
+        if !self.pipelines[&id].fields.contains_key(REQUEST_ID) {
+            // Added as the original's client adds pipelines: it subscribes to the end only now.
+            self.note_legacy_pipeline(&id, now);
+        }
         if let Some(t) = deadline {
             self.deadlines.insert(t, id.clone());
         }
@@ -161,7 +167,9 @@ impl State {
         let id = id.clone();
         let lease_until = now.saturating_add(lease_ms);
         self.move_pipeline(&id, PipelinePlace::Leased(lease_until));
-        let record = self.pipelines.get(&id)?;
+        let record = self.pipelines.get_mut(&id)?;
+        record.handouts = record.handouts.saturating_add(1);
+        let record = &*record;
         let submitted_jobs = record
             .jobs
             .iter()
@@ -204,6 +212,7 @@ impl State {
             self.deadlines.remove(t, id);
         }
         let jobs = record.jobs.clone();
+        let aliases = record.aliases.clone();
         let request_id = record
             .fields
             .get(REQUEST_ID)
@@ -212,6 +221,7 @@ impl State {
         for job in &jobs {
             self.move_job(job, JobPlace::Gone);
         }
+        self.forget_aliases(&aliases);
         self.pipelines.remove(id);
         self.changes.pipelines.insert(id.clone());
         self.count_pipeline_ended(id, &status, now);
@@ -320,10 +330,11 @@ impl State {
 
     pub(super) fn pipeline_finished(
         &mut self,
-        done: PipelineFinished,
+        mut done: PipelineFinished,
         now: u64,
         events: &mut Vec<Event>,
     ) -> Reply {
+        done.pipeline_id = self.resolve(done.pipeline_id);
         let status = PipelineStatus {
             duration: Some(done.duration.clone()),
             ..PipelineStatus::of(PipelineState::Finished)
@@ -338,10 +349,11 @@ impl State {
 
     pub(super) fn pipeline_failed(
         &mut self,
-        failed: PipelineFailed,
+        mut failed: PipelineFailed,
         now: u64,
         events: &mut Vec<Event>,
     ) -> Reply {
+        failed.pipeline_id = self.resolve(failed.pipeline_id);
         let status = PipelineStatus {
             duration: failed.duration.clone(),
             job_id: Some(failed.job_id.clone()),

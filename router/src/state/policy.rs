@@ -36,6 +36,11 @@ pub struct Policy {
     /// listens for, so it does not wait forever (it learns how it ended from `pipeline
     /// status`, if it asks).
     pub legacy_end_broadcast: bool,
+    /// How long after its `add` reply the end of work added as the original's pipeliner and
+    /// client add it (a job without a pipeline id, a pipeline without a request id) is held
+    /// back: those peers subscribe to the end only once they have the reply, so an end
+    /// broadcast sooner would be missed. 0: never held.
+    pub legacy_subscribe_grace_ms: u64,
 }
 
 impl Policy {
@@ -67,6 +72,7 @@ impl Default for Policy {
             peer_timeout_ms: 10_000,
             legacy_lease_ms: None,
             legacy_end_broadcast: false,
+            legacy_subscribe_grace_ms: 0,
         }
     }
 }

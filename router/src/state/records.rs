@@ -64,6 +64,17 @@ pub struct PipelineRecord {
     /// When it fails if it has not ended (ms since the epoch), from `"deadline secs"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline: Option<u64>,
+    /// Times it was handed out, to any pipeliner.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub handouts: u32,
+    /// The other ids it was handed out under, through `get pipeline` after its first time
+    /// (see the `legacy` module).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<PipelineId>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// The outcome of an ended pipeline, kept for the retention time.

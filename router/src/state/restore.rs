@@ -53,6 +53,9 @@ impl State {
             if let Some(r) = record.fields.get(REQUEST_ID).and_then(Value::as_str) {
                 s.request_ids.insert(r.to_owned(), id.clone());
             }
+            for alias in &record.aliases {
+                s.legacy.aliases.insert(alias.clone(), id.clone());
+            }
             s.pipelines.insert(id, record);
         }
         let mut ended: Vec<_> = ended.into_iter().collect();
@@ -130,6 +133,9 @@ impl State {
         }
         if restored.request_ids != self.request_ids {
             return differs("request ids");
+        }
+        if restored.legacy.aliases != self.legacy.aliases {
+            return differs("pipeline aliases");
         }
         // Sequence numbers of records that are gone are not kept: new ones still come after
         // every live one.

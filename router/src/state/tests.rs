@@ -642,7 +642,16 @@ fn an_expired_pipeline_lease_hands_the_pipeline_out_again_with_its_jobs() {
     let mut events = vec![];
     s.tick(T0 + 30_000, &mut events);
     assert_eq!(events, vec![Event::NewPipeline]);
-    let again = take_pipeline(&mut s, T0 + 30_000).unwrap();
+    // (To our pipeliners, `get pipelines`: the original's get an alias, see
+    // a_pipeline_handed_again_to_a_legacy_pipeliner_goes_out_under_a_new_id.)
+    let Reply::Pipelines(mut handouts) = s.handle(
+        Request::GetPipelines(GetPipelines::new(1)),
+        T0 + 30_000,
+        &mut events,
+    ) else {
+        panic!()
+    };
+    let again = handouts.remove(0);
     assert_eq!(again.pipeline_id, p);
     assert_eq!(
         again.submitted_jobs,
@@ -1633,4 +1642,229 @@ fn a_legacy_clients_pipeline_that_fails_or_is_cancelled_is_also_broadcast_finish
         pipeline_state(&mut s, &cancelled).state,
         PipelineState::Cancelled
     );
+}
+
+#[test]
+fn a_legacy_job_that_fails_for_good_is_also_broadcast_finished() {
+    let mut s = State::new(
+        Map::new(),
+        Policy {
+            max_attempts: 1,
+            legacy_end_broadcast: true,
+            ..Policy::default()
+        },
+    );
+    let p = new_pipeline(&mut s);
+    let legacy = add(&mut s, "A");
+    let ours = add_in(&mut s, "A", Some(&p));
+    for (id, echoed) in [(legacy, true), (ours, false)] {
+        assert_eq!(get(&mut s, None).unwrap().job_id, id);
+        let mut events = vec![];
+        let failed = JobFailed {
+            job_id: id.clone(),
+            error: "boom".into(),
+            duration: None,
+        };
+        s.handle(Request::JobFailed(failed), T0, &mut events);
+        let mut expected = vec![Event::job_failed(id.clone(), "boom")];
+        if echoed {
+            expected.push(Event::job_finished(id, &WireDuration::from_secs(0.0)));
+        }
+        assert_eq!(events, expected);
+    }
+}
+
+/// A state whose legacy ends wait 200 ms after their add.
+fn with_grace() -> State {
+    State::new(
+        Map::new(),
+        Policy {
+            legacy_subscribe_grace_ms: 200,
+            legacy_end_broadcast: true,
+            ..Policy::default()
+        },
+    )
+}
+
+fn finish_job(s: &mut State, id: &JobId, now: u64, events: &mut Vec<Event>) {
+    let done = JobFinished {
+        job_id: id.clone(),
+        duration: WireDuration::from_secs(0.001),
+    };
+    assert_eq!(
+        s.handle(Request::JobFinished(done), now, events),
+        Answer::new(AnswerKind::GoodJob).into()
+    );
+}
+
+#[test]
+fn the_end_of_a_legacy_job_waits_until_its_adder_can_have_subscribed() {
+    let mut s = with_grace();
+    let p = new_pipeline(&mut s);
+    let legacy = add(&mut s, "A");
+    let ours = add_in(&mut s, "A", Some(&p));
+    let late = add(&mut s, "A");
+    for id in [&legacy, &ours, &late] {
+        get(&mut s, None).unwrap();
+        assert_eq!(job_state(&mut s, id), JobState::Running);
+    }
+    let mut events = vec![];
+    // 2 ms after the add: held for the legacy job, at once for ours (its pipeliner subscribed
+    // before it added the job).
+    finish_job(&mut s, &legacy, T0 + 2, &mut events);
+    finish_job(&mut s, &ours, T0 + 2, &mut events);
+    assert_eq!(
+        events,
+        [Event::job_finished(ours, &WireDuration::from_secs(0.001))]
+    );
+    assert_eq!(s.held_broadcasts(), 1);
+    // The state is already what the report made it: only the broadcast waits.
+    assert_eq!(job_state(&mut s, &legacy), JobState::Unknown);
+    let mut events = vec![];
+    s.tick(T0 + 199, &mut events);
+    assert!(events.is_empty(), "{events:?}");
+    s.tick(T0 + 200, &mut events);
+    assert_eq!(
+        events,
+        [Event::job_finished(legacy, &WireDuration::from_secs(0.001))]
+    );
+    assert_eq!(s.held_broadcasts(), 0);
+    // Past the grace nothing waits.
+    let mut events = vec![];
+    finish_job(&mut s, &late, T0 + 200, &mut events);
+    assert_eq!(
+        events,
+        [Event::job_finished(late, &WireDuration::from_secs(0.001))]
+    );
+}
+
+#[test]
+fn the_end_of_a_legacy_clients_pipeline_waits_for_its_subscription_and_keeps_its_order() {
+    let mut s = with_grace();
+    let legacy = new_pipeline(&mut s);
+    let failed = new_pipeline(&mut s);
+    let mut fields = Map::new();
+    fields.insert("request id".into(), json!("r-1"));
+    let Reply::Answer(Answer {
+        pipeline_id: Some(ours),
+        ..
+    }) = add_pipeline(&mut s, fields)
+    else {
+        panic!()
+    };
+    let mut events = vec![];
+    for id in [&legacy, &ours] {
+        let done = PipelineFinished {
+            pipeline_id: id.clone(),
+            duration: WireDuration::from_secs(0.002),
+        };
+        s.handle(Request::PipelineFinished(done), T0 + 2, &mut events);
+    }
+    let failure = PipelineFailed {
+        pipeline_id: failed.clone(),
+        job_id: "j".into(),
+        worker: "A".into(),
+        error: "boom".into(),
+        duration: None,
+    };
+    s.handle(Request::PipelineFailed(failure), T0 + 3, &mut events);
+    assert_eq!(
+        events,
+        [Event::pipeline_finished(
+            ours,
+            &WireDuration::from_secs(0.002)
+        )]
+    );
+    let mut events = vec![];
+    s.tick(T0 + 250, &mut events);
+    // Each end once, in the order they happened; a failure still followed by its echo.
+    assert_eq!(
+        events,
+        [
+            Event::pipeline_finished(legacy, &WireDuration::from_secs(0.002)),
+            Event::pipeline_failed(failed.clone(), "j".into(), "A", "boom"),
+            Event::pipeline_finished(failed, &WireDuration::from_secs(0.0)),
+        ]
+    );
+}
+
+#[test]
+fn no_grace_sends_every_end_at_once() {
+    let mut s = State::default();
+    let legacy = add(&mut s, "A");
+    get(&mut s, None).unwrap();
+    let mut events = vec![];
+    finish_job(&mut s, &legacy, T0 + 1, &mut events);
+    assert_eq!(events.len(), 1);
+    assert_eq!(s.held_broadcasts(), 0);
+    // The router's default holds them for 0.2 s.
+    let policy = crate::RouterSettings::default().policy();
+    assert_eq!(policy.legacy_subscribe_grace_ms, 200);
+}
+
+#[test]
+fn a_pipeline_handed_again_to_a_legacy_pipeliner_goes_out_under_a_new_id() {
+    let mut s = State::new(
+        Map::new(),
+        Policy {
+            pipeline_lease_ms: 1_000,
+            legacy_lease_ms: Some(1_000),
+            ..Policy::default()
+        },
+    );
+    let id = new_pipeline(&mut s);
+    let first = take_pipeline(&mut s, T0).unwrap();
+    assert_eq!(first.pipeline_id, id, "the first time, its own id");
+    let mut events = vec![];
+    s.tick(T0 + 1_001, &mut events);
+    let second = take_pipeline(&mut s, T0 + 1_001).unwrap();
+    assert_ne!(second.pipeline_id, id, "the second time, an alias");
+    s.check_invariants().unwrap();
+    // A restart keeps the alias.
+    let restarted = s.restarted();
+    s.check_restored(&restarted).unwrap();
+    assert_eq!(restarted.resolve(second.pipeline_id.clone()), id);
+
+    // The alias's report ends the pipeline, broadcast under its own id (what its client
+    // waits for); the first copy's report is then answered as any late one.
+    let mut events = vec![];
+    let done = |pipeline_id: &PipelineId| {
+        Request::PipelineFinished(PipelineFinished {
+            pipeline_id: pipeline_id.clone(),
+            duration: WireDuration::from_secs(1.0),
+        })
+    };
+    assert_eq!(
+        s.handle(done(&second.pipeline_id), T0 + 1_100, &mut events),
+        Answer::new(AnswerKind::GoodJob).into()
+    );
+    assert_eq!(
+        events,
+        [Event::pipeline_finished(
+            id.clone(),
+            &WireDuration::from_secs(1.0)
+        )]
+    );
+    assert_eq!(pipeline_state(&mut s, &id).state, PipelineState::Finished);
+    for late in [&id, &second.pipeline_id] {
+        assert_eq!(
+            s.handle(done(late), T0 + 1_200, &mut vec![]),
+            Answer::new(AnswerKind::UnknownPipelineId).into()
+        );
+    }
+    s.check_invariants().unwrap();
+    assert!(s.legacy.aliases.is_empty());
+
+    // Our pipeliners (`get pipelines`) always get the pipeline's own id.
+    let again = new_pipeline(&mut s);
+    take_pipeline(&mut s, T0 + 2_000).unwrap();
+    s.tick(T0 + 3_001, &mut events);
+    let Reply::Pipelines(handouts) = s.handle(
+        Request::GetPipelines(GetPipelines::new(1)),
+        T0 + 3_001,
+        &mut events,
+    ) else {
+        panic!()
+    };
+    assert_eq!(handouts[0].pipeline_id, again);
 }

@@ -1,14 +1,8 @@
-#!/usr/bin/env python3
-"""Talks to a running pypelinin router exactly as the legacy Python 0.1.1 clients did.
+"""Talks to our router exactly as the legacy Python 0.1.1 clients did, one request at a time.
 
 Plain pyzmq REQ + send_json/recv_json and SUB with prefix subscriptions, the legacy
-serialized pipeline format, and the legacy parsing of broadcasts. Exits 0 when every check
-passes; prints what failed otherwise.
-
-Usage: legacy_client.py --api tcp://127.0.0.1:5555 --broadcast tcp://127.0.0.1:5556
+serialized pipeline format, and the legacy parsing of broadcasts.
 """
-import argparse
-import sys
 import time
 
 import zmq
@@ -17,20 +11,15 @@ TIMEOUT_MS = 10_000
 
 
 def check(condition, message):
-    if not condition:
-        print("FAILED:", message, file=sys.stderr)
-        sys.exit(1)
+    assert condition, message
 
 
 def is_id(value):
     return isinstance(value, str) and len(value) == 32 and all(c in "0123456789abcdef" for c in value)
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--api", required=True)
-    parser.add_argument("--broadcast", required=True)
-    args = parser.parse_args()
+def test_request_reply_paths_and_broadcasts_match_the_original(start_router):
+    args = start_router()
 
     context = zmq.Context()
     api = context.socket(zmq.REQ)
@@ -155,8 +144,3 @@ def main():
     check(api.recv_json()["answer"] == "malformed request", "malformed request")
     check(ask({"command": "get job"}) == {"worker": None}, "served after malformed request")
 
-    print("legacy client: all checks passed")
-
-
-if __name__ == "__main__":
-    main()
