@@ -1,4 +1,5 @@
-//! Helpers for tests of the daemons (feature `test-util`): loopback endpoints and bounded waits.
+//! Helpers for tests of the daemons (feature `test-util`): loopback endpoints, bounded waits,
+//! and the Python tests of `tests/python`.
 
 use std::future::Future;
 use std::time::Duration;
@@ -26,6 +27,44 @@ pub fn wait_until(limit: Duration, what: &str, mut check: impl FnMut() -> bool) 
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Runs the pytest file `tests/python/<file>` of the repository with the environment `env`
+/// (the paths of the binaries it starts) and asserts it passed, with pytest's output in the
+/// failure message. The interpreter is `PYPELININ_PYTHON`, else the repository's `.venv`, else
+/// `python3`; it must have pyzmq and pytest (`requirements-dev.txt`), which is checked first.
+pub fn pytest(file: &str, env: &[(&str, &str)]) {
+    use std::process::Command;
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let python = std::env::var("PYPELININ_PYTHON").unwrap_or_else(|_| {
+        let venv = format!("{root}/.venv/bin/python");
+        if std::path::Path::new(&venv).exists() {
+            venv
+        } else {
+            "python3".to_owned()
+        }
+    });
+    let probe = Command::new(&python)
+        .args(["-c", "import zmq, pytest"])
+        .output();
+    assert!(
+        probe.as_ref().is_ok_and(|o| o.status.success()),
+        "{python} cannot import zmq and pytest: install them with \
+         `python3 -m pip install -r requirements-dev.txt`"
+    );
+    let out = Command::new(&python)
+        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", file])
+        .current_dir(format!("{root}/tests/python"))
+        .envs(env.iter().copied())
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .output()
+        .expect("python runs");
+    assert!(
+        out.status.success(),
+        "{file} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Raw ZMTP 3.0 bytes, for tests that play a hostile peer without a ZeroMQ library.

@@ -7,5 +7,6 @@ mod cli;
 mod cluster;
 mod faults;
 mod hostile;
+mod legacy;
 mod support;
 mod terminal;

@@ -177,45 +177,12 @@ fn the_originals_daemons_run_nothing_twice_and_wait_for_nothing_forever() {
     pytest("test_legacy_daemons.py");
 }
 
-/// Runs the pytest file `tests/python/<file>` under [`python`] (checking first that it has
-/// pyzmq and pytest) against this build's router binary, and asserts it passed.
+/// The pytest file `tests/python/<file>` against this build's router binary.
 fn pytest(file: &str) {
-    let python = python();
-    let probe = Command::new(&python)
-        .args(["-c", "import zmq, pytest"])
-        .output();
-    assert!(
-        probe.as_ref().is_ok_and(|o| o.status.success()),
-        "{python} cannot import zmq and pytest: install them with \
-         `python3 -m pip install -r requirements-dev.txt`"
+    pypelinin_common::testing::pytest(
+        file,
+        &[("PYPELININ_ROUTER", env!("CARGO_BIN_EXE_pypelinin-router"))],
     );
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/python");
-    let out = Command::new(&python)
-        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", file])
-        .current_dir(dir)
-        .env("PYPELININ_ROUTER", env!("CARGO_BIN_EXE_pypelinin-router"))
-        .env("PYTHONDONTWRITEBYTECODE", "1")
-        .output()
-        .expect("python runs");
-    assert!(
-        out.status.success(),
-        "{file} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// The Python interpreter with pyzmq: `PYPELININ_PYTHON`, else the repository's `.venv`, else
-/// `python3`.
-fn python() -> String {
-    if let Ok(p) = std::env::var("PYPELININ_PYTHON") {
-        return p;
-    }
-    let venv = concat!(env!("CARGO_MANIFEST_DIR"), "/../.venv/bin/python");
-    if std::path::Path::new(venv).exists() {
-        return venv.to_owned();
-    }
-    "python3".to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

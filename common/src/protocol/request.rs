@@ -131,6 +131,13 @@ pub struct NewJob {
         skip_serializing_if = "Option::is_none"
     )]
     pub ends_pipeline: Option<WireDuration>,
+    /// Extension: the adder subscribed to the job's end before adding it, and hears `job
+    /// failed` (ours always say so; [`NewJob::new`] sets it). Without it — as the original's
+    /// pipeliner adds jobs — the router holds the end of a job without a pipeline until that
+    /// adder can have subscribed, and broadcasts its failure as `job finished` too
+    /// (docs/protocol.md, "Mixing legacy and new daemons").
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub subscribed: bool,
     /// `data` and any other keys, kept as sent.
     #[serde(flatten)]
     pub fields: Map<String, Value>,
@@ -145,6 +152,7 @@ impl NewJob {
             worker: worker.into(),
             pipeline_id: None,
             ends_pipeline: None,
+            subscribed: true,
             fields,
         }
     }

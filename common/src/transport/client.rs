@@ -19,7 +19,9 @@ use crate::protocol::{
 
 impl ApiClient {
     /// `batch`: sends `requests` in one round trip; returns one reply per request, in order,
-    /// to read with the `_value` decoders of [`crate::protocol::reply`].
+    /// to read with the `_value` decoders of [`crate::protocol::reply`]. Against the
+    /// original's router (it answers `unknown command`), each request goes as its legacy
+    /// command instead (see [`super::legacy`]).
     ///
     /// # Errors
     /// Transport failures, a refusal of the whole batch, or a reply that does not hold one
@@ -28,8 +30,17 @@ impl ApiClient {
         &mut self,
         requests: &[Request],
     ) -> Result<Vec<serde_json::Value>, ClientError> {
+        if self.legacy {
+            return self.legacy_batch(requests).await;
+        }
         let batch = Request::Batch(crate::protocol::Batch::of(requests));
         let reply = self.request(&batch).await?;
+        if let Ok(value) = serde_json::from_slice::<serde_json::Value>(&reply) {
+            if self.detect_legacy(&value) {
+                // The original's router: the same requests, as its commands.
+                return self.legacy_batch(requests).await;
+            }
+        }
         let replies: Vec<serde_json::Value> = decode_reply(&reply)?;
         if replies.len() != requests.len() {
             return Err(ReplyError::Unexpected(format!(

@@ -56,6 +56,8 @@ pub struct ApiClient {
     options: ClientOptions,
     socket: Option<(ReqSocket, Option<OutboundGuard>)>,
     token: Option<String>,
+    /// The router is the original's: requests go as legacy commands (see [`super::legacy`]).
+    pub(crate) legacy: bool,
 }
 
 impl ApiClient {
@@ -66,6 +68,7 @@ impl ApiClient {
             options,
             socket: None,
             token: None,
+            legacy: false,
         }
     }
 
@@ -185,10 +188,17 @@ impl ApiClient {
         request: &Request,
         wait: Duration,
     ) -> Result<serde_json::Value, super::ClientError> {
+        if self.legacy {
+            return self.legacy_wait(request, wait).await;
+        }
         let reply = self.request_waiting(request, wait).await?;
-        serde_json::from_slice(&reply).map_err(|e| {
-            crate::protocol::ReplyError::Unexpected(format!("the reply is not JSON: {e}")).into()
-        })
+        let value = serde_json::from_slice(&reply).map_err(|e| {
+            crate::protocol::ReplyError::Unexpected(format!("the reply is not JSON: {e}"))
+        })?;
+        if self.detect_legacy(&value) {
+            return self.legacy_wait(request, wait).await;
+        }
+        Ok(value)
     }
 
     pub(crate) async fn request_waiting(

@@ -12,6 +12,8 @@
 //! - [`outbound`]: the same check on the connecting side: a socket that connects to a `tcp://`
 //!   endpoint goes through an [`OutboundGuard`](outbound::OutboundGuard), so what the router
 //!   (or whatever answers at its address) sends is checked before the crate reads it.
+//! - [`legacy`]: talking to the original's router: the same requests as its legacy commands,
+//!   when it answers `unknown command` to ours.
 //! - [`subscriber`]: [`Subscriber`], a SUB socket (which the crate does reconnect) that parses
 //!   broadcasts into [`Event`](crate::protocol::Event)s.
 //!
@@ -22,6 +24,7 @@
 pub mod client;
 pub mod connection;
 pub mod guard;
+pub mod legacy;
 pub mod outbound;
 pub mod server;
 pub mod subscriber;

@@ -9,7 +9,7 @@ use zeromq::{Socket, SocketOptions, SocketRecv, SubSocket, ZmqError};
 
 use super::outbound::{connect_guarded, OutboundGuard, OutboundLimits};
 use super::{ApiClient, ClientError, TransportError};
-use crate::protocol::Event;
+use crate::protocol::{AnswerKind, Event, ReplyError};
 
 /// A subscriber to the router's broadcasts, filtering by prefix.
 ///
@@ -114,7 +114,8 @@ impl Subscriber {
     }
 
     /// Waits until the subscription is live: asks the router to broadcast a probe until one
-    /// arrives. Events that arrive meanwhile are kept for [`Subscriber::recv`].
+    /// arrives. Events that arrive meanwhile are kept for [`Subscriber::recv`]. The original's
+    /// router has no probe: against it, this waits [`LEGACY_SETTLE`](super::legacy::LEGACY_SETTLE).
     ///
     /// # Errors
     /// [`ClientError`] when the router cannot be asked, or [`TransportError::Timeout`] when no
@@ -136,7 +137,17 @@ impl Subscriber {
                 }
                 .into());
             }
-            client.probe(&token).await?;
+            match client.probe(&token).await {
+                Err(ClientError::Reply(ReplyError::Refused(answer)))
+                    if answer.answer == AnswerKind::UnknownCommand =>
+                {
+                    // The original's router has no probe (see `legacy`): give the subscription
+                    // the time it takes to reach a router on a LAN, many times over.
+                    tokio::time::sleep(super::legacy::LEGACY_SETTLE).await;
+                    break Ok(());
+                }
+                probed => probed?,
+            }
             let wait_until = (Instant::now() + retry).min(deadline);
             let mut seen = false;
             while let Ok(received) = tokio::time::timeout_at(wait_until, self.next_raw()).await {

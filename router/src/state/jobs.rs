@@ -151,6 +151,7 @@ impl State {
             _ => None,
         };
         let ends = ends_pipeline.is_some();
+        let legacy = pipeline_id.is_none() && !job.subscribed;
         // Ended with no place yet: `move_job` queues it.
         self.jobs.insert(
             id.clone(),
@@ -166,9 +167,10 @@ impl State {
                 error: None,
                 duration: None,
                 ends_pipeline,
+                legacy,
             },
         );
-        if self.jobs[&id].pipeline_id.is_none() {
+        if legacy {
             // Added as the original's pipeliner adds jobs: it subscribes to the end only now.
             self.note_legacy_job(&id, now);
         }
@@ -220,6 +222,7 @@ impl State {
         };
         record.attempts += 1;
         record.error = Some(error.to_owned());
+        let legacy = record.legacy;
         let attempts = record.attempts;
         let worker = record.worker.clone();
         let pipeline = record.pipeline_id.clone();
@@ -233,7 +236,7 @@ impl State {
             };
             self.count_job_failed(id, &worker, pipeline.as_ref(), &error, true, now);
             events.push(Event::job_failed(id.clone(), &error));
-            if pipeline.is_none() && self.policy.legacy_end_broadcast {
+            if legacy && self.policy.legacy_end_broadcast {
                 // Added as the original's pipeliner adds jobs: it hears only `job finished`,
                 // and its broker reported a failed job as finished, so this one is too.
                 events.push(Event::job_finished(

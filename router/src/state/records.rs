@@ -35,6 +35,10 @@ pub struct JobRecord {
     /// The last job of its pipeline: the router ends the pipeline when the job finishes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ends_pipeline: Option<EndsPipeline>,
+    /// Added as the original's pipeliner adds jobs (no pipeline id, not `subscribed`): its
+    /// failure is also broadcast as `job finished` (see the `legacy` module).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub legacy: bool,
 }
 
 /// What the router needs to end a pipeline with its last job (`"ends pipeline"` of `add job`).

@@ -27,6 +27,20 @@ fn add(state: &mut State, worker: &str) -> JobId {
     add_in(state, worker, None)
 }
 
+/// Adds a job as the original's pipeliner does: no pipeline id, not `subscribed`.
+fn add_legacy(state: &mut State, worker: &str) -> JobId {
+    let job = NewJob {
+        subscribed: false,
+        ..NewJob::new(worker, json!({"w": worker}))
+    };
+    match state.handle(Request::AddJob(job), T0, &mut vec![]) {
+        Reply::Answer(Answer {
+            job_id: Some(id), ..
+        }) => id,
+        other => panic!("{other:?}"),
+    }
+}
+
 fn get_at(state: &mut State, workers: Option<&[&str]>, now: u64) -> Option<JobAssignment> {
     let workers = workers.map(|w| w.iter().map(|s| s.to_string()).collect());
     match state.handle(Request::GetJob(GetJob { workers }), now, &mut vec![]) {
@@ -1655,9 +1669,10 @@ fn a_legacy_job_that_fails_for_good_is_also_broadcast_finished() {
         },
     );
     let p = new_pipeline(&mut s);
-    let legacy = add(&mut s, "A");
+    let legacy = add_legacy(&mut s, "A");
     let ours = add_in(&mut s, "A", Some(&p));
-    for (id, echoed) in [(legacy, true), (ours, false)] {
+    let ours_alone = add(&mut s, "A");
+    for (id, echoed) in [(legacy, true), (ours, false), (ours_alone, false)] {
         assert_eq!(get(&mut s, None).unwrap().job_id, id);
         let mut events = vec![];
         let failed = JobFailed {
@@ -1701,21 +1716,26 @@ fn finish_job(s: &mut State, id: &JobId, now: u64, events: &mut Vec<Event>) {
 fn the_end_of_a_legacy_job_waits_until_its_adder_can_have_subscribed() {
     let mut s = with_grace();
     let p = new_pipeline(&mut s);
-    let legacy = add(&mut s, "A");
+    let legacy = add_legacy(&mut s, "A");
     let ours = add_in(&mut s, "A", Some(&p));
-    let late = add(&mut s, "A");
-    for id in [&legacy, &ours, &late] {
+    let late = add_legacy(&mut s, "A");
+    let ours_alone = add(&mut s, "A");
+    for id in [&legacy, &ours, &late, &ours_alone] {
         get(&mut s, None).unwrap();
         assert_eq!(job_state(&mut s, id), JobState::Running);
     }
     let mut events = vec![];
-    // 2 ms after the add: held for the legacy job, at once for ours (its pipeliner subscribed
-    // before it added the job).
+    // 2 ms after the add: held for the legacy job, at once for ours (their adders subscribed
+    // before they added them).
     finish_job(&mut s, &legacy, T0 + 2, &mut events);
     finish_job(&mut s, &ours, T0 + 2, &mut events);
+    finish_job(&mut s, &ours_alone, T0 + 2, &mut events);
     assert_eq!(
         events,
-        [Event::job_finished(ours, &WireDuration::from_secs(0.001))]
+        [
+            Event::job_finished(ours, &WireDuration::from_secs(0.001)),
+            Event::job_finished(ours_alone, &WireDuration::from_secs(0.001))
+        ]
     );
     assert_eq!(s.held_broadcasts(), 1);
     // The state is already what the report made it: only the broadcast waits.
@@ -1791,7 +1811,7 @@ fn the_end_of_a_legacy_clients_pipeline_waits_for_its_subscription_and_keeps_its
 #[test]
 fn no_grace_sends_every_end_at_once() {
     let mut s = State::default();
-    let legacy = add(&mut s, "A");
+    let legacy = add_legacy(&mut s, "A");
     get(&mut s, None).unwrap();
     let mut events = vec![];
     finish_job(&mut s, &legacy, T0 + 1, &mut events);
