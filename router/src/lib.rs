@@ -387,6 +387,51 @@ const TICK: Duration = Duration::from_millis(100);
 struct Handled {
     writes: Option<Writes>,
     outgoing: Outgoing,
+    /// Whether its replies wait for the rows to be on disk: see [`needs_sync`].
+    sync: bool,
+}
+
+/// Whether the reply to `request` must wait until what it changed is on disk. An answer that
+/// acknowledges a change (a job or pipeline added, a report taken, a cancellation) does. A
+/// hand-out (`get job`, `get pipelines`, ...), a renewal or a question does not: if the router
+/// stops before those rows reach the disk, the restart finds the work queued and hands it out
+/// again, which a lease that ends does anyway. So a lone client that alternates `add job` and
+/// `get job`, as the original's daemons do, waits for the disk half as often.
+fn needs_sync(request: &Request) -> bool {
+    !matches!(
+        request,
+        Request::GetConfiguration
+            | Request::GetJob(_)
+            | Request::GetJobs(_)
+            | Request::GetPipeline
+            | Request::GetPipelines(_)
+            | Request::RenewLeases(_)
+            | Request::JobStatus(_)
+            | Request::PipelineStatus(_)
+            | Request::ClusterStatus
+            | Request::Probe(_)
+    ) && !matches!(request, Request::Batch(b) if b.requests.iter().all(|r| {
+        r.get("command").and_then(serde_json::Value::as_str).is_some_and(|c| {
+            matches!(
+                c,
+                "get configuration" | "get job" | "get jobs" | "get pipeline" | "get pipelines"
+                    | "renew leases" | "job status" | "pipeline status" | "cluster status"
+                    | "probe"
+            )
+        })
+    }))
+}
+
+/// Whether broadcasting `event` tells of a change that must be on disk first: an end.
+fn is_end(event: &Event) -> bool {
+    matches!(
+        event,
+        Event::JobFinished { .. }
+            | Event::JobFailed { .. }
+            | Event::PipelineFinished { .. }
+            | Event::PipelineFailed { .. }
+            | Event::PipelineCancelled { .. }
+    )
 }
 
 /// Handled batches waiting for the durable write, at most: the state task handles the next
@@ -473,8 +518,10 @@ async fn state_loop(
         for handout in back.drain(..) {
             state.take_back(&handout.jobs, &handout.pipelines, &mut outgoing.events);
         }
+        let mut sync = false;
         for (envelope, request) in batch.drain(..) {
             trace!(command = request.command(), peer = %envelope.peer(), "request");
+            sync = sync || needs_sync(&request);
             match state.handle_or_wait(next_ticket, request, now, &mut outgoing.events) {
                 Some(reply) => {
                     outgoing
@@ -500,6 +547,7 @@ async fn state_loop(
             }
         }
         coalesce_wake_ups(&mut outgoing.events);
+        let sync = sync || outgoing.events.iter().any(is_end);
         let changes = state.take_changes();
         let writes = match &mut index {
             Some(index) => Some(Durable::prepare(index, &state, &changes)?),
@@ -510,7 +558,14 @@ async fn state_loop(
             && writes.as_ref().is_none_or(Writes::is_empty);
         if !nothing {
             let sent = match &sink {
-                Sink::Commit(commits) => commits.send(Handled { writes, outgoing }).await.is_ok(),
+                Sink::Commit(commits) => commits
+                    .send(Handled {
+                        writes,
+                        outgoing,
+                        sync,
+                    })
+                    .await
+                    .is_ok(),
                 Sink::Send(out) => out.send(outgoing).await.is_ok(),
             };
             if !sent {
@@ -551,7 +606,10 @@ fn commit_loop(
         if !writes.is_empty() {
             let (batches, rows) = (writes.len(), writes.iter().map(Writes::len).sum::<usize>());
             let started = std::time::Instant::now();
-            let written = durable.write_all(&writes);
+            // One synced write when any batch of the group needs it (the batches before it
+            // reach the disk with it, in order), else the journal alone.
+            let sync = group.iter().any(|h| h.sync);
+            let written = durable.write_all_with(&writes, sync);
             if let Some(stats) = stats {
                 if let Ok(mut stats) = stats.lock() {
                     stats.seconds.observe(started.elapsed().as_secs_f64());
@@ -660,5 +718,31 @@ async fn deliver(
         if let Err(e) = publisher.publish(event).await {
             warn!(%event, error = %e, "broadcast failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pypelinin_common::protocol::request::{GetJobs, NewJob, RenewLeases};
+    use pypelinin_common::protocol::Batch;
+
+    #[test]
+    fn only_answers_that_acknowledge_a_change_wait_for_the_disk() {
+        let add = Request::AddJob(NewJob::new("W", serde_json::json!(null)));
+        let get = Request::GetJobs(GetJobs::new(None, 4));
+        let renew = Request::RenewLeases(RenewLeases::default());
+        assert!(needs_sync(&add));
+        assert!(!needs_sync(&get));
+        assert!(!needs_sync(&Request::GetPipeline));
+        assert!(!needs_sync(&renew));
+        // A batch waits when any of its requests does.
+        assert!(!needs_sync(&Request::Batch(Batch::of([&get, &renew]))));
+        assert!(needs_sync(&Request::Batch(Batch::of([&get, &add]))));
+        // A broadcast of an end waits too (an end found by the clock: a deadline).
+        assert!(is_end(&Event::PipelineCancelled {
+            pipeline_id: "p".into()
+        }));
+        assert!(!is_end(&Event::NewJob));
     }
 }

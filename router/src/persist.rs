@@ -344,12 +344,24 @@ impl Durable {
     /// # Errors
     /// [`PersistError::Io`] when the write fails.
     pub fn write_all(&self, batches: &[Writes]) -> Result<(), PersistError> {
+        self.write_all_with(batches, true)
+    }
+
+    /// As [`Durable::write_all`]; without `sync`, returns once the journal holds the writes,
+    /// before they are on disk: the next synced write (or a clean stop) puts them there, in
+    /// order, and a crash before it may lose them. Only for writes whose loss a restart makes
+    /// good: hand-outs and leases (the work is queued again), never an acknowledged change.
+    /// An unsynced write is not counted in the commits the acknowledged mark checks.
+    ///
+    /// # Errors
+    /// [`PersistError::Io`] when the write fails.
+    pub fn write_all_with(&self, batches: &[Writes], sync: bool) -> Result<(), PersistError> {
         if batches.iter().all(Writes::is_empty) {
             return Ok(());
         }
         let rows = batches.iter().map(Writes::len).sum();
         let mut batch = fjall::OwnedWriteBatch::with_capacity(self.db.clone(), rows)
-            .durability(Some(PersistMode::SyncData));
+            .durability(sync.then_some(PersistMode::SyncData));
         for w in batches {
             for (keyspace, rows) in [
                 (&self.jobs, &w.jobs),
@@ -364,6 +376,9 @@ impl Durable {
                     }
                 }
             }
+        }
+        if !sync {
+            return batch.commit().map_err(io);
         }
         let commits = self.commits.load(std::sync::atomic::Ordering::Relaxed) + 1;
         batch.insert(&self.meta, COMMITS, commits.to_be_bytes());
@@ -720,6 +735,43 @@ mod tests {
             "ended on disk with its last job"
         );
         assert!(loaded.pipelines.is_empty() && loaded.jobs.is_empty());
+        drop(durable);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn an_unsynced_hand_out_reaches_the_disk_with_the_next_synced_write_uncounted() {
+        let dir = data_dir("unsynced");
+        let (durable, loaded) = open(&dir);
+        let (mut state, mut index) = restore(loaded);
+        apply(
+            &durable,
+            &mut index,
+            &mut state,
+            vec![add_job(1, 8), add_job(2, 8)],
+        );
+        let counted = durable.commits();
+        // A hand-out alone: written, not synced, not counted (the mark checks only what an
+        // answer acknowledged).
+        let taken = take(&mut state, 1);
+        let changes = state.take_changes();
+        let writes = Durable::prepare(&mut index, &state, &changes).expect("prepare");
+        assert!(!writes.is_empty());
+        durable.write_all_with(&[writes], false).expect("write");
+        assert_eq!(durable.commits(), counted);
+        // The next acknowledged change syncs it, in order.
+        apply(&durable, &mut index, &mut state, vec![add_job(3, 8)]);
+        assert_eq!(durable.commits(), counted + 1);
+        drop(durable);
+
+        let (durable, loaded) = open(&dir);
+        let (state, _) = restore(loaded);
+        assert_eq!(state.job_records(), 3);
+        assert_eq!(
+            state.job(&taken[0]).map(|r| r.state),
+            Some(pypelinin_common::protocol::JobState::Running),
+            "the hand-out is on disk"
+        );
         drop(durable);
         let _ = std::fs::remove_dir_all(&dir);
     }
