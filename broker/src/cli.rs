@@ -27,6 +27,18 @@ impl BrokerArgs {
     /// When the file cannot be read or a setting is invalid.
     pub fn load(&self) -> anyhow::Result<BrokerSettings> {
         let (mut settings, _): (BrokerSettings, _) = self.daemon.load("broker")?;
+        // A process worker's relative program and folder are the settings file's.
+        if let Some(folder) = self
+            .daemon
+            .config
+            .as_deref()
+            .and_then(std::path::Path::parent)
+        {
+            settings.process_workers = std::mem::take(&mut settings.process_workers)
+                .into_iter()
+                .map(|w| w.resolved_against(folder))
+                .collect();
+        }
         if let Some(c) = self.concurrency {
             settings.concurrency = c;
         }

@@ -113,7 +113,25 @@ async fn run_registered(
             let _permit = permit;
             run_command_job(command.clone(), info, store, limit).await
         }
+        Runner::Process(pool) => {
+            let _permit = permit;
+            run_process_job(pool, info, store, limit).await
+        }
     }
+}
+
+/// Runs a job on a process of `pool`.
+async fn run_process_job(
+    pool: &crate::process::Pool,
+    info: JobInfo,
+    store: Arc<dyn Store>,
+    limit: Duration,
+) -> Outcome {
+    let (job_id, worker) = (info.job_id.clone(), info.worker.clone());
+    through_store(store, info, |input| async move {
+        pool.run(job_id.as_str(), &worker, &input, limit).await
+    })
+    .await
 }
 
 /// Runs a command worker's job; failures carry the tail of its stderr.
@@ -123,24 +141,36 @@ async fn run_command_job(
     store: Arc<dyn Store>,
     limit: Duration,
 ) -> Outcome {
-    let blocking_store = store.clone();
-    let retrieve_info = info.clone();
-    let input = match tokio::task::spawn_blocking(move || blocking_store.retrieve(&retrieve_info))
+    through_store(store, info, |input| async move {
+        match tokio::time::timeout(limit, run_command(&command, &input)).await {
+            Err(_) => Err(format!(
+                "command {:?} timed out after {limit:?}",
+                command.command
+            )),
+            Ok(result) => result,
+        }
+    })
+    .await
+}
+
+/// Retrieves the job's input from the store, runs `run` on it and saves its result (the
+/// store's calls on the blocking pool).
+async fn through_store<F, Fut>(store: Arc<dyn Store>, info: JobInfo, run: F) -> Outcome
+where
+    F: FnOnce(JsonObject) -> Fut,
+    Fut: std::future::Future<Output = Result<JsonObject, String>>,
+{
+    let (retrieve_store, retrieve_info) = (store.clone(), info.clone());
+    let input = match tokio::task::spawn_blocking(move || retrieve_store.retrieve(&retrieve_info))
         .await
     {
         Ok(Ok(input)) => input,
         Ok(Err(e)) => return Outcome::Failed(format!("store failed to retrieve the input: {e}")),
         Err(e) => return Outcome::Failed(format!("store task failed: {e}")),
     };
-    let result = match tokio::time::timeout(limit, run_command(&command, &input)).await {
-        Err(_) => {
-            return Outcome::Failed(format!(
-                "command {:?} timed out after {limit:?}",
-                command.command
-            ))
-        }
-        Ok(Err(e)) => return Outcome::Failed(e),
-        Ok(Ok(result)) => result,
+    let result = match run(input).await {
+        Ok(result) => result,
+        Err(e) => return Outcome::Failed(e),
     };
     match tokio::task::spawn_blocking(move || store.save(&info, &result)).await {
         Ok(Ok(())) => Outcome::Finished,

@@ -23,6 +23,7 @@ mod execute;
 pub mod local;
 pub mod machine;
 mod monitoring;
+pub mod process;
 pub mod settings;
 pub mod store;
 pub mod worker;
@@ -36,7 +37,7 @@ use pypelinin_common::daemon::runloop::{DaemonLoop, LoopSecs, LoopSettings};
 use pypelinin_common::protocol::Event;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 pub use execute::{Outcome, Ran};
 pub use machine::BrokerMachine;
@@ -70,7 +71,9 @@ pub enum Error {
 /// A broker ready to [`run`](Broker::run).
 pub struct Broker {
     settings: BrokerSettings,
-    registry: Arc<WorkerRegistry>,
+    registry: WorkerRegistry,
+    /// The pools of the process workers, started by [`Broker::run`].
+    pools: Vec<Arc<process::Pool>>,
     store_factory: StoreFactory,
 }
 
@@ -102,12 +105,17 @@ impl Broker {
         for command in &settings.command_workers {
             registry.add_command(command.clone())?;
         }
+        let mut pools = Vec::new();
+        for spec in &settings.process_workers {
+            pools.push(registry.add_process(spec.clone())?);
+        }
         if registry.is_empty() {
             return Err(Error::NoWorkers);
         }
         Ok(Self {
             settings,
-            registry: Arc::new(registry),
+            registry,
+            pools,
             store_factory,
         })
     }
@@ -117,7 +125,19 @@ impl Broker {
     ///
     /// # Errors
     /// [`Error::Store`] when the store cannot be built from the configuration.
-    pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), Error> {
+        // A pool whose processes cannot start is said once, and its workers are not offered
+        // (rather than failing every job of theirs).
+        for pool in std::mem::take(&mut self.pools) {
+            if let Err(e) = pool.start().await {
+                error!(workers = ?pool.names(), error = %e, "cannot start the process workers; not offering them");
+                self.registry.remove(&pool.names());
+            }
+        }
+        if self.registry.is_empty() {
+            return Err(Error::NoWorkers);
+        }
+        let registry = Arc::new(std::mem::take(&mut self.registry));
         let s = &self.settings;
         let loop_secs = LoopSecs {
             connect_timeout: s.connect_timeout_secs,
@@ -163,9 +183,9 @@ impl Broker {
             .filter(|v| *v > 0.0 && *v <= MAX_SETTING_SECS)
             .and_then(|v| Duration::try_from_secs_f64(v).ok());
         let concurrency = s.effective_concurrency();
-        info!(workers = ?self.registry.names(), concurrency, prefetch = s.effective_prefetch(), "broker running");
+        info!(workers = ?registry.names(), concurrency, prefetch = s.effective_prefetch(), "broker running");
         let machine = BrokerMachine::new(
-            self.registry.clone(),
+            registry.clone(),
             store,
             concurrency,
             s.effective_prefetch(),

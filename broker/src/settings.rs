@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::process::ProcessWorker;
 use crate::worker::CommandWorker;
 
 /// Settings of a broker. Every field has a default.
@@ -34,8 +35,10 @@ pub struct BrokerSettings {
     pub lease_renew_secs: f64,
     /// The cluster token (`[cluster] token` or `PYPELININ_TOKEN`), when the router requires one.
     pub token: Option<String>,
-    /// Command workers (`[[broker.command_workers]]` tables).
+    /// Command workers (`[[broker.command_workers]]` tables): one new process per job.
     pub command_workers: Vec<CommandWorker>,
+    /// Process workers (`[[broker.process_workers]]` tables): pools of long-lived processes.
+    pub process_workers: Vec<ProcessWorker>,
 }
 
 impl Default for BrokerSettings {
@@ -53,6 +56,7 @@ impl Default for BrokerSettings {
             lease_renew_secs: 5.0,
             token: None,
             command_workers: Vec::new(),
+            process_workers: Vec::new(),
         }
     }
 }

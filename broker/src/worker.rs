@@ -163,6 +163,8 @@ pub(crate) enum Runner {
     InProcess(Arc<dyn Worker>),
     /// As a child process.
     Command(Arc<CommandWorker>),
+    /// By a process of a pool of long-lived processes.
+    Process(Arc<crate::process::Pool>),
 }
 
 /// One registered worker.
@@ -171,6 +173,15 @@ pub(crate) struct Registered {
     pub(crate) requires: Vec<String>,
     pub(crate) timeout: Option<Duration>,
     pub(crate) runner: Runner,
+}
+
+/// The name a runner gives its worker.
+fn worker_name(runner: &Runner) -> String {
+    match runner {
+        Runner::InProcess(w) => w.name().to_owned(),
+        Runner::Command(c) => c.name.clone(),
+        Runner::Process(p) => p.names().join(", "),
+    }
 }
 
 /// The workers a broker runs, by name.
@@ -225,10 +236,7 @@ impl WorkerRegistry {
             timeout: worker.timeout(),
             runner: Runner::InProcess(Arc::new(worker)),
         };
-        let name = match &entry.runner {
-            Runner::InProcess(w) => w.name().to_owned(),
-            Runner::Command(c) => c.name.clone(),
-        };
+        let name = worker_name(&entry.runner);
         self.insert(name, entry)?;
         Ok(self)
     }
@@ -266,6 +274,59 @@ impl WorkerRegistry {
         };
         self.insert(worker.name, entry)?;
         Ok(self)
+    }
+
+    /// Adds the workers of a pool of process workers (started later, by the broker).
+    ///
+    /// # Errors
+    /// [`RegistryError::Duplicate`] when a name is taken, [`RegistryError::Invalid`] when the
+    /// table names no worker, has an empty command or no process, or a timeout that is not a
+    /// positive number.
+    pub fn add_process(
+        &mut self,
+        spec: crate::process::ProcessWorker,
+    ) -> Result<Arc<crate::process::Pool>, RegistryError> {
+        let names = spec.worker_names();
+        let label = names.join(", ");
+        let invalid = |reason: &str| RegistryError::Invalid {
+            name: label.clone(),
+            reason: reason.to_owned(),
+        };
+        if names.is_empty() {
+            return Err(invalid("a process worker needs a name (or names)"));
+        }
+        if spec.command.first().is_none_or(String::is_empty) {
+            return Err(invalid("the command is empty"));
+        }
+        if spec.processes == 0 {
+            return Err(invalid("processes must be at least 1"));
+        }
+        if spec.max_jobs_per_process == Some(0) {
+            return Err(invalid("max_jobs_per_process must be at least 1"));
+        }
+        let timeout = match spec.timeout_secs {
+            None => None,
+            Some(t) if t.is_finite() && t > 0.0 => Some(Duration::from_secs_f64(t)),
+            Some(_) => return Err(invalid("timeout_secs must be a positive number")),
+        };
+        let requires = spec.requires.clone();
+        let pool = Arc::new(crate::process::Pool::new(spec));
+        for name in names {
+            let entry = Registered {
+                requires: requires.clone(),
+                timeout,
+                runner: Runner::Process(pool.clone()),
+            };
+            self.insert(name, entry)?;
+        }
+        Ok(pool)
+    }
+
+    /// Takes workers out (those of a pool whose processes cannot start).
+    pub(crate) fn remove(&mut self, names: &[String]) {
+        for name in names {
+            self.workers.remove(name);
+        }
     }
 
     /// The names of the registered workers, sorted.

@@ -4,4 +4,5 @@
 #![allow(clippy::unwrap_used)] // Test code: a failed unwrap is a failed test.
 
 mod jobs;
+mod process;
 mod support;

@@ -29,6 +29,16 @@ pub fn wait_until(limit: Duration, what: &str, mut check: impl FnMut() -> bool) 
     }
 }
 
+/// Whether process `pid` is gone (or a zombie nobody reaped yet), read from `/proc`.
+pub fn process_gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z')),
+    }
+}
+
 /// Runs the pytest file `tests/python/<file>` of the repository with the environment `env`
 /// (the paths of the binaries it starts) and asserts it passed, with pytest's output in the
 /// failure message. The interpreter is `PYPELININ_PYTHON`, else the repository's `.venv`, else

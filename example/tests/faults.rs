@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use pypelinin_client::{Error, Outcome, Pipeline, PipelineId};
 use pypelinin_common::protocol::Event;
-use pypelinin_common::testing::within;
+use pypelinin_common::testing::{process_gone, within};
 use pypelinin_common::transport::{ApiClient, ClientOptions, Subscriber};
 use serde_json::json;
 
@@ -390,14 +390,6 @@ fn children_of(pid: u32) -> Vec<u32> {
 }
 
 /// Whether process `pid` is gone (or a zombie: dead, not reaped yet).
-fn process_gone(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(stat) => stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| rest.starts_with('Z')),
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_pipeline_stops_its_running_job_runs_nothing_more_and_stays_cancelled() {

@@ -1,0 +1,552 @@
+//! Process workers: a pool of long-lived processes, in any language, that run jobs sent to them
+//! over stdin/stdout, one JSON object per line (docs/workers.md, "Process workers").
+//!
+//! A process starts by printing its hello, `{"hello": "pypelinin worker", "protocol": 1,
+//! "workers": ["Name", ...]}`; then, for each job it reads `{"job id": ID, "worker": NAME,
+//! "input": {...}}` and prints `{"job id": ID, "result": {...}}`, or `{"job id": ID, "error":
+//! "...", "traceback": "..."}` when the job failed. Its stderr is kept (the last 2 KiB) for the
+//! error of a job it fails by dying.
+//!
+//! A process that dies, prints something else, or overruns a job's timeout fails that job and
+//! is killed (its whole process group) and replaced; one that ran `max_jobs_per_process` jobs is
+//! replaced too. Each process runs in a process group of its own, so a Ctrl-C in the broker's
+//! terminal does not reach it: the broker lets running jobs end, then stops the pool.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin, ChildStdout};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tracing::{debug, warn};
+
+use crate::worker::JsonObject;
+
+/// The version of the line protocol this broker speaks.
+pub const PROTOCOL: u64 = 1;
+
+/// What a process prints first: `"hello": HELLO`.
+pub const HELLO: &str = "pypelinin worker";
+
+/// How long a new process has to print its hello, unless its table says otherwise.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How much of a process's stderr is kept (its end), for the error of a job it fails by dying.
+const STDERR_TAIL: usize = 2048;
+
+/// The longest line a process may print (a result of up to this many bytes).
+const MAX_LINE: usize = 512 * 1024 * 1024;
+
+/// A `[[broker.process_workers]]` table: a pool of processes serving one or more workers.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessWorker {
+    /// The worker it serves (or use `names`).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The workers it serves.
+    #[serde(default)]
+    pub names: Vec<String>,
+    /// The fields the workers need from the store.
+    #[serde(default)]
+    pub requires: Vec<String>,
+    /// The program and its arguments. A relative program path (one with a `/`) is taken from
+    /// the settings file's folder.
+    pub command: Vec<String>,
+    /// Processes in the pool: jobs of these workers run this many at once, at most.
+    #[serde(default = "one")]
+    pub processes: usize,
+    /// A process is replaced after this many jobs (for libraries that leak); none: never.
+    #[serde(default)]
+    pub max_jobs_per_process: Option<u64>,
+    /// The longest a job may run, in seconds (default: the broker's job timeout).
+    #[serde(default)]
+    pub timeout_secs: Option<f64>,
+    /// The processes' working directory (relative: from the settings file's folder).
+    #[serde(default)]
+    pub workdir: Option<PathBuf>,
+    /// How long a new process has to say hello, in seconds (default 30).
+    #[serde(default)]
+    pub hello_timeout_secs: Option<f64>,
+}
+
+fn one() -> usize {
+    1
+}
+
+impl ProcessWorker {
+    /// The workers it serves: `name` and `names`.
+    pub fn worker_names(&self) -> Vec<String> {
+        self.name.iter().chain(&self.names).cloned().collect()
+    }
+
+    /// The same, with a relative program path and working directory taken from `folder` (the
+    /// settings file's).
+    pub fn resolved_against(mut self, folder: &Path) -> Self {
+        if let Some(program) = self.command.first_mut() {
+            let path = Path::new(program.as_str());
+            if path.is_relative() && program.contains('/') {
+                *program = folder.join(path).display().to_string();
+            }
+        }
+        if let Some(dir) = &self.workdir {
+            if dir.is_relative() {
+                self.workdir = Some(folder.join(dir));
+            }
+        }
+        self
+    }
+}
+
+/// A running process of a pool.
+struct Proc {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    stderr: Arc<Mutex<VecDeque<u8>>>,
+    /// The task keeping `stderr`: it ends when the process's stderr closes.
+    stderr_reader: tokio::task::JoinHandle<()>,
+    pgid: Option<nix::unistd::Pid>,
+    jobs: u64,
+}
+
+impl Proc {
+    /// Kills the process and every process it started.
+    fn kill(&mut self) {
+        if let Some(pgid) = self.pgid.take() {
+            let _gone = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+        }
+        let _gone = self.child.start_kill();
+    }
+
+    /// The end of what it printed on stderr.
+    fn stderr_tail(&self) -> String {
+        let bytes: Vec<u8> = lock(&self.stderr).iter().copied().collect();
+        let text = String::from_utf8_lossy(&bytes);
+        let text = text.trim();
+        if text.is_empty() {
+            "(empty)".into()
+        } else {
+            text.to_owned()
+        }
+    }
+
+    /// Reads one line (without its end), failing on end of file.
+    async fn read_line(&mut self) -> Result<String, String> {
+        let mut line = Vec::new();
+        let read = (&mut self.stdout)
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut line)
+            .await
+            .map_err(|e| format!("cannot read its stdout: {e}"))?;
+        if read == 0 {
+            return Err(self.exited().await);
+        }
+        if line.len() > MAX_LINE {
+            return Err(format!("it printed a line of more than {MAX_LINE} bytes"));
+        }
+        while line.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+            line.pop();
+        }
+        String::from_utf8(line).map_err(|_| "it printed a line that is not UTF-8".to_owned())
+    }
+
+    /// Why its stdout ended: how it exited, and the end of its stderr.
+    async fn exited(&mut self) -> String {
+        let status = tokio::time::timeout(Duration::from_secs(1), self.child.wait()).await;
+        // Let the stderr reader take the last bytes (it ends with the process's stderr, unless
+        // a child of it keeps that open).
+        let _ = tokio::time::timeout(Duration::from_millis(200), &mut self.stderr_reader).await;
+        let how = match status {
+            Ok(Ok(status)) => format!("it exited ({status})"),
+            _ => "it closed its stdout".to_owned(),
+        };
+        format!("{how}; stderr: {}", self.stderr_tail())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A pool of processes for one `[[broker.process_workers]]` table.
+pub struct Pool {
+    spec: ProcessWorker,
+    label: String,
+    /// One permit per process: a job holds one while it runs, and so does a replacement while
+    /// it starts.
+    slots: Arc<Semaphore>,
+    idle: Arc<Mutex<Vec<Proc>>>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool").field("spec", &self.spec).finish()
+    }
+}
+
+impl Pool {
+    /// A pool for `spec`, with no process started yet ([`Pool::start`] starts them).
+    pub fn new(spec: ProcessWorker) -> Self {
+        let size = spec.processes.max(1);
+        let label = spec.worker_names().join(", ");
+        Self {
+            spec,
+            label,
+            slots: Arc::new(Semaphore::new(size)),
+            idle: Arc::new(Mutex::new(Vec::new())),
+        }
+    }
+
+    /// The workers the pool serves.
+    pub fn names(&self) -> Vec<String> {
+        self.spec.worker_names()
+    }
+
+    /// Starts every process of the pool and waits for their hellos.
+    ///
+    /// # Errors
+    /// What kept the first process that failed from starting or saying hello.
+    pub async fn start(&self) -> Result<(), String> {
+        let size = self.spec.processes.max(1);
+        let mut starting = tokio::task::JoinSet::new();
+        for _ in 0..size {
+            let spec = self.spec.clone();
+            starting.spawn(async move { spawn(&spec).await });
+        }
+        let mut idle = Vec::with_capacity(size);
+        while let Some(started) = starting.join_next().await {
+            idle.push(started.map_err(|e| format!("cannot start a worker process: {e}"))??);
+        }
+        lock(&self.idle).extend(idle);
+        Ok(())
+    }
+
+    /// Processes running now (idle or busy; not those starting).
+    pub fn processes(&self) -> Vec<u32> {
+        lock(&self.idle)
+            .iter()
+            .filter_map(|p| p.child.id())
+            .collect()
+    }
+
+    /// Runs one job of `worker` with `input`, within `limit`. Dropping the future (a cancel)
+    /// kills the process and starts another.
+    ///
+    /// # Errors
+    /// The job's error: the worker's, or what happened to its process.
+    pub async fn run(
+        &self,
+        job_id: &str,
+        worker: &str,
+        input: &JsonObject,
+        limit: Duration,
+    ) -> Result<JsonObject, String> {
+        let permit = self
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| "the worker pool is closed".to_owned())?;
+        let proc = lock(&self.idle).pop();
+        let proc = match proc {
+            Some(proc) => proc,
+            None => spawn(&self.spec).await?,
+        };
+        let mut checkout = Checkout {
+            proc: Some(proc),
+            permit: Some(permit),
+            pool: self,
+        };
+        let line = json!({"job id": job_id, "worker": worker, "input": input});
+        let exchange = checkout.exchange(job_id, &line);
+        let outcome = match tokio::time::timeout(limit, exchange).await {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                checkout.replace("it overran the job's timeout");
+                return Err(format!(
+                    "process worker {:?} timed out after {limit:?}; its process was killed",
+                    self.spec.command
+                ));
+            }
+        };
+        match outcome {
+            Exchange::Done(result) => {
+                checkout.give_back();
+                result
+            }
+            Exchange::Broken(why) => {
+                checkout.replace(&why);
+                Err(format!(
+                    "process worker {:?} failed: {why}; a new process takes its place",
+                    self.spec.command
+                ))
+            }
+        }
+    }
+}
+
+/// What one job's exchange with its process came to.
+enum Exchange {
+    /// The process answered: the job's result or error; the process can take another job.
+    Done(Result<JsonObject, String>),
+    /// The process cannot go on: it died, or printed something else than an answer.
+    Broken(String),
+}
+
+/// A process taken from the pool for one job. Unless given back, it is killed when dropped and
+/// a new one started in its place (holding the job's slot until it is ready).
+struct Checkout<'a> {
+    proc: Option<Proc>,
+    permit: Option<OwnedSemaphorePermit>,
+    pool: &'a Pool,
+}
+
+impl Checkout<'_> {
+    async fn exchange(&mut self, job_id: &str, line: &Value) -> Exchange {
+        let Some(proc) = self.proc.as_mut() else {
+            return Exchange::Broken("no process".into());
+        };
+        let mut bytes = match serde_json::to_vec(line) {
+            Ok(bytes) => bytes,
+            Err(e) => return Exchange::Done(Err(format!("cannot encode the job: {e}"))),
+        };
+        bytes.push(b'\n');
+        if let Err(e) = proc.stdin.write_all(&bytes).await {
+            let why = proc.exited().await;
+            return Exchange::Broken(format!("cannot write the job to it ({e}); {why}"));
+        }
+        let _ = proc.stdin.flush().await;
+        let answer = match proc.read_line().await {
+            Ok(answer) => answer,
+            Err(why) => return Exchange::Broken(why),
+        };
+        let answer: JsonObject = match serde_json::from_str(&answer) {
+            Ok(answer) => answer,
+            Err(_) => {
+                return Exchange::Broken(format!(
+                    "it printed {:?} instead of an answer (one JSON object per line); stderr: {}",
+                    cut(&answer),
+                    proc.stderr_tail()
+                ))
+            }
+        };
+        if answer.get("job id").and_then(Value::as_str) != Some(job_id) {
+            return Exchange::Broken(format!(
+                "it answered for job {:?}, not {job_id:?}",
+                answer.get("job id")
+            ));
+        }
+        proc.jobs += 1;
+        match (answer.get("result"), answer.get("error")) {
+            (Some(Value::Object(result)), None) => Exchange::Done(Ok(result.clone())),
+            (_, Some(error)) => {
+                let error = error
+                    .as_str()
+                    .map_or_else(|| error.to_string(), str::to_owned);
+                let traceback = answer
+                    .get("traceback")
+                    .and_then(Value::as_str)
+                    .filter(|t| !t.trim().is_empty())
+                    .map(|t| format!("\n{}", t.trim_end()))
+                    .unwrap_or_default();
+                Exchange::Done(Err(format!("{error}{traceback}")))
+            }
+            (Some(other), None) => Exchange::Done(Err(format!(
+                "the worker returned {} instead of a JSON object",
+                pypelinin_common::pipeline::json_type_name(other)
+            ))),
+            (None, None) => Exchange::Broken(format!(
+                "it answered {:?}, with neither \"result\" nor \"error\"",
+                cut(&serde_json::to_string(&answer).unwrap_or_default())
+            )),
+        }
+    }
+
+    /// Puts the process back for the next job, or replaces it once it ran its share.
+    fn give_back(mut self) {
+        let Some(proc) = self.proc.take() else {
+            return;
+        };
+        if self
+            .pool
+            .spec
+            .max_jobs_per_process
+            .is_some_and(|max| proc.jobs >= max)
+        {
+            debug!(pool = %self.pool.label, jobs = proc.jobs, "process ran its share of jobs; replacing it");
+            self.proc = Some(proc);
+            self.replace_quietly();
+            return;
+        }
+        lock(&self.pool.idle).push(proc);
+        self.permit.take();
+    }
+
+    /// Kills the process (saying why) and starts another in its place.
+    fn replace(&mut self, why: &str) {
+        warn!(pool = %self.pool.label, why, "killing a worker process and starting another");
+        self.replace_quietly();
+    }
+
+    fn replace_quietly(&mut self) {
+        if let Some(mut proc) = self.proc.take() {
+            proc.kill();
+        }
+        let Some(permit) = self.permit.take() else {
+            return;
+        };
+        let spec = self.pool.spec.clone();
+        let idle = self.pool.idle.clone();
+        let label = self.pool.label.clone();
+        // Outside a runtime (the broker is stopping) there is nothing to start it on.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                match spawn(&spec).await {
+                    Ok(proc) => lock(&idle).push(proc),
+                    Err(e) => warn!(pool = %label, error = %e, "cannot start a worker process; the next job tries again"),
+                }
+                drop(permit);
+            });
+        }
+    }
+}
+
+impl Drop for Checkout<'_> {
+    fn drop(&mut self) {
+        if self.proc.is_some() {
+            // Dropped mid-job (a cancel): the process may still be busy with it.
+            self.replace("its job was cancelled");
+        }
+    }
+}
+
+/// Starts one process and waits for its hello.
+async fn spawn(spec: &ProcessWorker) -> Result<Proc, String> {
+    let program = spec
+        .command
+        .first()
+        .ok_or_else(|| "the command is empty".to_owned())?;
+    let mut command = tokio::process::Command::new(program);
+    command
+        .args(&spec.command[1..])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    if let Some(dir) = &spec.workdir {
+        command.current_dir(dir);
+    }
+    let mut child = command
+        .spawn()
+        .map_err(|e| format!("cannot start {:?}: {e}", spec.command))?;
+    let pgid = child
+        .id()
+        .and_then(|id| i32::try_from(id).ok())
+        .map(nix::unistd::Pid::from_raw);
+    let (Some(stdin), Some(stdout), Some(stderr)) =
+        (child.stdin.take(), child.stdout.take(), child.stderr.take())
+    else {
+        return Err("cannot take the process's pipes".into());
+    };
+    let tail = Arc::new(Mutex::new(VecDeque::with_capacity(STDERR_TAIL)));
+    let stderr_reader = tokio::spawn(keep_tail(stderr, tail.clone()));
+    let mut proc = Proc {
+        child,
+        stdin,
+        stdout: BufReader::new(stdout),
+        stderr: tail,
+        stderr_reader,
+        pgid,
+        jobs: 0,
+    };
+    let limit = spec
+        .hello_timeout_secs
+        .filter(|t| t.is_finite() && *t > 0.0)
+        .and_then(|t| Duration::try_from_secs_f64(t).ok())
+        .unwrap_or(HELLO_TIMEOUT);
+    let hello = match tokio::time::timeout(limit, proc.read_line()).await {
+        Ok(Ok(line)) => line,
+        Ok(Err(why)) => return Err(format!("{:?} said no hello: {why}", spec.command)),
+        Err(_) => {
+            return Err(format!(
+                "{:?} said no hello within {limit:?}; stderr: {}",
+                spec.command,
+                proc.stderr_tail()
+            ))
+        }
+    };
+    check_hello(spec, &hello)?;
+    Ok(proc)
+}
+
+/// Checks a process's hello: the protocol, and that it serves the pool's workers.
+fn check_hello(spec: &ProcessWorker, hello: &str) -> Result<(), String> {
+    let bad = |why: String| {
+        Err(format!(
+            "{:?} said {:?} for a hello: {why} (expected {{\"hello\": \"{HELLO}\", \"protocol\": \
+             {PROTOCOL}, \"workers\": [...]}})",
+            spec.command,
+            cut(hello)
+        ))
+    };
+    let Ok(Value::Object(hello_map)) = serde_json::from_str::<Value>(hello) else {
+        return bad("not a JSON object".into());
+    };
+    if hello_map.get("hello").and_then(Value::as_str) != Some(HELLO) {
+        return bad(format!("no \"hello\": \"{HELLO}\""));
+    }
+    if hello_map.get("protocol").and_then(Value::as_u64) != Some(PROTOCOL) {
+        return bad(format!("this broker speaks protocol {PROTOCOL}"));
+    }
+    let served: Vec<&str> = hello_map
+        .get("workers")
+        .and_then(Value::as_array)
+        .map(|w| w.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let missing: Vec<String> = spec
+        .worker_names()
+        .into_iter()
+        .filter(|n| !served.contains(&n.as_str()))
+        .collect();
+    if !missing.is_empty() {
+        return bad(format!("it does not serve {missing:?}"));
+    }
+    Ok(())
+}
+
+/// Keeps the last [`STDERR_TAIL`] bytes of `stderr`.
+async fn keep_tail(mut stderr: tokio::process::ChildStderr, tail: Arc<Mutex<VecDeque<u8>>>) {
+    let mut buf = [0u8; 4096];
+    loop {
+        match stderr.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                let mut tail = lock(&tail);
+                tail.extend(&buf[..n]);
+                let extra = tail.len().saturating_sub(STDERR_TAIL);
+                tail.drain(..extra);
+            }
+        }
+    }
+}
+
+/// `text`, cut to 200 characters for an error message.
+fn cut(text: &str) -> String {
+    match text.char_indices().nth(200) {
+        Some((i, _)) => format!("{}...", &text[..i]),
+        None => text.to_owned(),
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

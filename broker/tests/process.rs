@@ -1,0 +1,303 @@
+//! Process workers: pools of long-lived processes speaking the line protocol (a Python test
+//! worker, `workers/process_worker.py`), through a real router and broker.
+
+use std::collections::HashSet;
+
+use pypelinin_broker::process::ProcessWorker;
+use pypelinin_broker::{Broker, WorkerRegistry};
+use pypelinin_common::protocol::request::NewJob;
+use pypelinin_common::testing::{process_gone, wait_until};
+use serde_json::{json, Value};
+
+use crate::support::{outcomes, Cluster, WAIT};
+
+fn script() -> String {
+    concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/workers/process_worker.py"
+    )
+    .to_owned()
+}
+
+/// A pool of `processes` processes of the test worker, serving Py and PyToo.
+fn pool(processes: usize) -> ProcessWorker {
+    ProcessWorker {
+        name: Some("Py".into()),
+        names: vec!["PyToo".into()],
+        requires: vec!["spec".into()],
+        command: vec!["python3".into(), script()],
+        processes,
+        max_jobs_per_process: None,
+        timeout_secs: None,
+        workdir: None,
+        hello_timeout_secs: None,
+    }
+}
+
+/// Adds a job of `worker` whose spec is `spec` (its document `name` in the store).
+async fn add(cluster: &Cluster, worker: &str, name: &str, spec: Value) -> String {
+    std::fs::write(cluster.store_dir.path().join(format!("{name}.json")), "{}").unwrap();
+    let mut c = cluster.client().await;
+    c.add_job(NewJob::new(worker, json!({"filename": name, "spec": spec})))
+        .await
+        .unwrap()
+        .to_string()
+}
+
+fn pid_of(cluster: &Cluster, name: &str) -> u32 {
+    u32::try_from(cluster.document(name)["pid"].as_u64().unwrap()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_runs_many_jobs_on_the_same_few_processes() {
+    let mut cluster = Cluster::start().await;
+    let mut events = cluster.events().await;
+    let mut settings = cluster.settings(4);
+    settings.process_workers = vec![pool(2)];
+    cluster.broker(settings, WorkerRegistry::new());
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let worker = if i % 2 == 0 { "Py" } else { "PyToo" };
+        ids.push(add(&cluster, worker, &format!("d{i}"), json!({"mode": "pid"})).await);
+    }
+    let (finished, failed) = outcomes(&mut events, 20).await;
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_eq!(finished.len(), 20);
+    let pids: HashSet<u32> = (0..20)
+        .map(|i| pid_of(&cluster, &format!("d{i}")))
+        .collect();
+    assert!(pids.len() <= 2, "20 jobs ran on {} processes", pids.len());
+    // Each job ran as the worker it named.
+    assert_eq!(cluster.document("d1")["worker"], "PyToo");
+    // An error answer fails the job with the worker's error and traceback.
+    let id = add(&cluster, "Py", "e", json!({"mode": "error"})).await;
+    let (_, failed) = outcomes(&mut events, 1).await;
+    assert_eq!(failed[0].0, id);
+    assert!(failed[0].1.contains("bad input"), "{failed:?}");
+    cluster.stop().await;
+    for pid in pids {
+        wait_until(WAIT, "the pool's processes stopped with the broker", || {
+            process_gone(pid)
+        });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_that_crashes_or_prints_garbage_fails_its_job_and_is_replaced() {
+    let mut cluster = Cluster::start().await;
+    let mut events = cluster.events().await;
+    let mut settings = cluster.settings(2);
+    settings.process_workers = vec![pool(2)];
+    cluster.broker(settings, WorkerRegistry::new());
+    add(&cluster, "Py", "before", json!({"mode": "pid"})).await;
+    outcomes(&mut events, 1).await;
+    let crash = add(&cluster, "Py", "crash", json!({"mode": "crash"})).await;
+    let (_, failed) = outcomes(&mut events, 1).await;
+    assert_eq!(failed[0].0, crash);
+    // The error carries the end of the process's stderr.
+    assert!(
+        failed[0].1.contains("dying on purpose"),
+        "no stderr in {:?}",
+        failed[0].1
+    );
+    let garbage = add(&cluster, "Py", "garbage", json!({"mode": "garbage"})).await;
+    let (_, failed) = outcomes(&mut events, 1).await;
+    assert_eq!(failed[0].0, garbage);
+    assert!(failed[0].1.contains("this is not an answer"), "{failed:?}");
+    // The pool is whole again: two jobs at once run on two live processes.
+    let a = add(&cluster, "Py", "a", json!({"mode": "pid"})).await;
+    let b = add(&cluster, "PyToo", "b", json!({"mode": "pid"})).await;
+    let (finished, failed) = outcomes(&mut events, 2).await;
+    assert!(failed.is_empty(), "{failed:?}");
+    assert!(finished.contains(&a) && finished.contains(&b));
+    for name in ["a", "b"] {
+        assert!(
+            !process_gone(pid_of(&cluster, name)),
+            "{name} ran on a dead process"
+        );
+    }
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_past_its_timeout_kills_its_process_group_and_the_pool_goes_on() {
+    let mut cluster = Cluster::start().await;
+    let mut events = cluster.events().await;
+    let mut settings = cluster.settings(1);
+    settings.process_workers = vec![ProcessWorker {
+        timeout_secs: Some(0.5),
+        ..pool(1)
+    }];
+    cluster.broker(settings, WorkerRegistry::new());
+    let pidfile = cluster.store_dir.path().join("hang.pids");
+    let hang = add(
+        &cluster,
+        "Py",
+        "hang",
+        json!({"mode": "hang", "pidfile": pidfile}),
+    )
+    .await;
+    let (_, failed) = outcomes(&mut events, 1).await;
+    assert_eq!(failed[0].0, hang);
+    assert!(failed[0].1.contains("timed out"), "{failed:?}");
+    let pids: Vec<u32> = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    assert_eq!(pids.len(), 2, "the worker and its child");
+    for pid in pids {
+        wait_until(WAIT, "the process group killed", || process_gone(pid));
+    }
+    add(&cluster, "Py", "after", json!({"mode": "pid"})).await;
+    let (finished, failed) = outcomes(&mut events, 1).await;
+    assert!(failed.is_empty() && finished.len() == 1, "{failed:?}");
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_are_recycled_after_their_share_of_jobs() {
+    let mut cluster = Cluster::start().await;
+    let mut events = cluster.events().await;
+    let mut settings = cluster.settings(1);
+    settings.process_workers = vec![ProcessWorker {
+        max_jobs_per_process: Some(2),
+        ..pool(1)
+    }];
+    cluster.broker(settings, WorkerRegistry::new());
+    // One after the other, so each runs on whichever process is idle.
+    let mut pids = Vec::new();
+    for i in 0..6 {
+        add(&cluster, "Py", &format!("r{i}"), json!({"mode": "pid"})).await;
+        let (finished, failed) = outcomes(&mut events, 1).await;
+        assert!(failed.is_empty() && finished.len() == 1, "{failed:?}");
+        pids.push(pid_of(&cluster, &format!("r{i}")));
+    }
+    assert_eq!(pids[0], pids[1]);
+    assert_eq!(pids[2], pids[3]);
+    assert_eq!(pids[4], pids[5]);
+    assert_eq!(pids.iter().collect::<HashSet<_>>().len(), 3, "{pids:?}");
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_that_cannot_say_hello_is_not_offered() {
+    let cluster = Cluster::start().await;
+    let silent = ProcessWorker {
+        name: Some("Silent".into()),
+        names: vec![],
+        command: vec!["sh".into(), "-c".into(), "exec sleep 600".into()],
+        hello_timeout_secs: Some(0.3),
+        ..pool(1)
+    };
+    let dies = ProcessWorker {
+        name: Some("Dies".into()),
+        names: vec![],
+        command: vec![
+            "sh".into(),
+            "-c".into(),
+            "echo 'no python here' >&2; exit 1".into(),
+        ],
+        ..pool(1)
+    };
+    // With nothing else to run, the broker refuses to start, after saying why.
+    let mut settings = cluster.settings(1);
+    settings.process_workers = vec![silent.clone(), dies.clone()];
+    let broker = Broker::new(
+        settings,
+        WorkerRegistry::new(),
+        pypelinin_broker::file_store_factory(),
+    )
+    .unwrap();
+    let outcome = tokio::time::timeout(WAIT, broker.run(Default::default()))
+        .await
+        .expect("the broker gave up on its pools in time");
+    assert!(
+        matches!(outcome, Err(pypelinin_broker::Error::NoWorkers)),
+        "{outcome:?}"
+    );
+    cluster.stop().await;
+    // The errors say why (checked on the pools themselves).
+    let silent = pypelinin_broker::process::Pool::new(silent);
+    let e = silent.start().await.unwrap_err();
+    assert!(e.contains("no hello within"), "{e}");
+    let dies = pypelinin_broker::process::Pool::new(dies);
+    let e = dies.start().await.unwrap_err();
+    assert!(e.contains("no python here"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_result_comes_through_whole() {
+    let mut cluster = Cluster::start().await;
+    let mut events = cluster.events().await;
+    let mut settings = cluster.settings(1);
+    settings.process_workers = vec![pool(1)];
+    cluster.broker(settings, WorkerRegistry::new());
+    let bytes = 20 * 1024 * 1024;
+    add(
+        &cluster,
+        "Py",
+        "big",
+        json!({"mode": "big", "bytes": bytes}),
+    )
+    .await;
+    let (finished, failed) = outcomes(&mut events, 1).await;
+    assert!(failed.is_empty() && finished.len() == 1, "{failed:?}");
+    assert_eq!(
+        cluster.document("big")["big"].as_str().map(str::len),
+        Some(bytes)
+    );
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_of_200_mb_comes_through_the_pipe_whole() {
+    let pool = pypelinin_broker::process::Pool::new(pool(1));
+    pool.start().await.unwrap();
+    let bytes = 200 * 1024 * 1024;
+    let mut input = serde_json::Map::new();
+    input.insert("spec".into(), json!({"mode": "big", "bytes": bytes}));
+    let result = pool
+        .run("j1", "Py", &input, WAIT * 6)
+        .await
+        .expect("the big result");
+    assert_eq!(result["big"].as_str().map(str::len), Some(bytes));
+    // The process is still there for the next job.
+    input.insert("spec".into(), json!({"mode": "pid"}));
+    let next = pool.run("j2", "Py", &input, WAIT).await.unwrap();
+    assert!(next["pid"].is_u64());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shell_worker_of_the_docs_runs_as_a_pool() {
+    let mut cluster = Cluster::start().await;
+    let mut events = cluster.events().await;
+    let mut settings = cluster.settings(2);
+    settings.process_workers = vec![ProcessWorker {
+        name: Some("Size".into()),
+        names: vec![],
+        requires: vec!["spec".into()],
+        command: vec![concat!(env!("CARGO_MANIFEST_DIR"), "/../example/workers/size.sh").into()],
+        processes: 2,
+        ..pool(1)
+    }];
+    cluster.broker(settings, WorkerRegistry::new());
+    add(&cluster, "Size", "s", json!({"mode": "any"})).await;
+    let failing = add(&cluster, "Size", "f", json!({"fail": true})).await;
+    let (finished, failed) = outcomes(&mut events, 2).await;
+    assert_eq!(finished.len(), 1, "{failed:?}");
+    assert!(cluster.document("s")["line bytes"].as_u64().unwrap() > 40);
+    assert_eq!(failed[0].0, failing);
+    assert!(
+        failed[0].1.contains("asked to fail") && failed[0].1.contains("size.sh"),
+        "{failed:?}"
+    );
+    cluster.stop().await;
+    // docs/workers.md shows this very script.
+    let docs = include_str!("../../docs/workers.md");
+    let script = include_str!("../../example/workers/size.sh");
+    assert!(
+        docs.contains(script),
+        "docs/workers.md shows another size.sh"
+    );
+}
