@@ -55,8 +55,8 @@ pub struct ProcessWorker {
     /// The fields the workers need from the store.
     #[serde(default)]
     pub requires: Vec<String>,
-    /// The program and its arguments. A relative program path (one with a `/`) is taken from
-    /// the settings file's folder.
+    /// The program and its arguments. The processes run in the settings file's folder (or
+    /// `workdir`), so relative paths are the file's.
     pub command: Vec<String>,
     /// Processes in the pool: jobs of these workers run this many at once, at most.
     #[serde(default = "one")]
@@ -67,7 +67,8 @@ pub struct ProcessWorker {
     /// The longest a job may run, in seconds (default: the broker's job timeout).
     #[serde(default)]
     pub timeout_secs: Option<f64>,
-    /// The processes' working directory (relative: from the settings file's folder).
+    /// The processes' working directory (default: the settings file's folder; relative: from
+    /// it).
     #[serde(default)]
     pub workdir: Option<PathBuf>,
     /// How long a new process has to say hello, in seconds (default 30).
@@ -85,8 +86,9 @@ impl ProcessWorker {
         self.name.iter().chain(&self.names).cloned().collect()
     }
 
-    /// The same, with a relative program path and working directory taken from `folder` (the
-    /// settings file's).
+    /// The same, for a table of the settings file in `folder`: the processes run in that
+    /// folder (or in `workdir`, taken from it), so relative paths in the command are the
+    /// file's, and a relative program path is made absolute from it.
     pub fn resolved_against(mut self, folder: &Path) -> Self {
         if let Some(program) = self.command.first_mut() {
             let path = Path::new(program.as_str());
@@ -94,11 +96,11 @@ impl ProcessWorker {
                 *program = folder.join(path).display().to_string();
             }
         }
-        if let Some(dir) = &self.workdir {
-            if dir.is_relative() {
-                self.workdir = Some(folder.join(dir));
-            }
-        }
+        self.workdir = Some(match self.workdir.take() {
+            Some(dir) if dir.is_relative() => folder.join(dir),
+            Some(dir) => dir,
+            None => folder.to_path_buf(),
+        });
         self
     }
 }
@@ -549,4 +551,72 @@ fn cut(text: &str) -> String {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(command: &[&str], workdir: Option<&str>) -> ProcessWorker {
+        ProcessWorker {
+            name: Some("W".into()),
+            names: vec![],
+            requires: vec![],
+            command: command.iter().map(|s| (*s).to_owned()).collect(),
+            processes: 1,
+            max_jobs_per_process: None,
+            timeout_secs: None,
+            workdir: workdir.map(PathBuf::from),
+            hello_timeout_secs: None,
+        }
+    }
+
+    #[test]
+    fn paths_of_a_settings_file_are_its_folders() {
+        let folder = Path::new("/etc/cluster");
+        let s = spec(&["python3", "workers/w.py"], None).resolved_against(folder);
+        assert_eq!(
+            s.command,
+            ["python3", "workers/w.py"],
+            "run from the folder"
+        );
+        assert_eq!(s.workdir.as_deref(), Some(folder));
+        let s = spec(&["bin/w", "x"], Some("run")).resolved_against(folder);
+        assert_eq!(s.command[0], "/etc/cluster/bin/w");
+        assert_eq!(s.workdir.as_deref(), Some(Path::new("/etc/cluster/run")));
+        let s = spec(&["/usr/bin/w"], Some("/tmp")).resolved_against(folder);
+        assert_eq!(s.command[0], "/usr/bin/w");
+        assert_eq!(s.workdir.as_deref(), Some(Path::new("/tmp")));
+    }
+
+    #[test]
+    fn a_hello_must_name_the_protocol_and_every_worker() {
+        let s = ProcessWorker {
+            names: vec!["V".into()],
+            ..spec(&["w"], None)
+        };
+        assert!(check_hello(
+            &s,
+            r#"{"hello": "pypelinin worker", "protocol": 1, "workers": ["V", "W"]}"#
+        )
+        .is_ok());
+        for (hello, says) in [
+            ("hi", "not a JSON object"),
+            (
+                r#"{"hello": "x", "protocol": 1, "workers": ["V", "W"]}"#,
+                "no \"hello\"",
+            ),
+            (
+                r#"{"hello": "pypelinin worker", "protocol": 2, "workers": ["V", "W"]}"#,
+                "protocol 1",
+            ),
+            (
+                r#"{"hello": "pypelinin worker", "protocol": 1, "workers": ["W"]}"#,
+                "[\"V\"]",
+            ),
+        ] {
+            let e = check_hello(&s, hello).unwrap_err();
+            assert!(e.contains(says), "{hello}: {e}");
+        }
+    }
 }

@@ -113,3 +113,111 @@ impl Drop for Stopped {
         let _ = self.0.wait();
     }
 }
+
+/// A process worker that takes 2 s a job, noting each job's start in a file of `DIR`.
+const SLOW_WORKER: &str = r#"
+import json, os, sys, threading
+folder = sys.argv[1]
+print(json.dumps({"hello": "pypelinin worker", "protocol": 1, "workers": ["Slow"]}), flush=True)
+for line in sys.stdin:
+    job = json.loads(line)
+    open(os.path.join(folder, job["job id"] + ".started"), "w").close()
+    threading.Event().wait(2)
+    print(json.dumps({"job id": job["job id"], "result": {"slept": True, "pid": os.getpid()}}), flush=True)
+"#;
+
+#[test]
+fn ctrl_c_in_a_brokers_terminal_lets_its_process_workers_finish_their_jobs() {
+    use pypelinin_common::protocol::request::NewJob;
+    use pypelinin_common::testing::{process_gone, wait_until};
+
+    let cluster = crate::support::Cluster::start(&[], 0, &[], 0);
+    let folder = cluster.home.path();
+    std::fs::write(folder.join("slow.py"), SLOW_WORKER).unwrap();
+    std::fs::write(
+        folder.join("broker.toml"),
+        format!(
+            "[[broker.process_workers]]\nname = \"Slow\"\ncommand = [\"python3\", \"slow.py\", {:?}]\nprocesses = 2\n",
+            folder.display().to_string()
+        ),
+    )
+    .unwrap();
+
+    let pty = nix::pty::openpty(None, None).expect("a pseudo-terminal");
+    let slave = pty.slave;
+    let (out, err, inp) = (
+        slave.try_clone().unwrap(),
+        slave.try_clone().unwrap(),
+        slave.try_clone().unwrap(),
+    );
+    let mut command = Command::new("setsid");
+    command
+        .arg("--ctty")
+        .arg(env!("CARGO_BIN_EXE_my_broker"))
+        .args(["--api", &cluster.api, "--broadcast", &cluster.broadcast])
+        .arg("--config")
+        .arg(folder.join("broker.toml"))
+        .args(["--concurrency", "2"])
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::from(inp))
+        .stdout(Stdio::from(out))
+        .stderr(Stdio::from(err));
+    let mut broker = Stopped(command.spawn().expect("the broker starts"));
+    drop(command);
+    drop(slave);
+    let rx = reader(pty.master.try_clone().unwrap());
+    let mut seen = String::new();
+    until(&rx, &mut seen, "broker running", WAIT);
+
+    // Two jobs, running on the pool's two processes.
+    let store = cluster.store();
+    std::fs::create_dir_all(&store).unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let ids: Vec<String> = runtime.block_on(async {
+        let mut c = pypelinin_common::transport::ApiClient::connect(
+            cluster.api.clone(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+        let mut ids = Vec::new();
+        for name in ["j0", "j1"] {
+            std::fs::write(store.join(format!("{name}.json")), "{}").unwrap();
+            let job = NewJob::new("Slow", serde_json::json!({"filename": name}));
+            ids.push(c.add_job(job).await.unwrap().to_string());
+        }
+        ids
+    });
+    wait_until(WAIT, "both jobs started", || {
+        ids.iter()
+            .all(|id| folder.join(format!("{id}.started")).exists())
+    });
+
+    // Ctrl-C, typed: it reaches the broker, not its worker processes (a process group each).
+    assert_eq!(nix::unistd::write(&pty.master, &[0x03]).unwrap(), 1);
+    until(&rx, &mut seen, "stopping", WAIT);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(piece) => seen.push_str(&piece),
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => panic!("the broker did not exit:\n{seen}"),
+        }
+    }
+    let status = broker.0.wait().unwrap();
+    assert!(status.success(), "{status}:\n{seen}");
+    // Both jobs ran to their end and were saved; then the pool stopped.
+    let mut pids = Vec::new();
+    for name in ["j0", "j1"] {
+        let doc: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(store.join(format!("{name}.json"))).unwrap())
+                .unwrap();
+        assert_eq!(doc["slept"], true, "{name} did not finish: {doc}\n{seen}");
+        pids.push(u32::try_from(doc["pid"].as_u64().unwrap()).unwrap());
+    }
+    for pid in pids {
+        wait_until(WAIT, "the pool's processes stopped", || process_gone(pid));
+    }
+    assert!(!seen.contains("unfinished"), "{seen}");
+}

@@ -82,6 +82,56 @@ struct Cli {
     /// Seconds of the router micro-benchmark.
     #[arg(long, default_value_t = 5.0)]
     router_secs: f64,
+    /// What runs the no-op jobs: Rust workers in the broker, a pool of Python process workers
+    /// (`concurrency` processes per broker), or a Python command worker (a process per job).
+    #[arg(long, value_enum, default_value_t = WorkerLanguage::Rust)]
+    worker_language: WorkerLanguage,
+}
+
+/// What runs the benchmark's no-op jobs.
+#[derive(Debug, Clone, Copy, PartialEq, ValueEnum)]
+enum WorkerLanguage {
+    /// Rust workers, in the broker's process.
+    Rust,
+    /// A pool of long-lived Python processes (`example/workers/noop_process.py`).
+    PythonProcess,
+    /// `python3` started for every job.
+    PythonCommand,
+}
+
+/// The broker settings file that runs the no-op workers `names` in `language` (none for Rust).
+fn worker_settings(language: WorkerLanguage, names: &[String], processes: usize) -> Option<String> {
+    let quoted = |items: &[String]| {
+        items
+            .iter()
+            .map(|n| format!("{n:?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let workers = concat!(env!("CARGO_MANIFEST_DIR"), "/workers");
+    match language {
+        WorkerLanguage::Rust => None,
+        WorkerLanguage::PythonProcess => {
+            let mut command = vec!["python3".to_owned(), format!("{workers}/noop_process.py")];
+            command.extend(names.iter().cloned());
+            Some(format!(
+                "[[broker.process_workers]]\nnames = [{}]\ncommand = [{}]\nprocesses = {processes}\n",
+                quoted(names),
+                quoted(&command)
+            ))
+        }
+        WorkerLanguage::PythonCommand => Some(
+            names
+                .iter()
+                .map(|n| {
+                    format!(
+                        "[[broker.command_workers]]\nname = {n:?}\ncommand = [\"python3\", \"-c\", \
+                         \"import json, sys; json.load(sys.stdin); print('{{}}')\"]\n"
+                    )
+                })
+                .collect(),
+        ),
+    }
 }
 
 /// The shape of a benchmark pipeline.
@@ -277,7 +327,10 @@ fn start_cluster(cli: &Cli, home: &Path) -> anyhow::Result<Cluster> {
         Some(&home.join("router.log")),
     )?;
     let (api, broadcast) = router.read_endpoints()?;
-    let workers = cli.jobs_per_pipeline.max(1).to_string();
+    let jobs = cli.jobs_per_pipeline.max(1);
+    let names: Vec<String> = (0..jobs).map(noop_name).collect();
+    let settings = worker_settings(cli.worker_language, &names, cli.concurrency);
+    let workers = if settings.is_some() { 0 } else { jobs }.to_string();
     let concurrency = cli.concurrency.to_string();
     let mut broker_args = vec![
         "--api",
@@ -289,6 +342,12 @@ fn start_cluster(cli: &Cli, home: &Path) -> anyhow::Result<Cluster> {
         "--concurrency",
         &concurrency,
     ];
+    let settings_file = home.join("broker.toml");
+    let settings_arg = settings_file.display().to_string();
+    if let Some(settings) = &settings {
+        std::fs::write(&settings_file, settings).context("cannot write the broker's settings")?;
+        broker_args.extend(["--config", &settings_arg]);
+    }
     let prefetch = cli.prefetch.map(|p| p.to_string());
     if let Some(p) = &prefetch {
         broker_args.extend(["--prefetch", p]);
@@ -570,6 +629,7 @@ async fn cluster_bench(cli: &Cli, cluster: &mut Cluster) -> anyhow::Result<()> {
             "pipeliners": cli.pipeliners,
             "concurrency": cli.concurrency,
             "jobs_per_pipeline": cli.jobs_per_pipeline,
+            "worker_language": format!("{:?}", cli.worker_language),
             "payload_bytes": cli.payload_bytes,
             "cpu_percent": {"router": cpu[0], "brokers": cpu[1], "pipeliners": cpu[2], "client": cpu[3]},
             "router_rss_mb_after": rss_marks
