@@ -105,10 +105,11 @@ impl Broker {
         for command in &settings.command_workers {
             registry.add_command(command.clone())?;
         }
-        let mut pools = Vec::new();
         for spec in &settings.process_workers {
-            pools.push(registry.add_process(spec.clone())?);
+            registry.add_process(spec.clone())?;
         }
+        // Those of the settings and those the registry came with.
+        let pools = registry.pools();
         if registry.is_empty() {
             return Err(Error::NoWorkers);
         }

@@ -322,6 +322,19 @@ impl WorkerRegistry {
         Ok(pool)
     }
 
+    /// The pools of the process workers registered, each once.
+    pub fn pools(&self) -> Vec<Arc<crate::process::Pool>> {
+        let mut pools: Vec<Arc<crate::process::Pool>> = Vec::new();
+        for entry in self.workers.values() {
+            if let Runner::Process(pool) = &entry.runner {
+                if !pools.iter().any(|p| Arc::ptr_eq(p, pool)) {
+                    pools.push(pool.clone());
+                }
+            }
+        }
+        pools
+    }
+
     /// Takes workers out (those of a pool whose processes cannot start).
     pub(crate) fn remove(&mut self, names: &[String]) {
         for name in names {

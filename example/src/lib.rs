@@ -2,7 +2,7 @@
 //!
 //! A corpus of small HTML documents (`data/`) goes through the pipeline
 //! `Downloader → (GetTextAndWords, GetLinks) → Summarize`, with `GetTextAndWords →
-//! TextStats` (a Python command worker) on the side. Binaries: `my_router`, `my_broker`,
+//! TextStats` (a Python process worker) on the side. Binaries: `my_router`, `my_broker`,
 //! `my_pipeliner`, `send_pipelines`, and `demo`, which runs all of them.
 //!
 //! Layout: [`workers`] (the workers), [`process`] (child processes), [`corpus`] (the bundled documents and the local HTTP

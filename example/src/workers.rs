@@ -1,12 +1,13 @@
 //! The example's workers: the legacy example's Downloader, GetTextAndWords, GetLinks, plus a
-//! fan-in Summarize, and a Python command worker (`workers/stats.py`).
+//! fan-in Summarize, and a Python process worker (`workers/stats.py`).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use pypelinin_broker::worker::{
-    BoxError, CommandWorker, TypedWorker, WorkerRegistry, WorkerResult,
+    BoxError, TypedWorker, WorkerRegistry, WorkerResult,
 };
+use pypelinin_broker::process::ProcessWorker;
 use serde::{Deserialize, Serialize};
 
 /// Fetches a document over HTTP or from a `file://` URL.
@@ -216,16 +217,22 @@ pub fn noop_name(i: usize) -> String {
     format!("Noop{i}")
 }
 
-/// The Python command worker: text statistics, in `workers/stats.py`.
-pub fn stats_worker() -> CommandWorker {
-    CommandWorker {
-        name: "TextStats".into(),
+/// The Python process worker: text statistics, in `workers/stats.py`, on a pool of two
+/// long-lived `python3` processes.
+pub fn stats_worker() -> ProcessWorker {
+    ProcessWorker {
+        name: Some("TextStats".into()),
+        names: Vec::new(),
         requires: vec!["text".into()],
         command: vec![
             "python3".into(),
             concat!(env!("CARGO_MANIFEST_DIR"), "/workers/stats.py").into(),
         ],
+        processes: 2,
+        max_jobs_per_process: None,
         timeout_secs: Some(30.0),
+        workdir: None,
+        hello_timeout_secs: None,
     }
 }
 
@@ -241,8 +248,8 @@ pub fn registry(noop: usize) -> Result<WorkerRegistry, pypelinin_broker::worker:
     r.add_typed(Downloader)?
         .add_typed(GetTextAndWords)?
         .add_typed(GetLinks)?
-        .add_typed(Summarize)?
-        .add_command(stats_worker())?;
+        .add_typed(Summarize)?;
+    r.add_process(stats_worker())?;
     Ok(r)
 }
 

@@ -1,21 +1,33 @@
 #!/usr/bin/env python3
-"""A pypelinin command worker in Python: text statistics.
+"""A pypelinin process worker in Python: text statistics.
 
-Reads the worker input (a JSON object with "text") on stdin, prints the result (a JSON
-object) on stdout. Anything on stderr shows in the job's error if it fails.
+Started once by the broker, it serves job after job over the line protocol of
+docs/workers.md: a hello line first, then for each job line on stdin (its "input" holds
+"text") one answer line on stdout. Anything on stderr shows in the error of a job it fails
+by dying.
 """
 import json
 import re
 import sys
 
-document = json.load(sys.stdin)
-text = document["text"]
-words = re.findall(r"\w+", text)
-sentences = [s for s in re.split(r"[.!?]+", text) if s.strip()]
-print(json.dumps({
-    "stats": {
-        "characters": len(text),
-        "sentences": len(sentences),
-        "average word length": round(sum(map(len, words)) / len(words), 2) if words else 0,
+
+def stats(text):
+    words = re.findall(r"\w+", text)
+    sentences = [s for s in re.split(r"[.!?]+", text) if s.strip()]
+    return {
+        "stats": {
+            "characters": len(text),
+            "sentences": len(sentences),
+            "average word length": round(sum(map(len, words)) / len(words), 2) if words else 0,
+        }
     }
-}))
+
+
+print(json.dumps({"hello": "pypelinin worker", "protocol": 1, "workers": ["TextStats"]}), flush=True)
+for line in sys.stdin:
+    job = json.loads(line)
+    try:
+        answer = {"job id": job["job id"], "result": stats(job["input"]["text"])}
+    except Exception as e:  # the job fails with the error; the process goes on
+        answer = {"job id": job["job id"], "error": repr(e)}
+    print(json.dumps(answer), flush=True)
