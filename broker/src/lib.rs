@@ -130,9 +130,16 @@ impl Broker {
         // A pool whose processes cannot start is said once, and its workers are not offered
         // (rather than failing every job of theirs).
         for pool in std::mem::take(&mut self.pools) {
-            if let Err(e) = pool.start().await {
-                error!(workers = ?pool.names(), error = %e, "cannot start the process workers; not offering them");
-                self.registry.remove(&pool.names());
+            match pool.start().await {
+                Ok(announced) => {
+                    for (worker, requires) in announced {
+                        self.registry.fill_requires(&worker, requires);
+                    }
+                }
+                Err(e) => {
+                    error!(workers = ?pool.names(), error = %e, "cannot start the process workers; not offering them");
+                    self.registry.remove(&pool.names());
+                }
             }
         }
         if self.registry.is_empty() {

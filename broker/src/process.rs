@@ -212,11 +212,12 @@ impl Pool {
         self.spec.worker_names()
     }
 
-    /// Starts every process of the pool and waits for their hellos.
+    /// Starts every process of the pool and waits for their hellos; returns what they say
+    /// each worker requires (empty when they do not say).
     ///
     /// # Errors
     /// What kept the first process that failed from starting or saying hello.
-    pub async fn start(&self) -> Result<(), String> {
+    pub async fn start(&self) -> Result<Announced, String> {
         let size = self.spec.processes.max(1);
         let mut starting = tokio::task::JoinSet::new();
         for _ in 0..size {
@@ -224,11 +225,15 @@ impl Pool {
             starting.spawn(async move { spawn(&spec).await });
         }
         let mut idle = Vec::with_capacity(size);
+        let mut announced = Announced::new();
         while let Some(started) = starting.join_next().await {
-            idle.push(started.map_err(|e| format!("cannot start a worker process: {e}"))??);
+            let (proc, said) =
+                started.map_err(|e| format!("cannot start a worker process: {e}"))??;
+            idle.push(proc);
+            announced = said;
         }
         lock(&self.idle).extend(idle);
-        Ok(())
+        Ok(announced)
     }
 
     /// Processes running now (idle or busy; not those starting).
@@ -260,7 +265,7 @@ impl Pool {
         let proc = lock(&self.idle).pop();
         let proc = match proc {
             Some(proc) => proc,
-            None => spawn(&self.spec).await?,
+            None => spawn(&self.spec).await?.0,
         };
         let mut checkout = Checkout {
             proc: Some(proc),
@@ -412,7 +417,7 @@ impl Checkout<'_> {
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
                 match spawn(&spec).await {
-                    Ok(proc) => lock(&idle).push(proc),
+                    Ok((proc, _)) => lock(&idle).push(proc),
                     Err(e) => warn!(pool = %label, error = %e, "cannot start a worker process; the next job tries again"),
                 }
                 drop(permit);
@@ -430,8 +435,9 @@ impl Drop for Checkout<'_> {
     }
 }
 
-/// Starts one process and waits for its hello.
-async fn spawn(spec: &ProcessWorker) -> Result<Proc, String> {
+/// Starts one process and waits for its hello; returns it with what it says its workers
+/// require.
+async fn spawn(spec: &ProcessWorker) -> Result<(Proc, Announced), String> {
     let program = spec
         .command
         .first()
@@ -486,12 +492,16 @@ async fn spawn(spec: &ProcessWorker) -> Result<Proc, String> {
             ))
         }
     };
-    check_hello(spec, &hello)?;
-    Ok(proc)
+    let announced = check_hello(spec, &hello)?;
+    Ok((proc, announced))
 }
 
-/// Checks a process's hello: the protocol, and that it serves the pool's workers.
-fn check_hello(spec: &ProcessWorker, hello: &str) -> Result<(), String> {
+/// What a process's hello says each worker requires (`"requires": {"Name": [...]}`, optional).
+type Announced = std::collections::BTreeMap<String, Vec<String>>;
+
+/// Checks a process's hello: the protocol, and that it serves the pool's workers. Returns what
+/// it says they require.
+fn check_hello(spec: &ProcessWorker, hello: &str) -> Result<Announced, String> {
     let bad = |why: String| {
         Err(format!(
             "{:?} said {:?} for a hello: {why} (expected {{\"hello\": \"{HELLO}\", \"protocol\": \
@@ -522,7 +532,27 @@ fn check_hello(spec: &ProcessWorker, hello: &str) -> Result<(), String> {
     if !missing.is_empty() {
         return bad(format!("it does not serve {missing:?}"));
     }
-    Ok(())
+    let announced = hello_map
+        .get("requires")
+        .and_then(Value::as_object)
+        .map(|r| {
+            r.iter()
+                .map(|(name, fields)| {
+                    let fields = fields
+                        .as_array()
+                        .map(|f| {
+                            f.iter()
+                                .filter_map(Value::as_str)
+                                .map(str::to_owned)
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    (name.clone(), fields)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(announced)
 }
 
 /// Keeps the last [`STDERR_TAIL`] bytes of `stderr`.
@@ -599,7 +629,13 @@ mod tests {
             &s,
             r#"{"hello": "pypelinin worker", "protocol": 1, "workers": ["V", "W"]}"#
         )
-        .is_ok());
+        .is_ok_and(|r| r.is_empty()));
+        let said = check_hello(
+            &s,
+            r#"{"hello": "pypelinin worker", "protocol": 1, "workers": ["V", "W"], "requires": {"V": ["text"]}}"#,
+        )
+        .unwrap();
+        assert_eq!(said["V"], ["text"]);
         for (hello, says) in [
             ("hi", "not a JSON object"),
             (

@@ -335,6 +335,16 @@ impl WorkerRegistry {
         pools
     }
 
+    /// Sets what `worker` requires, when nothing set it (a process worker's table without
+    /// `requires`, whose processes say it in their hello).
+    pub(crate) fn fill_requires(&mut self, worker: &str, requires: Vec<String>) {
+        if let Some(entry) = self.workers.get_mut(worker) {
+            if entry.requires.is_empty() {
+                entry.requires = requires;
+            }
+        }
+    }
+
     /// Takes workers out (those of a pool whose processes cannot start).
     pub(crate) fn remove(&mut self, names: &[String]) {
         for name in names {

@@ -44,6 +44,11 @@ pub fn process_gone(pid: u32) -> bool {
 /// failure message. The interpreter is `PYPELININ_PYTHON`, else the repository's `.venv`, else
 /// `python3`; it must have pyzmq and pytest (`requirements-dev.txt`), which is checked first.
 pub fn pytest(file: &str, env: &[(&str, &str)]) {
+    pytest_in("tests/python", file, env);
+}
+
+/// As [`pytest`], for the pytest file `file` of the repository's folder `dir`.
+pub fn pytest_in(dir: &str, file: &str, env: &[(&str, &str)]) {
     use std::process::Command;
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
     let python = std::env::var("PYPELININ_PYTHON").unwrap_or_else(|_| {
@@ -64,7 +69,7 @@ pub fn pytest(file: &str, env: &[(&str, &str)]) {
     );
     let out = Command::new(&python)
         .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", file])
-        .current_dir(format!("{root}/tests/python"))
+        .current_dir(format!("{root}/{dir}"))
         .envs(env.iter().copied())
         .env("PYTHONDONTWRITEBYTECODE", "1")
         .output()

@@ -4,10 +4,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use pypelinin_broker::worker::{
-    BoxError, TypedWorker, WorkerRegistry, WorkerResult,
-};
 use pypelinin_broker::process::ProcessWorker;
+use pypelinin_broker::worker::{BoxError, TypedWorker, WorkerRegistry, WorkerResult};
 use serde::{Deserialize, Serialize};
 
 /// Fetches a document over HTTP or from a `file://` URL.

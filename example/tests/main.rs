@@ -8,5 +8,6 @@ mod cluster;
 mod faults;
 mod hostile;
 mod legacy;
+mod python;
 mod support;
 mod terminal;
