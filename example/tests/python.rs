@@ -7,8 +7,23 @@ use crate::support::{manager, Cluster, WAIT};
 
 /// `python/tests` (pytest): `python3 -m pypelinin.worker` over the line protocol.
 #[test]
-fn the_python_packages_tests_pass() {
+fn the_python_packages_worker_tests_pass() {
     pypelinin_common::testing::pytest_in("python/tests", "test_worker.py", &[]);
+}
+
+/// `python/tests` (pytest): the client against a real cluster of the example's binaries.
+#[test]
+fn the_python_packages_client_tests_pass() {
+    let bin = |name: &str| crate::support::bin(name).display().to_string();
+    pypelinin_common::testing::pytest_in(
+        "python/tests",
+        "test_client.py",
+        &[
+            ("PYPELININ_ROUTER", &bin("my_router")),
+            ("PYPELININ_BROKER", &bin("my_broker")),
+            ("PYPELININ_PIPELINER", &bin("my_pipeliner")),
+        ],
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
