@@ -41,55 +41,90 @@ fn until(rx: &mpsc::Receiver<String>, seen: &mut String, needle: &str, limit: Du
     }
 }
 
-#[test]
-fn ctrl_c_in_a_terminal_stops_the_demo_and_every_child_cleanly() {
-    let pty = nix::pty::openpty(None, None).expect("a pseudo-terminal");
-    let home = tempfile::tempdir().unwrap();
-    let slave = pty.slave;
-    let (out, err, inp) = (
-        slave.try_clone().unwrap(),
-        slave.try_clone().unwrap(),
-        slave.try_clone().unwrap(),
-    );
-    // setsid(1): a session of its own, with the pseudo-terminal (its stdin) as the controlling
-    // terminal, so the demo's process group is the terminal's foreground group. Not a group
-    // leader here, setsid execs the demo in place (no fork).
-    let mut command = Command::new("setsid");
-    command
-        .arg("--ctty")
-        .arg(env!("CARGO_BIN_EXE_demo"))
-        .arg("--home")
-        .arg(home.path())
-        // The binaries are built: no nested cargo build.
-        .env_remove("CARGO")
-        .stdin(Stdio::from(inp))
-        .stdout(Stdio::from(out))
-        .stderr(Stdio::from(err));
-    let mut demo = Stopped(command.spawn().expect("the demo starts"));
-    // Only the demo (and the children it gives the terminal) may hold the terminal now, so
-    // its end reaches the reader as the end of the terminal's output.
-    drop(command);
-    drop(slave);
-    let rx = reader(pty.master.try_clone().unwrap());
-    let mut seen = String::new();
-    until(&rx, &mut seen, "started 2 brokers and a pipeliner", WAIT);
+/// A program running in a pseudo-terminal of its own, with what the terminal showed so far.
+struct Terminal {
+    master: OwnedFd,
+    rx: mpsc::Receiver<String>,
+    seen: String,
+    child: Stopped,
+}
 
-    // Ctrl-C, typed: the terminal's line discipline signals the foreground group.
-    let ctrl_c = nix::unistd::write(&pty.master, &[0x03]).expect("type Ctrl-C");
-    assert_eq!(ctrl_c, 1);
-    until(&rx, &mut seen, "interrupted", WAIT);
-
-    // The terminal's output ends once the demo and the children holding it have exited.
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(piece) => seen.push_str(&piece),
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(mpsc::RecvTimeoutError::Timeout) => panic!("the demo did not exit:\n{seen}"),
+impl Terminal {
+    /// Runs `program` with `args` (and `env`) under setsid(1): a session of its own, with the
+    /// pseudo-terminal (its stdin) as the controlling terminal, so its process group is the
+    /// terminal's foreground group. Not a group leader here, setsid execs it in place (no fork).
+    fn run(program: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let pty = nix::pty::openpty(None, None).expect("a pseudo-terminal");
+        let slave = pty.slave;
+        let (out, err, inp) = (
+            slave.try_clone().unwrap(),
+            slave.try_clone().unwrap(),
+            slave.try_clone().unwrap(),
+        );
+        let mut command = Command::new("setsid");
+        command
+            .arg("--ctty")
+            .arg(program)
+            .args(args)
+            .envs(env.iter().copied())
+            // The binaries are built: no nested cargo build.
+            .env_remove("CARGO")
+            .stdin(Stdio::from(inp))
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err));
+        let child = Stopped(command.spawn().expect("the program starts"));
+        // Only the program (and the children it gives the terminal) may hold the terminal now,
+        // so its end reaches the reader as the end of the terminal's output.
+        drop(command);
+        drop(slave);
+        let rx = reader(pty.master.try_clone().unwrap());
+        Self {
+            master: pty.master,
+            rx,
+            seen: String::new(),
+            child,
         }
     }
-    let status = demo.0.wait().unwrap();
+
+    /// Waits until the terminal showed `needle`.
+    fn until(&mut self, needle: &str) {
+        until(&self.rx, &mut self.seen, needle, WAIT);
+    }
+
+    /// Types Ctrl-C: the terminal's line discipline signals the foreground group.
+    fn ctrl_c(&self) {
+        let typed = nix::unistd::write(&self.master, &[0x03]).expect("type Ctrl-C");
+        assert_eq!(typed, 1);
+    }
+
+    /// Waits until every process holding the terminal exited (its output ends); returns the
+    /// program's exit status.
+    fn exit_status(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(piece) => self.seen.push_str(&piece),
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    panic!("the program did not exit:\n{}", self.seen)
+                }
+            }
+        }
+        self.child.0.wait().unwrap()
+    }
+}
+
+#[test]
+fn ctrl_c_in_a_terminal_stops_the_demo_and_every_child_cleanly() {
+    let home = tempfile::tempdir().unwrap();
+    let home_arg = home.path().display().to_string();
+    let mut demo = Terminal::run(env!("CARGO_BIN_EXE_demo"), &["--home", &home_arg], &[]);
+    demo.until("started 2 brokers and a pipeliner");
+    demo.ctrl_c();
+    demo.until("interrupted");
+    let status = demo.exit_status();
+    let seen = &demo.seen;
     assert_eq!(status.code(), Some(130), "{seen}");
     assert!(seen.contains("all children stopped"), "{seen}");
     assert!(
@@ -143,31 +178,22 @@ fn ctrl_c_in_a_brokers_terminal_lets_its_process_workers_finish_their_jobs() {
     )
     .unwrap();
 
-    let pty = nix::pty::openpty(None, None).expect("a pseudo-terminal");
-    let slave = pty.slave;
-    let (out, err, inp) = (
-        slave.try_clone().unwrap(),
-        slave.try_clone().unwrap(),
-        slave.try_clone().unwrap(),
+    let config = folder.join("broker.toml").display().to_string();
+    let mut broker = Terminal::run(
+        env!("CARGO_BIN_EXE_my_broker"),
+        &[
+            "--api",
+            &cluster.api,
+            "--broadcast",
+            &cluster.broadcast,
+            "--config",
+            &config,
+            "--concurrency",
+            "2",
+        ],
+        &[("NO_COLOR", "1")],
     );
-    let mut command = Command::new("setsid");
-    command
-        .arg("--ctty")
-        .arg(env!("CARGO_BIN_EXE_my_broker"))
-        .args(["--api", &cluster.api, "--broadcast", &cluster.broadcast])
-        .arg("--config")
-        .arg(folder.join("broker.toml"))
-        .args(["--concurrency", "2"])
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::from(inp))
-        .stdout(Stdio::from(out))
-        .stderr(Stdio::from(err));
-    let mut broker = Stopped(command.spawn().expect("the broker starts"));
-    drop(command);
-    drop(slave);
-    let rx = reader(pty.master.try_clone().unwrap());
-    let mut seen = String::new();
-    until(&rx, &mut seen, "broker running", WAIT);
+    broker.until("broker running");
 
     // Two jobs, running on the pool's two processes.
     let store = cluster.store();
@@ -194,18 +220,10 @@ fn ctrl_c_in_a_brokers_terminal_lets_its_process_workers_finish_their_jobs() {
     });
 
     // Ctrl-C, typed: it reaches the broker, not its worker processes (a process group each).
-    assert_eq!(nix::unistd::write(&pty.master, &[0x03]).unwrap(), 1);
-    until(&rx, &mut seen, "stopping", WAIT);
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(piece) => seen.push_str(&piece),
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(mpsc::RecvTimeoutError::Timeout) => panic!("the broker did not exit:\n{seen}"),
-        }
-    }
-    let status = broker.0.wait().unwrap();
+    broker.ctrl_c();
+    broker.until("stopping");
+    let status = broker.exit_status();
+    let seen = &broker.seen;
     assert!(status.success(), "{status}:\n{seen}");
     // Both jobs ran to their end and were saved; then the pool stopped.
     let mut pids = Vec::new();
