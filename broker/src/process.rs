@@ -161,6 +161,13 @@ impl Proc {
     /// Why its stdout ended: how it exited, and the end of its stderr.
     async fn exited(&mut self) -> String {
         let status = tokio::time::timeout(Duration::from_secs(1), self.child.wait()).await;
+        if status.is_ok() {
+            // Reaped: its group goes now, while it may still hold the processes it started;
+            // once empty, the group's id may be reused, so it is not signalled later.
+            if let Some(pgid) = self.pgid.take() {
+                let _gone = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+            }
+        }
         // Let the stderr reader take the last bytes (it ends with the process's stderr, unless
         // a child of it keeps that open).
         let _ = tokio::time::timeout(Duration::from_millis(200), &mut self.stderr_reader).await;
