@@ -243,14 +243,6 @@ impl Pool {
         Ok(announced)
     }
 
-    /// Processes running now (idle or busy; not those starting).
-    pub fn processes(&self) -> Vec<u32> {
-        lock(&self.idle)
-            .iter()
-            .filter_map(|p| p.child.id())
-            .collect()
-    }
-
     /// Runs one job of `worker` with `input`, within `limit`. Dropping the future (a cancel)
     /// kills the process and starts another.
     ///

@@ -398,29 +398,30 @@ struct Handled {
 /// again, which a lease that ends does anyway. So a lone client that alternates `add job` and
 /// `get job`, as the original's daemons do, waits for the disk half as often.
 fn needs_sync(request: &Request) -> bool {
-    !matches!(
-        request,
-        Request::GetConfiguration
-            | Request::GetJob(_)
-            | Request::GetJobs(_)
-            | Request::GetPipeline
-            | Request::GetPipelines(_)
-            | Request::RenewLeases(_)
-            | Request::JobStatus(_)
-            | Request::PipelineStatus(_)
-            | Request::ClusterStatus
-            | Request::Probe(_)
-    ) && !matches!(request, Request::Batch(b) if b.requests.iter().all(|r| {
-        r.get("command").and_then(serde_json::Value::as_str).is_some_and(|c| {
-            matches!(
-                c,
-                "get configuration" | "get job" | "get jobs" | "get pipeline" | "get pipelines"
-                    | "renew leases" | "job status" | "pipeline status" | "cluster status"
-                    | "probe"
-            )
-        })
-    }))
+    match request {
+        Request::Batch(b) => !b.requests.iter().all(|r| {
+            r.get("command")
+                .and_then(serde_json::Value::as_str)
+                .is_some_and(|c| NO_SYNC.contains(&c))
+        }),
+        other => !NO_SYNC.contains(&other.command()),
+    }
 }
+
+/// The commands whose answers need not wait for the disk (see [`needs_sync`]), by name: the
+/// same list serves a request and the requests of a batch.
+const NO_SYNC: &[&str] = &[
+    "get configuration",
+    "get job",
+    "get jobs",
+    "get pipeline",
+    "get pipelines",
+    "renew leases",
+    "job status",
+    "pipeline status",
+    "cluster status",
+    "probe",
+];
 
 /// Whether broadcasting `event` tells of a change that must be on disk first: an end.
 fn is_end(event: &Event) -> bool {
