@@ -122,7 +122,7 @@ async fn run_registered(
 
 /// Runs a job on a process of `pool`.
 async fn run_process_job(
-    pool: &crate::process::Pool,
+    pool: &Arc<crate::process::Pool>,
     info: JobInfo,
     store: Arc<dyn Store>,
     limit: Duration,

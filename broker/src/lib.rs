@@ -205,6 +205,9 @@ impl Broker {
             .await;
         let unfinished = machine.held_jobs();
         machine.join().await;
+        for pool in registry.pools() {
+            pool.close();
+        }
         if unfinished > 0 {
             warn!(jobs = unfinished, "broker stopped with jobs unfinished; the router hands them out again when their leases end");
         }

@@ -30,7 +30,8 @@ const LONG_JOB_SECS: f64 = 0.1;
 /// The broker's state: the jobs it holds and the reports it owes.
 pub struct BrokerMachine {
     registry: Arc<WorkerRegistry>,
-    workers: Vec<String>,
+    /// The workers offered at the last ask: all but those of withdrawn pools.
+    workers: Mutex<Vec<String>>,
     store: Arc<dyn Store>,
     semaphore: Arc<Semaphore>,
     concurrency: usize,
@@ -74,7 +75,7 @@ impl BrokerMachine {
         let workers = registry.names();
         Self {
             identity: Identity::new(Peer::new(PeerRole::Broker, workers.clone())),
-            workers,
+            workers: Mutex::new(workers),
             registry,
             store,
             semaphore: Arc::new(Semaphore::new(concurrency)),
@@ -118,8 +119,14 @@ impl Machine for BrokerMachine {
     type Note = Ran;
 
     fn ask_for_work(&self, max: usize, wait: Option<Duration>) -> Request {
+        let offered = self.registry.offered();
+        let mut workers = lock(&self.workers);
+        if *workers != offered {
+            info!(workers = ?offered, "offering a changed set of workers");
+            workers.clone_from(&offered);
+        }
         Request::GetJobs(GetJobs {
-            workers: Some(self.workers.clone()),
+            workers: Some(offered),
             max,
             wait_ms: wait.map(|w| w.as_millis() as u64),
         })
@@ -233,7 +240,8 @@ impl Machine for BrokerMachine {
     fn peer(&mut self) -> Peer {
         let waiting = lock(&self.taken).len();
         let running = self.held.len().saturating_sub(waiting);
-        self.identity.now(running, self.concurrency)
+        let workers = lock(&self.workers).clone();
+        self.identity.now(running, self.concurrency, workers)
     }
 
     fn leases(&self) -> RenewLeases {

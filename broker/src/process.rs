@@ -15,6 +15,7 @@
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,7 +24,8 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tracing::{debug, warn};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
 
 use crate::worker::JsonObject;
 
@@ -41,6 +43,15 @@ const STDERR_TAIL: usize = 2048;
 
 /// The longest line a process may print (a result of up to this many bytes).
 const MAX_LINE: usize = 512 * 1024 * 1024;
+
+/// Starts failing in a row after which a pool's workers are withdrawn.
+pub const WITHDRAW_AFTER: u32 = 3;
+
+/// How often a withdrawn pool tries to start a process, unless its table says otherwise.
+pub const RETRY_WITHDRAWN: Duration = Duration::from_secs(30);
+
+/// The first pause before starting a replacement again after a failed start; it doubles.
+const RESTART_BACKOFF: Duration = Duration::from_millis(250);
 
 /// A `[[broker.process_workers]]` table: a pool of processes serving one or more workers.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -74,6 +85,11 @@ pub struct ProcessWorker {
     /// How long a new process has to say hello, in seconds (default 30).
     #[serde(default)]
     pub hello_timeout_secs: Option<f64>,
+    /// Once its processes keep failing to start, the pool's workers are withdrawn (no longer
+    /// offered); the pool then tries to start a process every this many seconds (default 30)
+    /// and offers them again once one says hello.
+    #[serde(default)]
+    pub retry_secs: Option<f64>,
 }
 
 fn one() -> usize {
@@ -192,7 +208,13 @@ pub struct Pool {
     /// One permit per process: a job holds one while it runs, and so does a replacement while
     /// it starts.
     slots: Arc<Semaphore>,
-    idle: Arc<Mutex<Vec<Proc>>>,
+    idle: Mutex<Vec<Proc>>,
+    /// Starts that failed in a row.
+    failed_starts: AtomicU32,
+    /// Why the pool's workers are withdrawn, while they are.
+    withdrawn: Mutex<Option<String>>,
+    /// Cancelled when the broker stops: no process is started after it.
+    closed: CancellationToken,
 }
 
 impl std::fmt::Debug for Pool {
@@ -210,13 +232,22 @@ impl Pool {
             spec,
             label,
             slots: Arc::new(Semaphore::new(size)),
-            idle: Arc::new(Mutex::new(Vec::new())),
+            idle: Mutex::new(Vec::new()),
+            failed_starts: AtomicU32::new(0),
+            withdrawn: Mutex::new(None),
+            closed: CancellationToken::new(),
         }
     }
 
     /// The workers the pool serves.
     pub fn names(&self) -> Vec<String> {
         self.spec.worker_names()
+    }
+
+    /// Why the pool's workers are withdrawn (its processes kept failing to start), while they
+    /// are: the broker does not offer them then.
+    pub fn withdrawn(&self) -> Option<String> {
+        lock(&self.withdrawn).clone()
     }
 
     /// Starts every process of the pool and waits for their hellos; returns what they say
@@ -243,13 +274,20 @@ impl Pool {
         Ok(announced)
     }
 
+    /// Stops the pool: its idle processes are killed, and none is started any more (those
+    /// running a job are killed when it ends).
+    pub fn close(&self) {
+        self.closed.cancel();
+        lock(&self.idle).clear();
+    }
+
     /// Runs one job of `worker` with `input`, within `limit`. Dropping the future (a cancel)
     /// kills the process and starts another.
     ///
     /// # Errors
     /// The job's error: the worker's, or what happened to its process.
     pub async fn run(
-        &self,
+        self: &Arc<Self>,
         job_id: &str,
         worker: &str,
         input: &JsonObject,
@@ -261,15 +299,30 @@ impl Pool {
             .acquire_owned()
             .await
             .map_err(|_| "the worker pool is closed".to_owned())?;
+        if let Some(why) = self.withdrawn() {
+            return Err(format!(
+                "this broker withdrew worker {worker:?}: its processes keep failing to start \
+                 ({why})"
+            ));
+        }
         let proc = lock(&self.idle).pop();
         let proc = match proc {
             Some(proc) => proc,
-            None => spawn(&self.spec).await?.0,
+            None => match spawn(&self.spec).await {
+                Ok((proc, _)) => {
+                    self.started();
+                    proc
+                }
+                Err(why) => {
+                    self.start_failed(&why);
+                    return Err(why);
+                }
+            },
         };
         let mut checkout = Checkout {
             proc: Some(proc),
             permit: Some(permit),
-            pool: self,
+            pool: self.clone(),
         };
         let line = json!({"job id": job_id, "worker": worker, "input": input});
         let exchange = checkout.exchange(job_id, &line);
@@ -297,6 +350,94 @@ impl Pool {
             }
         }
     }
+
+    /// A process started: the count of failed starts begins again.
+    fn started(&self) {
+        self.failed_starts.store(0, Ordering::Relaxed);
+    }
+
+    /// A process failed to start. After [`WITHDRAW_AFTER`] in a row the pool's workers are
+    /// withdrawn (said once), and a task tries again every `retry_secs` until one starts.
+    fn start_failed(self: &Arc<Self>, why: &str) {
+        let failed = self.failed_starts.fetch_add(1, Ordering::Relaxed) + 1;
+        if failed < WITHDRAW_AFTER {
+            warn!(pool = %self.label, error = %why, "a worker process failed to start");
+            return;
+        }
+        {
+            let mut withdrawn = lock(&self.withdrawn);
+            if withdrawn.is_some() || self.closed.is_cancelled() {
+                return;
+            }
+            *withdrawn = Some(why.to_owned());
+        }
+        let retry = self.retry_every();
+        error!(
+            workers = %self.label, error = %why,
+            "worker processes failed to start {failed} times in a row; this broker stops \
+             offering these workers, and tries to start one again every {retry:?}"
+        );
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(self.clone().retry_withdrawn(retry));
+        }
+    }
+
+    /// How often a withdrawn pool tries again.
+    fn retry_every(&self) -> Duration {
+        self.spec
+            .retry_secs
+            .filter(|t| t.is_finite() && *t > 0.0)
+            .and_then(|t| Duration::try_from_secs_f64(t).ok())
+            .unwrap_or(RETRY_WITHDRAWN)
+    }
+
+    /// Tries to start a process every `retry` until one says hello; then the pool's workers are
+    /// offered again.
+    async fn retry_withdrawn(self: Arc<Self>, retry: Duration) {
+        loop {
+            tokio::select! {
+                () = self.closed.cancelled() => return,
+                () = tokio::time::sleep(retry) => {}
+            }
+            match spawn(&self.spec).await {
+                Ok((proc, _)) if !self.closed.is_cancelled() => {
+                    lock(&self.idle).push(proc);
+                    self.started();
+                    lock(&self.withdrawn).take();
+                    info!(workers = %self.label, "a worker process started again; offering these workers again");
+                    return;
+                }
+                Ok(_) => return,
+                Err(why) => {
+                    debug!(workers = %self.label, error = %why, "a worker process still fails to start")
+                }
+            }
+        }
+    }
+
+    /// Starts a process in place of one that was killed (holding its slot until then),
+    /// trying again after a pause while the pool is not withdrawn.
+    async fn restart(self: Arc<Self>, permit: OwnedSemaphorePermit) {
+        let mut pause = RESTART_BACKOFF;
+        while !self.closed.is_cancelled() && self.withdrawn().is_none() {
+            match spawn(&self.spec).await {
+                Ok((proc, _)) => {
+                    if !self.closed.is_cancelled() {
+                        lock(&self.idle).push(proc);
+                    }
+                    self.started();
+                    break;
+                }
+                Err(why) => self.start_failed(&why),
+            }
+            tokio::select! {
+                () = self.closed.cancelled() => break,
+                () = tokio::time::sleep(pause) => {}
+            }
+            pause = (pause * 2).min(self.retry_every());
+        }
+        drop(permit);
+    }
 }
 
 /// What one job's exchange with its process came to.
@@ -309,13 +450,13 @@ enum Exchange {
 
 /// A process taken from the pool for one job. Unless given back, it is killed when dropped and
 /// a new one started in its place (holding the job's slot until it is ready).
-struct Checkout<'a> {
+struct Checkout {
     proc: Option<Proc>,
     permit: Option<OwnedSemaphorePermit>,
-    pool: &'a Pool,
+    pool: Arc<Pool>,
 }
 
-impl Checkout<'_> {
+impl Checkout {
     async fn exchange(&mut self, job_id: &str, line: &Value) -> Exchange {
         let Some(proc) = self.proc.as_mut() else {
             return Exchange::Broken("no process".into());
@@ -392,7 +533,9 @@ impl Checkout<'_> {
             self.replace_quietly();
             return;
         }
-        lock(&self.pool.idle).push(proc);
+        if !self.pool.closed.is_cancelled() {
+            lock(&self.pool.idle).push(proc);
+        }
         self.permit.take();
     }
 
@@ -409,23 +552,14 @@ impl Checkout<'_> {
         let Some(permit) = self.permit.take() else {
             return;
         };
-        let spec = self.pool.spec.clone();
-        let idle = self.pool.idle.clone();
-        let label = self.pool.label.clone();
         // Outside a runtime (the broker is stopping) there is nothing to start it on.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                match spawn(&spec).await {
-                    Ok((proc, _)) => lock(&idle).push(proc),
-                    Err(e) => warn!(pool = %label, error = %e, "cannot start a worker process; the next job tries again"),
-                }
-                drop(permit);
-            });
+            runtime.spawn(self.pool.clone().restart(permit));
         }
     }
 }
 
-impl Drop for Checkout<'_> {
+impl Drop for Checkout {
     fn drop(&mut self) {
         if self.proc.is_some() {
             // Dropped mid-job (a cancel): the process may still be busy with it.
@@ -597,6 +731,7 @@ mod tests {
             timeout_secs: None,
             workdir: workdir.map(PathBuf::from),
             hello_timeout_secs: None,
+            retry_secs: None,
         }
     }
 

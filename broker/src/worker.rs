@@ -357,6 +357,19 @@ impl WorkerRegistry {
         self.workers.keys().cloned().collect()
     }
 
+    /// The names of the workers this broker offers now, sorted: all but those of a pool
+    /// whose processes keep failing to start ([`crate::process::Pool::withdrawn`]).
+    pub fn offered(&self) -> Vec<String> {
+        self.workers
+            .iter()
+            .filter(|(_, entry)| match &entry.runner {
+                Runner::Process(pool) => pool.withdrawn().is_none(),
+                _ => true,
+            })
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
     /// Whether no worker is registered.
     pub fn is_empty(&self) -> bool {
         self.workers.is_empty()

@@ -4,9 +4,10 @@
 use std::collections::HashSet;
 
 use pypelinin_broker::process::ProcessWorker;
-use pypelinin_broker::{Broker, WorkerRegistry};
+use pypelinin_broker::worker::WorkerResult;
+use pypelinin_broker::{Broker, JsonObject, Worker, WorkerRegistry};
 use pypelinin_common::protocol::request::NewJob;
-use pypelinin_common::testing::{process_gone, wait_until};
+use pypelinin_common::testing::{process_gone, wait_until, within};
 use serde_json::{json, Value};
 
 use crate::support::{outcomes, Cluster, WAIT};
@@ -31,6 +32,7 @@ fn pool(processes: usize) -> ProcessWorker {
         timeout_secs: None,
         workdir: None,
         hello_timeout_secs: None,
+        retry_secs: None,
     }
 }
 
@@ -226,6 +228,81 @@ async fn a_pool_that_cannot_say_hello_is_not_offered() {
     assert!(e.contains("no python here"), "{e}");
 }
 
+/// Answers its input.
+struct Echo;
+impl Worker for Echo {
+    fn name(&self) -> &str {
+        "Echo"
+    }
+    fn process(&self, input: JsonObject) -> WorkerResult<JsonObject> {
+        Ok(input)
+    }
+}
+
+/// Whether the router's cluster status shows a live broker offering `worker`.
+async fn offered(cluster: &Cluster, worker: &str) -> bool {
+    let status = cluster.client().await.cluster_status().await.unwrap();
+    status
+        .peers
+        .iter()
+        .any(|p| !p.gone && p.peer.workers.iter().any(|w| w == worker))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_whose_processes_stop_starting_is_withdrawn_then_offered_again() {
+    let mut cluster = Cluster::start().await;
+    let mut events = cluster.events().await;
+    // The worker's processes fail to start while the file `broken` is in their folder, as
+    // after a bad deploy.
+    let folder = tempfile::tempdir().unwrap();
+    let broken = folder.path().join("broken");
+    let command = format!(
+        "if [ -e broken ]; then echo 'ModuleNotFoundError: no module named numpy' >&2; exit 1; fi; exec python3 {}",
+        script()
+    );
+    let mut settings = cluster.settings(1);
+    settings.process_workers = vec![ProcessWorker {
+        command: vec!["sh".into(), "-c".into(), command],
+        workdir: Some(folder.path().to_path_buf()),
+        retry_secs: Some(0.3),
+        ..pool(1)
+    }];
+    let mut registry = WorkerRegistry::new();
+    registry.add(Echo).unwrap();
+    cluster.broker(settings, registry);
+    add(&cluster, "Py", "first", json!({"mode": "pid"})).await;
+    let (finished, failed) = outcomes(&mut events, 1).await;
+    assert!(failed.is_empty() && finished.len() == 1, "{failed:?}");
+    // Its process dies, and every replacement fails to start.
+    std::fs::write(&broken, "").unwrap();
+    let crash = add(&cluster, "Py", "crash", json!({"mode": "crash"})).await;
+    let (_, failed) = outcomes(&mut events, 1).await;
+    assert_eq!(failed[0].0, crash);
+    // The broker stops offering the pool's workers (and keeps offering its others)...
+    // (No event tells a broker's workers: its status, sent every 2 s, is polled.)
+    within(WAIT, "the broker to withdraw Py", async {
+        let mut poll = tokio::time::interval(std::time::Duration::from_millis(50));
+        while offered(&cluster, "Py").await || !offered(&cluster, "Echo").await {
+            poll.tick().await;
+        }
+    })
+    .await;
+    assert!(!offered(&cluster, "PyToo").await);
+    // ... so a job of theirs waits at the router instead of failing (one attempt per job
+    // here: a job the broker took would fail for good).
+    let waits = add(&cluster, "PyToo", "waits", json!({"mode": "pid"})).await;
+    let echo = add(&cluster, "Echo", "echo", json!({})).await;
+    let (finished, failed) = outcomes(&mut events, 1).await;
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_eq!(finished, vec![echo]);
+    // Fixed: the pool starts a process again, offers its workers, and the job runs.
+    std::fs::remove_file(&broken).unwrap();
+    let (finished, failed) = outcomes(&mut events, 1).await;
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_eq!(finished, vec![waits]);
+    cluster.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_result_comes_through_whole() {
     let mut cluster = Cluster::start().await;
@@ -252,7 +329,7 @@ async fn a_large_result_comes_through_whole() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_result_of_200_mb_comes_through_the_pipe_whole() {
-    let pool = pypelinin_broker::process::Pool::new(pool(1));
+    let pool = std::sync::Arc::new(pypelinin_broker::process::Pool::new(pool(1)));
     pool.start().await.unwrap();
     let bytes = 200 * 1024 * 1024;
     let mut input = serde_json::Map::new();

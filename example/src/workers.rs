@@ -231,6 +231,7 @@ pub fn stats_worker() -> ProcessWorker {
         timeout_secs: Some(30.0),
         workdir: None,
         hello_timeout_secs: None,
+        retry_secs: None,
     }
 }
 

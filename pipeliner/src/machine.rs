@@ -316,7 +316,7 @@ impl Machine for PipelinerMachine {
     }
 
     fn peer(&mut self) -> Peer {
-        self.identity.now(self.walks.len(), 0)
+        self.identity.now(self.walks.len(), 0, Vec::new())
     }
 
     fn leases(&self) -> RenewLeases {

@@ -78,9 +78,11 @@ impl Identity {
         }
     }
 
-    /// The peer as it stands: `running` of `slots`, with its load sampled now.
-    pub fn now(&mut self, running: usize, slots: usize) -> Peer {
+    /// The peer as it stands: `running` of `slots`, offering `workers` (a broker), with its
+    /// load sampled now.
+    pub fn now(&mut self, running: usize, slots: usize, workers: Vec<String>) -> Peer {
         self.peer.running = running;
+        self.peer.workers = workers;
         self.peer.slots = slots;
         self.peer.load = Some(self.sampler.get_or_insert_with(LoadSampler::new).sample());
         self.peer.clone()
