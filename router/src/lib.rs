@@ -420,6 +420,7 @@ const NO_SYNC: &[&str] = &[
     "job status",
     "pipeline status",
     "cluster status",
+    "list pipelines",
     "probe",
 ];
 

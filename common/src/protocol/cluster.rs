@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::reply::JobState;
+use super::reply::{JobState, PipelineStatus};
 use crate::ids::{JobId, PipelineId};
 
 /// What kind of daemon a [`Peer`] is.
@@ -128,6 +128,38 @@ pub struct ClusterStatus {
     /// `get jobs` / `get pipelines` waiting at the router for work.
     #[serde(rename = "waiting requests")]
     pub waiting_requests: usize,
+}
+
+/// The answer to `list pipelines`: `{"answer": "pipeline list", "pipelines": [...], "more":
+/// bool}`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PipelineList {
+    /// The pipelines, newest first: running, then queued, then ended ones by when they ended.
+    pub pipelines: Vec<ListedPipeline>,
+    /// Whether more pipelines matched than were listed.
+    pub more: bool,
+}
+
+/// One pipeline of a [`PipelineList`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ListedPipeline {
+    /// The pipeline.
+    #[serde(rename = "pipeline id")]
+    pub pipeline_id: PipelineId,
+    /// Where it stands, as `pipeline status` answers it (with, for a failed one, the job that
+    /// failed, its worker and error).
+    #[serde(flatten)]
+    pub status: PipelineStatus,
+    /// For a pending one, the jobs submitted for it so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jobs: Option<usize>,
+    /// For an ended one, seconds since it ended.
+    #[serde(
+        rename = "ended secs ago",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub ended_secs_ago: Option<f64>,
 }
 
 /// One worker's jobs (`cluster status`).

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-use super::cluster::{ClusterStatus, PipelineDetails};
+use super::cluster::{ClusterStatus, PipelineDetails, PipelineList};
 use super::duration::WireDuration;
 use super::request::RequestError;
 use crate::ids::{JobId, PipelineId};
@@ -78,6 +78,9 @@ pub enum AnswerKind {
     /// Extension: the answer to `cluster status`.
     #[serde(rename = "cluster status")]
     ClusterStatus,
+    /// Extension: the answer to `list pipelines`.
+    #[serde(rename = "pipeline list")]
+    PipelineList,
 }
 
 impl AnswerKind {
@@ -94,6 +97,7 @@ impl AnswerKind {
                 | AnswerKind::LeasesRenewed
                 | AnswerKind::PipelineCancelled
                 | AnswerKind::ClusterStatus
+                | AnswerKind::PipelineList
         )
     }
 }
@@ -357,6 +361,8 @@ pub enum Reply {
     Pipelines(Vec<PipelineHandout>),
     /// `cluster status`: `{"answer": "cluster status", ...}`.
     ClusterStatus(Box<ClusterStatus>),
+    /// `list pipelines`: `{"answer": "pipeline list", "pipelines": [...], "more": bool}`.
+    PipelineList(PipelineList),
 }
 
 impl From<Answer> for Reply {
@@ -399,6 +405,10 @@ impl Reply {
             Reply::ClusterStatus(status) => serde_json::to_vec(&Tagged {
                 answer: AnswerKind::ClusterStatus,
                 body: status,
+            }),
+            Reply::PipelineList(list) => serde_json::to_vec(&Tagged {
+                answer: AnswerKind::PipelineList,
+                body: list,
             }),
             Reply::Answer(a) => serde_json::to_vec(a),
             Reply::Configuration(c) => serde_json::to_vec(c),
@@ -526,16 +536,31 @@ impl FromReply for Vec<Value> {
 /// `cluster status`: `{"answer": "cluster status", ...}`.
 impl FromReply for ClusterStatus {
     fn from_reply(value: Value) -> Result<Self, ReplyError> {
-        if value.get("answer").and_then(Value::as_str) == Some("cluster status") {
-            return serde_json::from_value(value)
-                .map_err(|e| ReplyError::Unexpected(format!("{e}: in a cluster status reply")));
-        }
-        match serde_json::from_value::<Answer>(value.clone()) {
-            Ok(a) => Err(ReplyError::Refused(Box::new(a))),
-            Err(_) => Err(ReplyError::Unexpected(format!(
-                "not a cluster status reply: {value}"
-            ))),
-        }
+        tagged_reply(value, "cluster status")
+    }
+}
+
+/// `list pipelines`: `{"answer": "pipeline list", ...}`.
+impl FromReply for PipelineList {
+    fn from_reply(value: Value) -> Result<Self, ReplyError> {
+        tagged_reply(value, "pipeline list")
+    }
+}
+
+/// Reads a reply whose `"answer"` is `answer` as `T`; another answer is a refusal.
+fn tagged_reply<T: serde::de::DeserializeOwned>(
+    value: Value,
+    answer: &str,
+) -> Result<T, ReplyError> {
+    if value.get("answer").and_then(Value::as_str) == Some(answer) {
+        return serde_json::from_value(value)
+            .map_err(|e| ReplyError::Unexpected(format!("{e}: in a {answer} reply")));
+    }
+    match serde_json::from_value::<Answer>(value.clone()) {
+        Ok(a) => Err(ReplyError::Refused(Box::new(a))),
+        Err(_) => Err(ReplyError::Unexpected(format!(
+            "not a {answer} reply: {value}"
+        ))),
     }
 }
 

@@ -5,6 +5,7 @@ use serde_json::{Map, Value};
 
 use super::cluster::Peer;
 use super::duration::WireDuration;
+use super::reply::PipelineState;
 use crate::ids::{JobId, PipelineId};
 
 /// Declares [`Request`] with each command's wire name written once: the serde tag, the
@@ -91,6 +92,11 @@ requests! {
     /// throughput and the workers nobody serves; answers `{"answer": "cluster status", ...}`
     /// ([`crate::protocol::cluster::ClusterStatus`]).
     "cluster status" => ClusterStatus,
+    /// Extension: lists pipelines, newest first (running, then queued, then ended ones by when
+    /// they ended), optionally of one state or whose id starts with a prefix; answers
+    /// `{"answer": "pipeline list", "pipelines": [...], "more": bool}`
+    /// ([`crate::protocol::cluster::PipelineList`]).
+    "list pipelines" => ListPipelines(ListPipelines),
     /// Extension: several requests in one round trip. The router handles them in order, with
     /// nothing in between, and writes their changes in one durable write; it answers
     /// `{"answer": "batch", "replies": [...]}`, one reply per request, each what the request
@@ -277,6 +283,38 @@ pub struct CancelPipeline {
     /// The pipeline to cancel.
     #[serde(rename = "pipeline id")]
     pub pipeline_id: PipelineId,
+}
+
+/// `list pipelines`.
+///
+/// ```
+/// use pypelinin_common::protocol::request::ListPipelines;
+/// use pypelinin_common::protocol::{decode_request, PipelineState, Request};
+/// let req = decode_request(br#"{"command": "list pipelines", "state": "failed", "limit": 20}"#).unwrap();
+/// let Request::ListPipelines(list) = req else { panic!() };
+/// assert_eq!(list.state, Some(PipelineState::Failed));
+/// assert_eq!((list.limit, list.id_prefix), (20, None));
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ListPipelines {
+    /// Only the pipelines in this state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<PipelineState>,
+    /// Only the pipelines whose id starts with this.
+    #[serde(rename = "id prefix", default, skip_serializing_if = "Option::is_none")]
+    pub id_prefix: Option<String>,
+    /// At most this many (default 50; more than [`ListPipelines::MAX`] lists that many).
+    #[serde(default = "ListPipelines::default_limit")]
+    pub limit: usize,
+}
+
+impl ListPipelines {
+    /// The most pipelines one answer lists.
+    pub const MAX: usize = 1000;
+
+    fn default_limit() -> usize {
+        50
+    }
 }
 
 /// `pipeline failed`.

@@ -334,6 +334,18 @@ impl ApiClient {
         Ok(decode_reply(&reply)?)
     }
 
+    /// `list pipelines`: pipelines newest first, of one state or id prefix when `list` says.
+    ///
+    /// # Errors
+    /// Transport failures, or an error answer.
+    pub async fn list_pipelines(
+        &mut self,
+        list: crate::protocol::request::ListPipelines,
+    ) -> Result<crate::protocol::cluster::PipelineList, ClientError> {
+        let reply = self.request(&Request::ListPipelines(list)).await?;
+        Ok(decode_reply(&reply)?)
+    }
+
     /// `cancel pipeline`: cancels a pending pipeline.
     ///
     /// # Errors

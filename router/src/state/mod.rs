@@ -29,6 +29,7 @@ mod invariants;
 mod jobs;
 mod leases;
 mod legacy;
+mod listing;
 mod outcomes;
 mod pipelines;
 mod policy;
@@ -310,6 +311,7 @@ impl State {
             }
             Request::CancelPipeline(cancel) => self.cancel_pipeline(cancel, now, events),
             Request::ClusterStatus => Reply::ClusterStatus(Box::new(self.cluster_status(now))),
+            Request::ListPipelines(list) => Reply::PipelineList(self.list_pipelines(&list, now)),
             Request::Probe(probe) => {
                 events.push(Event::Probe { token: probe.token });
                 Answer::new(AnswerKind::ProbeSent).into()

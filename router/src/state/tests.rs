@@ -1,9 +1,10 @@
 //! Tests of the router state: each transition, and properties of random runs.
 
 use super::*;
+use pypelinin_common::protocol::cluster::PipelineList;
 use pypelinin_common::protocol::request::{
-    CancelPipeline, GetPipelines, JobFailed, JobFinished, JobStatusQuery, NewJob, NewPipeline,
-    PipelineFailed, PipelineFinished, PipelineStatusQuery, RenewLeases,
+    CancelPipeline, GetPipelines, JobFailed, JobFinished, JobStatusQuery, ListPipelines, NewJob,
+    NewPipeline, PipelineFailed, PipelineFinished, PipelineStatusQuery, RenewLeases,
 };
 use pypelinin_common::protocol::{JobAssignment, SubmittedJob, WireDuration};
 use serde_json::json;
@@ -1887,4 +1888,83 @@ fn a_pipeline_handed_again_to_a_legacy_pipeliner_goes_out_under_a_new_id() {
         panic!()
     };
     assert_eq!(handouts[0].pipeline_id, again);
+}
+
+fn list(state: &mut State, list: ListPipelines, now: u64) -> PipelineList {
+    match state.handle(Request::ListPipelines(list), now, &mut vec![]) {
+        Reply::PipelineList(l) => l,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn listing(state: Option<PipelineState>, prefix: Option<&str>, limit: usize) -> ListPipelines {
+    ListPipelines {
+        state,
+        id_prefix: prefix.map(str::to_owned),
+        limit,
+    }
+}
+
+#[test]
+fn pipelines_are_listed_newest_first_by_state_and_id_prefix_within_the_limit() {
+    let mut s = State::new(Map::new(), Policy::default());
+    let ids: Vec<PipelineId> = (0..6).map(|_| new_pipeline(&mut s)).collect();
+    // The two oldest run; the oldest of them then finishes and the other fails; one queued
+    // pipeline is cancelled.
+    let a = take_pipeline(&mut s, T0).unwrap().pipeline_id;
+    let b = take_pipeline(&mut s, T0).unwrap().pipeline_id;
+    let c = take_pipeline(&mut s, T0).unwrap().pipeline_id;
+    assert_eq!((&a, &b, &c), (&ids[0], &ids[1], &ids[2]));
+    let done = Request::PipelineFinished(PipelineFinished {
+        pipeline_id: a.clone(),
+        duration: WireDuration::from_secs(1.5),
+    });
+    s.handle(done, T0 + 1_000, &mut vec![]);
+    let failed = Request::PipelineFailed(PipelineFailed {
+        pipeline_id: b.clone(),
+        job_id: "j".into(),
+        worker: "B".into(),
+        error: "boom".into(),
+        duration: None,
+    });
+    s.handle(failed, T0 + 2_000, &mut vec![]);
+    let cancel = Request::CancelPipeline(CancelPipeline {
+        pipeline_id: ids[3].clone(),
+    });
+    s.handle(cancel, T0 + 2_500, &mut vec![]);
+
+    let all = list(&mut s, listing(None, None, 50), T0 + 3_000);
+    let order: Vec<&PipelineId> = all.pipelines.iter().map(|p| &p.pipeline_id).collect();
+    // Running (c), queued newest first (5, 4), then ended newest first (3 cancelled, b
+    // failed, a finished).
+    assert_eq!(order, vec![&c, &ids[5], &ids[4], &ids[3], &b, &a]);
+    assert!(!all.more);
+    let failed = &all.pipelines[4];
+    assert_eq!(failed.status.state, PipelineState::Failed);
+    assert_eq!(failed.status.error.as_deref(), Some("boom"));
+    assert_eq!(failed.ended_secs_ago, Some(1.0));
+    assert_eq!(all.pipelines[0].jobs, Some(0));
+
+    let queued = list(&mut s, listing(Some(PipelineState::Queued), None, 50), T0);
+    let order: Vec<&PipelineId> = queued.pipelines.iter().map(|p| &p.pipeline_id).collect();
+    assert_eq!(order, vec![&ids[5], &ids[4]]);
+    let finished = list(&mut s, listing(Some(PipelineState::Finished), None, 50), T0);
+    assert_eq!(finished.pipelines.len(), 1);
+    assert_eq!(
+        finished.pipelines[0].status.duration,
+        Some(WireDuration::from_secs(1.5))
+    );
+
+    let one = list(&mut s, listing(None, Some(&ids[4].as_str()[..12]), 50), T0);
+    assert_eq!(one.pipelines.len(), 1);
+    assert_eq!(one.pipelines[0].pipeline_id, ids[4]);
+
+    let page = list(&mut s, listing(None, None, 2), T0);
+    assert_eq!(page.pipelines.len(), 2);
+    assert!(page.more);
+    // The reply's wire form.
+    let wire: Value = serde_json::from_slice(&Reply::PipelineList(page).encode()).unwrap();
+    assert_eq!(wire["answer"], "pipeline list");
+    assert_eq!(wire["pipelines"][0]["state"], "running");
+    assert_eq!(wire["more"], true);
 }
