@@ -5,6 +5,7 @@
 
 mod cli;
 mod cluster;
+mod dashboard;
 mod faults;
 mod hostile;
 mod legacy;

@@ -7,9 +7,11 @@
 //! 1 a pipeline failed or was cancelled (or could not be cancelled), 2 a usage error or a
 //! router that cannot be reached. Colours only on a terminal (and never with `NO_COLOR`).
 //!
+//! - [`dashboard`]: the live web dashboard (`pypelinin dashboard`).
 //! - [`file`]: the pipeline file format.
 //! - [`render`]: how status and pipelines are printed for people.
 
+pub mod dashboard;
 pub mod file;
 pub mod render;
 
@@ -106,6 +108,14 @@ pub enum Command {
         /// Stop after this many events.
         #[arg(long, value_name = "N")]
         count: Option<u64>,
+    },
+    /// Serve a live web dashboard of the cluster: throughput, queues, brokers, failures,
+    /// pipelines and their DAGs (Ctrl-C stops).
+    Dashboard {
+        /// Where to listen. Anything but a loopback address exposes the cluster to the
+        /// network, and is refused unless the cluster has a token (which a cancel must give).
+        #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
     },
     /// Print the DOT text of the pipelines of a file (checking it as submit does).
     Dot {
@@ -259,8 +269,49 @@ async fn run_inner(cli: Cli) -> Result<Exit, Failure> {
             events,
             count,
         } => watch(&ctx, pipeline, &events, count).await,
+        Command::Dashboard { listen } => serve_dashboard(&ctx, listen).await,
         Command::Dot { .. } => Ok(Exit::SUCCESS),
     }
+}
+
+async fn serve_dashboard(ctx: &Context, listen: std::net::SocketAddr) -> Result<Exit, Failure> {
+    if dashboard::exposes(&listen) {
+        if ctx.settings.token.is_none() {
+            return Err(Failure(format!(
+                "refusing to serve the dashboard on {listen}: it would expose the cluster to the \
+                 network without a token (set [cluster] token or PYPELININ_TOKEN, or listen on \
+                 127.0.0.1)"
+            )));
+        }
+        eprintln!(
+            "pypelinin: warning: the dashboard on {listen} exposes the cluster to the network \
+             (a cancel needs the cluster token)"
+        );
+    }
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| Failure(format!("cannot listen on {listen}: {e}")))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| Failure(format!("cannot listen on {listen}: {e}")))?;
+    println!(
+        "dashboard: http://{bound}/ (router {}; Ctrl-C stops)",
+        ctx.settings.api
+    );
+    let _ = std::io::stdout().flush();
+    let connect = dashboard::Connect {
+        api: ctx.settings.api.clone(),
+        broadcast: Some(ctx.settings.broadcast.clone()),
+        options: ctx.options,
+        token: ctx.settings.token.clone(),
+    };
+    let stop = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    dashboard::serve(listener, connect, stop)
+        .await
+        .map_err(|e| Failure(format!("the dashboard stopped: {e}")))?;
+    Ok(Exit::SUCCESS)
 }
 
 /// Prints `value` as one line of JSON.

@@ -1,8 +1,10 @@
 //! `demo`: a whole cluster on this machine, processing the bundled corpus.
 //!
 //! Starts the corpus HTTP server, `my_router`, two `my_broker`s and `my_pipeliner` as child
-//! processes, runs `send_pipelines` over the corpus, shows a few results, and stops every
-//! child — also when interrupted with Ctrl-C or when a child fails.
+//! processes and the web dashboard (as `pypelinin dashboard` serves it), runs `send_pipelines`
+//! over the corpus, shows a few results, and stops every child — also when interrupted with
+//! Ctrl-C or when a child fails. With `--keep` the cluster and its dashboard stay up until
+//! Ctrl-C, for a person to look.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -23,6 +25,12 @@ struct Cli {
     /// Seconds send_pipelines may wait for the pipelines.
     #[arg(long, default_value_t = 60.0)]
     timeout: f64,
+    /// Keep the cluster and its dashboard up once the pipelines ended, until Ctrl-C.
+    #[arg(long)]
+    keep: bool,
+    /// Where the dashboard listens [default: a free port on 127.0.0.1].
+    #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:0")]
+    dashboard: std::net::SocketAddr,
 }
 
 const BINARIES: [&str; 4] = ["my_router", "my_broker", "my_pipeliner", "send_pipelines"];
@@ -68,6 +76,8 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     )?;
     let (api, broadcast) = router.read_endpoints()?;
     println!("router listening: api={api} broadcast={broadcast}");
+    let dashboard = start_dashboard(cli.dashboard, &api, &broadcast)?;
+    println!("dashboard:  {dashboard}");
     let mut daemons = vec![router];
     for i in 1..=2 {
         daemons.push(Daemon::spawn_own_group(
@@ -116,6 +126,15 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     let outcome = supervise(&mut sender, &mut daemons, &interrupted);
     // Print what send_pipelines said (its stdout is piped).
     let summary = sender.read_rest();
+    let keep = cli.keep && matches!(outcome, Supervised::Done(_));
+    if keep {
+        print!("{summary}");
+        if matches!(outcome, Supervised::Done(true)) {
+            show_results(&home)?;
+        }
+        println!("the cluster stays up: dashboard at {dashboard} (API {api}); Ctrl-C stops it");
+        keep_up(&mut daemons, &interrupted);
+    }
 
     for d in daemons.iter_mut().rev() {
         let status = d.stop(Duration::from_secs(10));
@@ -124,12 +143,19 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         }
     }
     drop(server);
-    print!("{summary}");
+    if !keep {
+        print!("{summary}");
+    }
     match outcome {
         Supervised::Done(true) => {
-            show_results(&home)?;
+            if !keep {
+                show_results(&home)?;
+            }
             println!("results:    {}", home.join("store").display());
             println!("monitoring: {}", home.join("monitoring.log").display());
+            if !keep {
+                println!("dashboard:  was at {dashboard} (run the demo with --keep to look at it)");
+            }
             println!("all children stopped");
             Ok(ExitCode::SUCCESS)
         }
@@ -181,6 +207,59 @@ fn supervise(
             }
         }
         // The demo has nothing else to do; check the children a few times a second.
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Serves the dashboard on `listen` in a thread of its own, for as long as the demo runs;
+/// returns its address.
+fn start_dashboard(
+    listen: std::net::SocketAddr,
+    api: &str,
+    broadcast: &str,
+) -> anyhow::Result<String> {
+    let listener = std::net::TcpListener::bind(listen)
+        .with_context(|| format!("the dashboard cannot listen on {listen}"))?;
+    listener.set_nonblocking(true)?;
+    let url = format!("http://{}/", listener.local_addr()?);
+    let connect = pypelinin_cli::dashboard::Connect {
+        api: api.to_owned(),
+        broadcast: Some(broadcast.to_owned()),
+        options: Default::default(),
+        token: None,
+    };
+    std::thread::spawn(move || {
+        let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        runtime.block_on(async move {
+            let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                return;
+            };
+            if let Err(e) =
+                pypelinin_cli::dashboard::serve(listener, connect, std::future::pending()).await
+            {
+                eprintln!("the dashboard stopped: {e}");
+            }
+        });
+    });
+    Ok(url)
+}
+
+/// Keeps the cluster up until Ctrl-C (or until a daemon exits on its own).
+fn keep_up(daemons: &mut [Daemon], interrupted: &std::sync::atomic::AtomicBool) {
+    while !interrupted.load(std::sync::atomic::Ordering::SeqCst) {
+        if let Some(d) = daemons
+            .iter_mut()
+            .find_map(|d| d.exited().map(|_| d.name.clone()))
+        {
+            eprintln!("{d} exited; stopping the cluster");
+            return;
+        }
+        // Nothing else to do; check a few times a second.
         std::thread::sleep(Duration::from_millis(100));
     }
 }
