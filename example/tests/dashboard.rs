@@ -378,3 +378,78 @@ timeout_secs = 900
         .unwrap()
         .unwrap();
 }
+
+/// POSTs a cancel of `id` to the dashboard at `url`, with `token` when given; the status.
+fn post_cancel(url: &str, id: &str, token: Option<&str>) -> u16 {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut request = agent.post(format!("{url}api/pipelines/{id}/cancel"));
+    if let Some(token) = token {
+        request = request.header("x-pypelinin-token", token);
+    }
+    request.send_empty().unwrap().status().as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_cluster_token_a_cancel_through_the_dashboard_needs_it() {
+    let config = "[cluster]\ntoken = \"t0k3n\"\n\n[[broker.command_workers]]\nname = \"Sleepy\"\ncommand = [\"sh\", \"-c\", \"sleep 600\"]\ntimeout_secs = 900\n";
+    let cluster = Cluster::start_with_config(config, &[], 1, &[], 1);
+    let mut m = within(
+        WAIT,
+        "client connect",
+        pypelinin_client::PipelineManager::connect_with(
+            &cluster.api,
+            &cluster.broadcast,
+            Default::default(),
+            Some("t0k3n".into()),
+        ),
+    )
+    .await
+    .unwrap();
+    let sleepy = Pipeline::builder()
+        .job("Sleepy")
+        .data(json!({"filename": "sleepy"}))
+        .build()
+        .unwrap();
+    let id = m.start(&sleepy).await.unwrap();
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/", listener.local_addr().unwrap());
+    let connect = pypelinin_cli::dashboard::Connect {
+        api: cluster.api.clone(),
+        broadcast: Some(cluster.broadcast.clone()),
+        options: Default::default(),
+        token: Some("t0k3n".into()),
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(pypelinin_cli::dashboard::serve(listener, connect, async {
+        let _ = stopped.await;
+    }));
+
+    let (u, i) = (url.clone(), id.to_string());
+    let statuses = tokio::task::spawn_blocking(move || {
+        [
+            post_cancel(&u, &i, None),
+            post_cancel(&u, &i, Some("wrong")),
+            post_cancel(&u, &i, Some("t0k3n")),
+            post_cancel(&u, &i, Some("t0k3n")),
+        ]
+    })
+    .await
+    .unwrap();
+    // No token, a wrong one: refused; the right one: cancelled; again: it ended already.
+    assert_eq!(statuses, [401, 401, 200, 409]);
+    let outcomes = m.wait_all(std::slice::from_ref(&id), WAIT).await.unwrap();
+    assert!(
+        matches!(outcomes[..], [pypelinin_client::Outcome::Cancelled]),
+        "{outcomes:?}"
+    );
+
+    let _ = stop.send(());
+    within(WAIT, "the dashboard to stop", server)
+        .await
+        .unwrap()
+        .unwrap();
+}

@@ -110,3 +110,19 @@ fn usage_and_unreachable_routers_exit_2_with_one_clear_line() {
     let out = pypelinin(&["watch", "--event", "nonsense"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn the_dashboard_refuses_to_expose_the_cluster_without_a_token() {
+    let out = Command::new(env!("CARGO_BIN_EXE_pypelinin"))
+        .args(["dashboard", "--listen", "0.0.0.0:0"])
+        .env_remove("PYPELININ_TOKEN")
+        .env_remove("PYPELININ_CONFIG")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("refusing to serve the dashboard on 0.0.0.0:0") && err.contains("token"),
+        "{err}"
+    );
+}

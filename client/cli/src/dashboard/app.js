@@ -235,7 +235,7 @@ function showJob() {
   $("#job-detail").innerHTML = `<dl class="kv">
     <dt>worker</dt><dd>${esc(j.worker)}</dd>
     <dt>state</dt><dd>${badge(j.state)}</dd>
-    <dt>job id</dt><dd class="id">${esc(j["job id"] ?? "not submitted yet")}</dd>
+    <dt>job id</dt><dd class="id">${esc(j["job id"] ?? (j.ended ? "—" : "not submitted yet"))}</dd>
     <dt>attempts</dt><dd>${j.attempts ?? "—"}</dd>
     <dt>duration</dt><dd>${secsText(j.duration)}</dd>
     <dt>error</dt><dd class="error-text">${esc(j.error ?? "—")}</dd></dl>`;

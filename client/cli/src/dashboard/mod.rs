@@ -587,13 +587,19 @@ async fn pipeline(
         (Some(p), _) => p
             .jobs()
             .map(|(_, job)| {
-                let detail = details
+                let submitted = details
                     .as_ref()
                     .and_then(|d| d.jobs.iter().rev().find(|j| j.worker == job.worker));
+                // Of an ended pipeline, the details may predate its end: only a job's final
+                // figures are shown.
+                let ended = !matches!(status.state, PipelineState::Queued | PipelineState::Running);
+                let detail = submitted
+                    .filter(|d| !ended || matches!(d.state, JobState::Finished | JobState::Failed));
                 json!({
                     "worker": job.worker,
                     "state": state_of(&job.worker),
-                    "job id": detail.map(|d| d.job_id.clone()),
+                    "job id": submitted.map(|d| d.job_id.clone()),
+                    "ended": ended,
                     "attempts": detail.map(|d| d.attempts),
                     "duration": detail.and_then(|d| d.duration),
                     "error": detail.and_then(|d| d.error.clone()).or_else(|| {
