@@ -134,6 +134,7 @@ async fn the_dashboard_shows_the_cluster_live_and_cancels_in_a_real_browser() {
         r#"
 [router]
 max_attempts = 1
+unserved_worker_warn_secs = 1
 
 [broker]
 concurrency = 4
@@ -327,8 +328,65 @@ timeout_secs = 900
         ),
     )
     .await;
+    let search = page.find(Locator::Id("search")).await.unwrap();
+    search.send_keys(&failed_id.as_str()[..10]).await.unwrap();
+    until(
+        &page,
+        "one pipeline found by the start of its id",
+        &format!(
+            "document.querySelectorAll('#pipelines tbody tr[data-id]').length === 1 && document.querySelector('#pipelines tbody tr').dataset.id === '{failed_id}'"
+        ),
+    )
+    .await;
 
-    // 5. Cancel: the confirmation, then the pipeline ends cancelled and its job's process
+    // 5. A worker no broker runs: a banner names it.
+    let unserved = Pipeline::builder()
+        .job("Nobody")
+        .data(data("unserved"))
+        .build()
+        .unwrap();
+    m.start(&unserved).await.unwrap();
+    until(
+        &page,
+        "the unserved worker's banner",
+        "!document.querySelector('#banner').hidden && document.querySelector('#banner').innerText.includes('No broker runs worker Nobody')",
+    )
+    .await;
+
+    // 6. A broker's page: its load over time, drawn.
+    page.goto(&url).await.unwrap();
+    until(&page, "the brokers", "document.querySelector('#brokers a')").await;
+    page.find(Locator::Css("#brokers a"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    until(
+        &page,
+        "the broker's load charts",
+        "document.querySelectorAll('svg.chart polyline').length === 4 && document.querySelector('h1').innerText.startsWith('broker on')",
+    )
+    .await;
+
+    // 7. On a phone's width, nothing is wider than the screen.
+    page.set_window_size(390, 844).await.unwrap();
+    page.goto(&url).await.unwrap();
+    until(
+        &page,
+        "the overview",
+        "document.querySelector('#count-finished')",
+    )
+    .await;
+    until(
+        &page,
+        "a page as narrow as the phone",
+        "document.documentElement.scrollWidth <= window.innerWidth",
+    )
+    .await;
+    page.set_window_size(1280, 1000).await.unwrap();
+
+    // 8. Cancel: the confirmation, then the pipeline ends cancelled and its job's process
     // is gone.
     let sleepy = Pipeline::builder()
         .job("Sleepy")
