@@ -6,6 +6,13 @@
 //! A commit appends the batch to fjall's journal and `fdatasync`s it: one sequential write per
 //! group, where a B-tree (redb, before) rewrote every page a row touched. fjall moves the rows
 //! to sorted files in the background and drops deleted ones there.
+//!
+//! A job or pipeline is stored as two rows under the same key: its **body** — what the client
+//! sent (a job's data and other keys; a pipeline's DAG and other keys), written once when the
+//! record is first stored and deleted with it — and its **state** row (where it stands, its
+//! lease, attempts, error: a few hundred bytes), rewritten at each change. So a change costs the
+//! same bytes whatever the payload, and a pipeline's row does not grow with its jobs: its job
+//! list is not stored (each job's row names its pipeline; the list is rebuilt at start).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -20,6 +27,8 @@ use crate::state::{Changes, EndedRecord, JobRecord, PipelineRecord, State};
 // which keeps fjall's background compactions small. The value holds the id.
 const JOBS: &str = "jobs.by-seq";
 const PIPELINES: &str = "pipelines.by-seq";
+const JOB_BODIES: &str = "job-bodies.by-seq";
+const PIPELINE_BODIES: &str = "pipeline-bodies.by-seq";
 const ENDED: &str = "ended.by-seq";
 
 /// The folder of the database inside the data dir.
@@ -106,7 +115,11 @@ pub struct Loaded {
 /// The format of the rows this router writes. A router reads rows of this version and of
 /// every earlier one (a later change of format adds a version and a conversion), and refuses a
 /// record written by a newer router rather than misread it.
-pub const SCHEMA_VERSION: u32 = 1;
+///
+/// Version 2 keeps a job's or pipeline's body in a row of its own (version 1 rows carry it in
+/// the state row, and a pipeline's row its job list: both are still read, and such a record's
+/// body gets its own row at its next change).
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// A stored row: the record, its id and the version of its format.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -133,10 +146,18 @@ struct RowVersion {
 /// the state task.
 #[derive(Debug, Default)]
 pub struct Index {
-    jobs: HashMap<JobId, u64>,
-    pipelines: HashMap<PipelineId, u64>,
+    jobs: HashMap<JobId, Stored>,
+    pipelines: HashMap<PipelineId, Stored>,
     ended: HashMap<PipelineId, u64>,
     next_ended: u64,
+}
+
+/// Where a job or pipeline is stored: its key, and whether its body has a row (not yet for a
+/// record read from a version 1 row).
+#[derive(Debug, Clone, Copy)]
+struct Stored {
+    key: u64,
+    body: bool,
 }
 
 /// How to open the durable record.
@@ -181,6 +202,8 @@ pub struct Durable {
     db: Database,
     jobs: Keyspace,
     pipelines: Keyspace,
+    job_bodies: Keyspace,
+    pipeline_bodies: Keyspace,
     ended: Keyspace,
     meta: Keyspace,
     /// The data dir (where the mark is).
@@ -248,6 +271,7 @@ impl Durable {
             .map_err(|e| open_err(e.to_string()))
         };
         let (jobs, pipelines, ended) = (keyspace(JOBS)?, keyspace(PIPELINES)?, keyspace(ENDED)?);
+        let (job_bodies, pipeline_bodies) = (keyspace(JOB_BODIES)?, keyspace(PIPELINE_BODIES)?);
         let meta = keyspace(META)?;
         let found = match meta.get(COMMITS).map_err(io)? {
             Some(v) => <[u8; 8]>::try_from(&*v)
@@ -268,9 +292,47 @@ impl Durable {
             tracing::error!(error = %lost, "going on with what is left (--accept-loss)");
         }
         let mut index = Index::default();
-        let loaded_jobs = read_all(&jobs, &mut index.jobs)?;
-        let loaded_pipelines = read_all(&pipelines, &mut index.pipelines)?;
-        let loaded_ended = read_all(&ended, &mut index.ended)?;
+        let mut loaded_jobs = Vec::new();
+        for (key, version, id, mut record) in read_all::<JobId, JobRecord>(&jobs)? {
+            let body = match job_bodies.get(key.to_be_bytes()).map_err(io)? {
+                Some(body) => {
+                    record.fields = serde_json::from_slice(&body)
+                        .map_err(|e| PersistError::Corrupt(format!("the body of job {id}: {e}")))?;
+                    true
+                }
+                // A version 1 row holds its body.
+                None if version == 1 => false,
+                None => return Err(PersistError::Corrupt(format!("job {id} has no body row"))),
+            };
+            index.jobs.insert(id.clone(), Stored { key, body });
+            loaded_jobs.push((id, record));
+        }
+        let mut loaded_pipelines = Vec::new();
+        for (key, version, id, mut record) in read_all::<PipelineId, PipelineRecord>(&pipelines)? {
+            let body = match pipeline_bodies.get(key.to_be_bytes()).map_err(io)? {
+                Some(body) => {
+                    let body: PipelineBody = serde_json::from_slice(&body).map_err(|e| {
+                        PersistError::Corrupt(format!("the body of pipeline {id}: {e}"))
+                    })?;
+                    record.pipeline = body.pipeline;
+                    record.fields = body.fields;
+                    true
+                }
+                None if version == 1 => false,
+                None => {
+                    return Err(PersistError::Corrupt(format!(
+                        "pipeline {id} has no body row"
+                    )))
+                }
+            };
+            index.pipelines.insert(id.clone(), Stored { key, body });
+            loaded_pipelines.push((id, record));
+        }
+        let mut loaded_ended = Vec::new();
+        for (key, _, id, record) in read_all::<PipelineId, EndedRecord>(&ended)? {
+            index.ended.insert(id.clone(), key);
+            loaded_ended.push((id, record));
+        }
         index.next_ended = index.ended.values().max().map_or(0, |k| k + 1);
         let loaded = Loaded {
             jobs: loaded_jobs,
@@ -282,6 +344,8 @@ impl Durable {
             db,
             jobs,
             pipelines,
+            job_bodies,
+            pipeline_bodies,
             ended,
             meta,
             dir: dir.to_owned(),
@@ -308,14 +372,31 @@ impl Durable {
     ) -> Result<Writes, PersistError> {
         let mut writes = Writes::default();
         for id in &changes.jobs {
-            let row = state.job(id).map(|r| (r.seq, r));
-            writes.jobs.extend(keyed(&mut index.jobs, id, row)?);
+            let record = state.job(id);
+            let body = |r: &JobRecord| encode(&r.fields);
+            with_body(
+                &mut index.jobs,
+                id,
+                record.map(|r| (r.seq, r)),
+                body,
+                (&mut writes.jobs, &mut writes.job_bodies),
+            )?;
         }
         for id in &changes.pipelines {
-            let row = state.pipeline(id).map(|r| (r.seq, r));
-            writes
-                .pipelines
-                .extend(keyed(&mut index.pipelines, id, row)?);
+            let record = state.pipeline(id);
+            let body = |r: &PipelineRecord| {
+                encode(&PipelineBodyRef {
+                    pipeline: &r.pipeline,
+                    fields: &r.fields,
+                })
+            };
+            with_body(
+                &mut index.pipelines,
+                id,
+                record.map(|r| (r.seq, r)),
+                body,
+                (&mut writes.pipelines, &mut writes.pipeline_bodies),
+            )?;
         }
         for id in &changes.ended {
             let row = state.ended(id).map(|r| {
@@ -365,7 +446,9 @@ impl Durable {
         for w in batches {
             for (keyspace, rows) in [
                 (&self.jobs, &w.jobs),
+                (&self.job_bodies, &w.job_bodies),
                 (&self.pipelines, &w.pipelines),
+                (&self.pipeline_bodies, &w.pipeline_bodies),
                 (&self.ended, &w.ended),
             ] {
                 for (key, value) in rows {
@@ -488,6 +571,62 @@ where
     }
 }
 
+/// The rows to write for job or pipeline `id` (`row`: its key and record, `None` when it is
+/// gone): its state row, and its body row when the body has none yet (a new record, or one
+/// read from a version 1 row); deleting both when it is gone. Keeps `index` up to date.
+fn with_body<I, T>(
+    index: &mut HashMap<I, Stored>,
+    id: &I,
+    row: Option<(u64, &T)>,
+    body: impl Fn(&T) -> Result<Vec<u8>, PersistError>,
+    (states, bodies): (&mut Vec<RowWrite>, &mut Vec<RowWrite>),
+) -> Result<(), PersistError>
+where
+    I: Clone + Eq + std::hash::Hash + serde::Serialize,
+    T: serde::Serialize,
+{
+    match row {
+        Some((key, record)) => {
+            let stored = index
+                .entry(id.clone())
+                .or_insert(Stored { key, body: false });
+            if !stored.body {
+                bodies.push((key, Some(body(record)?)));
+                stored.body = true;
+            }
+            let value = encode(&Row {
+                version: SCHEMA_VERSION,
+                id,
+                record,
+            })?;
+            states.push((key, Some(value)));
+        }
+        None => {
+            if let Some(stored) = index.remove(id) {
+                states.push((stored.key, None));
+                if stored.body {
+                    bodies.push((stored.key, None));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A pipeline's body row: what `add pipeline` sent.
+#[derive(serde::Deserialize)]
+struct PipelineBody {
+    pipeline: Box<serde_json::value::RawValue>,
+    fields: serde_json::Map<String, serde_json::Value>,
+}
+
+/// [`PipelineBody`], to write.
+#[derive(serde::Serialize)]
+struct PipelineBodyRef<'a> {
+    pipeline: &'a serde_json::value::RawValue,
+    fields: &'a serde_json::Map<String, serde_json::Value>,
+}
+
 /// A row to write: its key and encoded value, or `None` to delete it.
 type RowWrite = (u64, Option<Vec<u8>>);
 
@@ -495,7 +634,9 @@ type RowWrite = (u64, Option<Vec<u8>>);
 #[derive(Debug, Default)]
 pub struct Writes {
     jobs: Vec<RowWrite>,
+    job_bodies: Vec<RowWrite>,
     pipelines: Vec<RowWrite>,
+    pipeline_bodies: Vec<RowWrite>,
     ended: Vec<RowWrite>,
 }
 
@@ -516,7 +657,26 @@ impl Writes {
 
     /// Rows to write or delete.
     pub fn len(&self) -> usize {
-        self.jobs.len() + self.pipelines.len() + self.ended.len()
+        self.jobs.len()
+            + self.job_bodies.len()
+            + self.pipelines.len()
+            + self.pipeline_bodies.len()
+            + self.ended.len()
+    }
+
+    /// Bytes of the rows to write (keys and values; a deletion counts its key).
+    pub fn bytes(&self) -> usize {
+        [
+            &self.jobs,
+            &self.job_bodies,
+            &self.pipelines,
+            &self.pipeline_bodies,
+            &self.ended,
+        ]
+        .iter()
+        .flat_map(|rows| rows.iter())
+        .map(|(_, value)| 8 + value.as_ref().map_or(0, Vec::len))
+        .sum()
     }
 }
 
@@ -524,12 +684,10 @@ fn encode<T: serde::Serialize>(record: &T) -> Result<Vec<u8>, PersistError> {
     serde_json::to_vec(record).map_err(io)
 }
 
-fn read_all<K, T>(
-    keyspace: &Keyspace,
-    index: &mut HashMap<K, u64>,
-) -> Result<Vec<(K, T)>, PersistError>
+/// Every row of `keyspace`: its key, format version, id and record.
+fn read_all<K, T>(keyspace: &Keyspace) -> Result<Vec<(u64, u32, K, T)>, PersistError>
 where
-    K: Clone + Eq + std::hash::Hash + serde::de::DeserializeOwned,
+    K: serde::de::DeserializeOwned,
     T: serde::de::DeserializeOwned,
 {
     let mut out = Vec::new();
@@ -538,22 +696,21 @@ where
         let key = <[u8; 8]>::try_from(&*key)
             .map(u64::from_be_bytes)
             .map_err(|_| PersistError::Corrupt(format!("a key of {} bytes", key.len())))?;
+        let newer = |version: u32| {
+            PersistError::Corrupt(format!(
+                "row {key} has format version {version}, written by a newer router (this one reads up to {SCHEMA_VERSION}); run that router instead"
+            ))
+        };
         let row: Row<K, T> = serde_json::from_slice(&value).map_err(|e| {
             match serde_json::from_slice::<RowVersion>(&value) {
-                Ok(RowVersion { version }) if version > SCHEMA_VERSION => PersistError::Corrupt(
-                    format!("row {key} has format version {version}, written by a newer router (this one reads up to {SCHEMA_VERSION}); run that router instead"),
-                ),
+                Ok(RowVersion { version }) if version > SCHEMA_VERSION => newer(version),
                 _ => PersistError::Corrupt(format!("row {key}: {e}")),
             }
         })?;
         if row.version > SCHEMA_VERSION {
-            return Err(PersistError::Corrupt(format!(
-                "row {key} has format version {}, written by a newer router (this one reads up to {SCHEMA_VERSION}); run that router instead",
-                row.version
-            )));
+            return Err(newer(row.version));
         }
-        index.insert(row.id.clone(), key);
-        out.push((row.id, row.record));
+        out.push((key, row.version, row.id, row.record));
     }
     Ok(out)
 }
@@ -563,8 +720,8 @@ mod tests {
     use super::*;
     use crate::state::Policy;
     use pypelinin_common::protocol::request::{GetJobs, JobFinished, NewJob, NewPipeline};
-    use pypelinin_common::protocol::{PipelineState, Reply, Request, WireDuration};
-    use serde_json::{json, Map};
+    use pypelinin_common::protocol::{JobState, PipelineState, Reply, Request, WireDuration};
+    use serde_json::{json, Map, Value};
 
     const NOW: u64 = 1_000_000;
     const CACHE: usize = 1024 * 1024;
@@ -813,6 +970,214 @@ mod tests {
             "the oldest job never taken comes first"
         );
         drop(durable);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Adds a running pipeline (its DAG `jobs` jobs in a chain, with `data_bytes` of data) and
+    /// commits; returns its id.
+    fn running_pipeline(
+        durable: &Durable,
+        index: &mut Index,
+        state: &mut State,
+        jobs: usize,
+        data_bytes: usize,
+    ) -> PipelineId {
+        let graph: Vec<Value> = (1..jobs)
+            .map(|i| {
+                json!([
+                    [["worker_name", format!("W{}", i - 1)]],
+                    [["worker_name", format!("W{i}")]]
+                ])
+            })
+            .collect();
+        let pipeline = json!([["graph", graph], ["data", {"pad": "x".repeat(data_bytes)}]]);
+        let added = state.handle(
+            Request::AddPipeline(NewPipeline {
+                pipeline,
+                fields: Map::new(),
+            }),
+            NOW,
+            &mut Vec::new(),
+        );
+        let Reply::Answer(a) = added else {
+            panic!("{added:?}")
+        };
+        let taken = state.handle(Request::GetPipeline, NOW, &mut Vec::new());
+        assert!(matches!(taken, Reply::Pipeline(Some(_))), "{taken:?}");
+        commit(durable, index, state);
+        a.pipeline_id.expect("a pipeline id")
+    }
+
+    /// The rows and bytes written by one commit of what `requests` changed.
+    fn bytes_of(
+        durable: &Durable,
+        index: &mut Index,
+        state: &mut State,
+        requests: Vec<Request>,
+    ) -> (usize, usize) {
+        for request in requests {
+            state.handle(request, NOW, &mut Vec::new());
+        }
+        let changes = state.take_changes();
+        let writes = Durable::prepare(index, state, &changes).expect("prepare");
+        durable.write(&writes).expect("write");
+        (writes.len(), writes.bytes())
+    }
+
+    #[test]
+    fn a_job_costs_the_same_bytes_whatever_its_pipelines_size_and_payload() {
+        let dir = data_dir("bytes");
+        let (durable, loaded) = open(&dir);
+        let (mut state, mut index) = restore(loaded);
+        let p = running_pipeline(&durable, &mut index, &mut state, 1000, 100_000);
+        let job = |i: usize| {
+            Request::AddJob(NewJob::new(format!("W{i}"), json!({"n": i})).in_pipeline(p.clone()))
+        };
+        // Adding the 1st and the 900th job of a 1,000-job pipeline with 100 KB of data writes
+        // the job's rows only (not the pipeline's DAG, data or job list).
+        let (rows, first) = bytes_of(&durable, &mut index, &mut state, vec![job(0)]);
+        assert_eq!(
+            rows, 2,
+            "the job's state and body rows, nothing of its pipeline"
+        );
+        for i in 1..900 {
+            bytes_of(&durable, &mut index, &mut state, vec![job(i)]);
+        }
+        let (rows, late) = bytes_of(&durable, &mut index, &mut state, vec![job(900)]);
+        assert_eq!(rows, 2);
+        assert!(first < 400, "adding a job wrote {first} bytes");
+        assert!(
+            late <= first + 8,
+            "the 1st job wrote {first} bytes, the 901st {late}"
+        );
+        // A state change (hand-out, then the end) rewrites the small state row, not the body.
+        let big = NewJob::new("Big", json!({"pad": "y".repeat(100_000)}));
+        let (_, added) = bytes_of(&durable, &mut index, &mut state, vec![Request::AddJob(big)]);
+        assert!(added > 100_000, "the body is written once: {added}");
+        let taken = take(&mut state, 1000);
+        let changes = state.take_changes();
+        let writes = Durable::prepare(&mut index, &state, &changes).expect("prepare");
+        durable.write(&writes).expect("write");
+        assert!(
+            writes.bytes() < 600 * taken.len(),
+            "handing out {} jobs wrote {} bytes",
+            taken.len(),
+            writes.bytes()
+        );
+        drop(durable);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_restart_in_the_middle_of_a_1000_job_pipeline_loses_and_repeats_nothing() {
+        let dir = data_dir("long");
+        let (durable, loaded) = open(&dir);
+        let (mut state, mut index) = restore(loaded);
+        let p = running_pipeline(&durable, &mut index, &mut state, 1000, 10);
+        // 500 jobs in a chain: each added, handed out, finished.
+        let mut done = Vec::new();
+        for i in 0..500 {
+            let job = NewJob::new(format!("W{i}"), json!({"n": i, "é": "ünïcode ✓"}))
+                .in_pipeline(p.clone());
+            apply(&durable, &mut index, &mut state, vec![Request::AddJob(job)]);
+            let taken = take(&mut state, 10);
+            assert_eq!(taken.len(), 1);
+            commit(&durable, &mut index, &mut state);
+            apply(
+                &durable,
+                &mut index,
+                &mut state,
+                vec![finished(taken[0].clone())],
+            );
+            done.push(taken[0].clone());
+        }
+        // The 501st is running when the router stops.
+        let job = NewJob::new("W500", json!({"n": 500})).in_pipeline(p.clone());
+        apply(&durable, &mut index, &mut state, vec![Request::AddJob(job)]);
+        let running = take(&mut state, 10);
+        commit(&durable, &mut index, &mut state);
+        let before = state.pipeline(&p).expect("pending").jobs.clone();
+        drop(durable);
+
+        let (durable, loaded) = open(&dir);
+        let (mut restored, mut index) = restore(loaded);
+        let record = restored.pipeline(&p).expect("the pipeline is back");
+        assert_eq!(record.jobs, before, "its 501 jobs, in order");
+        assert_eq!(record.jobs[..500], done[..]);
+        // The finished jobs stay finished (none is handed out again), the running one is
+        // still leased, and its data came back whole.
+        assert!(
+            take(&mut restored, 1000).is_empty(),
+            "nothing is handed out twice"
+        );
+        let r = restored.job(&running[0]).expect("the running job");
+        assert_eq!(r.state, JobState::Running);
+        assert_eq!(r.fields["data"], json!({"n": 500}));
+        let first = restored
+            .job(&done[0])
+            .expect("a finished job of the pipeline");
+        assert_eq!(first.state, JobState::Finished);
+        assert_eq!(first.fields["data"], json!({"n": 0, "é": "ünïcode ✓"}));
+        apply(
+            &durable,
+            &mut index,
+            &mut restored,
+            vec![finished(running[0].clone())],
+        );
+        assert_eq!(
+            restored.job(&running[0]).map(|r| r.state),
+            Some(JobState::Finished)
+        );
+        drop(durable);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn records_of_the_first_format_are_read_and_get_their_body_rows_at_their_next_change() {
+        let dir = data_dir("v1");
+        {
+            let (durable, _) = open(&dir);
+            // A pipeline and its job as a version 1 router wrote them: bodies inline, the job
+            // list in the pipeline's row.
+            let pipeline = json!({"v": 1, "id": "p1", "record": {
+                "seq": 1, "pipeline": [["graph", []], ["data", {"x": 1}]], "fields": {"k": "v"},
+                "state": "running", "jobs": ["j1"], "lease_until": NOW + 60_000
+            }});
+            let job = json!({"v": 1, "id": "j1", "record": {
+                "seq": 2, "worker": "W", "fields": {"data": {"n": 7}}, "pipeline_id": "p1",
+                "state": "queued", "attempts": 0, "lease_until": null, "not_before": null,
+                "error": null
+            }});
+            durable
+                .pipelines
+                .insert(1u64.to_be_bytes(), serde_json::to_vec(&pipeline).unwrap())
+                .unwrap();
+            durable
+                .jobs
+                .insert(2u64.to_be_bytes(), serde_json::to_vec(&job).unwrap())
+                .unwrap();
+            durable.db.persist(fjall::PersistMode::SyncAll).unwrap();
+        }
+        let (durable, loaded) = open(&dir);
+        let (mut state, mut index) = restore(loaded);
+        let p = PipelineId::from("p1");
+        assert_eq!(state.pipeline(&p).expect("read").fields["k"], "v");
+        assert_eq!(
+            state.pipeline(&p).expect("read").jobs,
+            vec![JobId::from("j1")]
+        );
+        // Its next change writes it in the new format, body included.
+        let taken = take(&mut state, 1);
+        assert_eq!(taken, vec![JobId::from("j1")]);
+        commit(&durable, &mut index, &mut state);
+        drop(durable);
+        let (_, loaded) = open(&dir);
+        let (state, _) = restore(loaded);
+        let job = state.job(&JobId::from("j1")).expect("read again");
+        assert_eq!(
+            (job.state, &job.fields["data"]),
+            (JobState::Running, &json!({"n": 7}))
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -195,6 +195,17 @@ fn rss_mb(pid: u32) -> f64 {
     status_mb(pid, "VmRSS:")
 }
 
+/// Bytes process `pid` has written through `write` calls so far (`wchar` of /proc/<pid>/io):
+/// for the router, its journal and sorted files.
+fn bytes_written(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("wchar:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// A memory line of /proc/<pid>/status, in MB.
 fn status_mb(pid: u32, key: &str) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -496,6 +507,7 @@ async fn cluster_bench(cli: &Cli, cluster: &mut Cluster) -> anyhow::Result<()> {
     // Throughput: N pipelines, at most `window` in flight.
     let started = Instant::now();
     let cpu_before = cluster_cpu(cluster);
+    let written_before = bytes_written(cluster.router.pid());
     let mut sent = 0;
     let mut done = 0;
     let mut failed = 0;
@@ -538,6 +550,7 @@ async fn cluster_bench(cli: &Cli, cluster: &mut Cluster) -> anyhow::Result<()> {
     }
     let wall = started.elapsed().as_secs_f64();
     let cpu_after = cluster_cpu(cluster);
+    let written = bytes_written(cluster.router.pid()).saturating_sub(written_before);
     let cpu: Vec<f64> = cpu_after
         .iter()
         .zip(cpu_before)
@@ -596,6 +609,11 @@ async fn cluster_bench(cli: &Cli, cluster: &mut Cluster) -> anyhow::Result<()> {
         println!("  metrics scrapes     {n} (one a second)");
     }
     println!("  wall                {wall:.2} s");
+    println!(
+        "  router writes       {:.0} B per job ({:.1} MB in all: its journal and sorted files)",
+        written as f64 / jobs as f64,
+        written as f64 / 1e6
+    );
     println!("  pipelines/s         {:.0}", cli.pipelines as f64 / wall);
     println!("  jobs/s              {:.0}", jobs as f64 / wall);
     println!(
@@ -621,6 +639,7 @@ async fn cluster_bench(cli: &Cli, cluster: &mut Cluster) -> anyhow::Result<()> {
             "latency_p50_ms": (p50 * 1000.0).round() / 1000.0,
             "latency_p99_ms": (p99 * 1000.0).round() / 1000.0,
             "router_peak_rss_mb": (router_rss * 10.0).round() / 10.0,
+            "router_write_bytes_per_job": (written as f64 / jobs as f64).round(),
             "broker_peak_rss_mb": (broker_rss * 10.0).round() / 10.0,
             "pipeliner_peak_rss_mb": (pipeliner_rss * 10.0).round() / 10.0,
             "durable": !cli.no_durability,

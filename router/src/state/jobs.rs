@@ -136,9 +136,9 @@ impl State {
         let seq = self.next_seq();
         let pipeline_id = job.pipeline_id;
         if let Some(p) = &pipeline_id {
+            // Not a change of the pipeline's row: its job list is rebuilt from the jobs' rows.
             if let Some(record) = self.pipelines.get_mut(p) {
                 record.jobs.push(id.clone());
-                self.changes.pipelines.insert(p.clone());
             }
         }
         // The pipeliner says this is the pipeline's last job: trusted, as its `pipeline

@@ -15,7 +15,9 @@ pub struct JobRecord {
     pub seq: u64,
     /// Its worker.
     pub worker: String,
-    /// `data` and the other keys `add job` sent.
+    /// `data` and the other keys `add job` sent: its body (stored in a row of its own, written
+    /// once; read from the state row of a version 1 record).
+    #[serde(default, skip_serializing)]
     pub fields: Map<String, Value>,
     /// Its pipeline, while that pipeline is pending.
     pub pipeline_id: Option<PipelineId>,
@@ -56,12 +58,19 @@ pub struct PipelineRecord {
     /// Position in the FIFO order.
     pub seq: u64,
     /// The serialized pipeline, as sent (JSON text: stored and handed out without re-encoding).
+    /// With `fields`, its body (stored in a row of its own, written once; read from the state
+    /// row of a version 1 record).
+    #[serde(default = "no_pipeline", skip_serializing)]
     pub pipeline: Box<RawValue>,
     /// The other keys `add pipeline` sent.
+    #[serde(default, skip_serializing)]
     pub fields: Map<String, Value>,
     /// Queued or running.
     pub state: PipelineState,
-    /// Jobs submitted for it, in order.
+    /// Jobs submitted for it, in order. Not stored (a version 1 row has it): rebuilt at start
+    /// from the jobs' records, each of which names its pipeline, so adding a job does not
+    /// rewrite its pipeline's row.
+    #[serde(default, skip_serializing)]
     pub jobs: Vec<JobId>,
     /// While running: when its lease ends (ms since the epoch).
     pub lease_until: Option<u64>,
@@ -75,6 +84,11 @@ pub struct PipelineRecord {
     /// (see the `legacy` module).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub aliases: Vec<PipelineId>,
+}
+
+/// The pipeline of a state row read alone (its body row fills it in).
+fn no_pipeline() -> Box<RawValue> {
+    RawValue::from_string("null".to_owned()).unwrap_or_else(|_| unreachable!("null is JSON"))
 }
 
 fn is_zero(n: &u32) -> bool {

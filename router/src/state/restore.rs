@@ -58,6 +58,22 @@ impl State {
             }
             s.pipelines.insert(id, record);
         }
+        // Each pipeline's jobs, in the order they were added (their sequence numbers), from
+        // the jobs' records: a pipeline's row does not hold them.
+        let mut of_pipeline: Vec<(u64, PipelineId, JobId)> = s
+            .jobs
+            .iter()
+            .filter_map(|(id, r)| Some((r.seq, r.pipeline_id.clone()?, id.clone())))
+            .collect();
+        of_pipeline.sort_unstable_by_key(|(seq, _, _)| *seq);
+        for record in s.pipelines.values_mut() {
+            record.jobs.clear();
+        }
+        for (_, pipeline, job) in of_pipeline {
+            if let Some(record) = s.pipelines.get_mut(&pipeline) {
+                record.jobs.push(job);
+            }
+        }
         let mut ended: Vec<_> = ended.into_iter().collect();
         ended.sort_by_key(|(_, e)| e.at);
         for (id, record) in ended {
@@ -80,9 +96,14 @@ impl State {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
+            // As stored: without their job lists.
             self.pipelines
                 .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
+                .map(|(k, v)| {
+                    let mut v = v.clone();
+                    v.jobs.clear();
+                    (k.clone(), v)
+                })
                 .collect(),
             self.ended
                 .iter()
@@ -121,6 +142,18 @@ impl State {
         }
         if restored.deadlines != self.deadlines {
             return differs("deadlines");
+        }
+        let job_lists = |s: &State| {
+            let mut lists: Vec<_> = s
+                .pipelines
+                .iter()
+                .map(|(id, r)| (id.clone(), r.jobs.clone()))
+                .collect();
+            lists.sort();
+            lists
+        };
+        if job_lists(restored) != job_lists(self) {
+            return differs("job lists of the pipelines");
         }
         // Outcomes that ended in the same millisecond may come back in another order.
         let sorted = |s: &State| {
