@@ -135,9 +135,7 @@ impl Router {
                     loaded.pipelines,
                     loaded.ended,
                 );
-                let mut index = loaded.index;
-                index.reserve_ended(state::reserved_for(settings.max_remembered_pipelines));
-                (state, Some((durable, index)))
+                (state, Some((durable, loaded.index)))
             }
             None => (State::new(configuration, policy), None),
         };

@@ -148,7 +148,7 @@ struct RowVersion {
 pub struct Index {
     jobs: HashMap<JobId, Stored>,
     pipelines: HashMap<PipelineId, Stored>,
-    ended: HashMap<PipelineId, u64>,
+    ended: std::collections::BTreeMap<PipelineId, u64>,
     next_ended: u64,
 }
 
@@ -549,12 +549,12 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// The row to write for record `id` (`row`: its key and record, `None` when it is gone),
 /// keeping `index` up to date; nothing for a record that was never stored and is gone.
 fn keyed<I, T>(
-    index: &mut HashMap<I, u64>,
+    index: &mut std::collections::BTreeMap<I, u64>,
     id: &I,
     row: Option<(u64, &T)>,
 ) -> Result<Option<RowWrite>, PersistError>
 where
-    I: Clone + Eq + std::hash::Hash + serde::Serialize,
+    I: Clone + Ord + serde::Serialize,
     T: serde::Serialize,
 {
     match row {
@@ -638,15 +638,6 @@ pub struct Writes {
     pipelines: Vec<RowWrite>,
     pipeline_bodies: Vec<RowWrite>,
     ended: Vec<RowWrite>,
-}
-
-impl Index {
-    /// Room for `capacity` outcomes, so the index of ended pipelines does not grow under churn
-    /// (see [`crate::state::reserved_for`]).
-    pub fn reserve_ended(&mut self, capacity: usize) {
-        self.ended
-            .reserve(capacity.saturating_sub(self.ended.len()));
-    }
 }
 
 impl Writes {

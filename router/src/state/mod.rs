@@ -122,8 +122,11 @@ pub struct State {
     pipeline_leases: Leases<PipelineId>,
     /// Pending pipelines with a deadline, by when it passes.
     deadlines: Leases<PipelineId>,
-    request_ids: HashMap<String, PipelineId>,
-    ended: HashMap<PipelineId, EndedRecord>,
+    // B-trees, not hash maps: they hold as much memory as they hold outcomes, and do not
+    // grow under churn (a hash table at its limit, its removals leaving tombstones, doubles
+    // once; reserving for the limit up front cost its pages as entries landed all over it).
+    request_ids: BTreeMap<String, PipelineId>,
+    ended: BTreeMap<PipelineId, EndedRecord>,
     ended_order: VecDeque<(u64, PipelineId)>,
     waiting: VecDeque<waiting::Waiting>,
     asks: unserved::Asks,
@@ -138,27 +141,12 @@ impl Default for State {
     }
 }
 
-/// Remembered outcomes reserved for at most (a larger `max_remembered` grows as it fills).
-const RESERVE_AT_MOST: usize = 1_000_000;
-
-/// The capacity to give a hash map that holds up to `remembered` outcomes under churn (the
-/// oldest removed as new ones come), so it never grows while the router runs: a hashbrown
-/// table whose removals left tombstones rehashes in place while it is at most half full, and
-/// doubles otherwise — with `remembered` entries in a table sized for them, that doubling came
-/// some 30,000 pipelines after the limit was reached and left the router 30% larger (the step in
-/// docs/performance.md). The slots are allocated but untouched until used.
-pub fn reserved_for(remembered: usize) -> usize {
-    2 * remembered.min(RESERVE_AT_MOST)
-}
-
 /// The key of the client's idempotency token in `add pipeline`.
 const REQUEST_ID: &str = "request id";
 
 impl State {
     /// Empty queues; `get configuration` answers `configuration`.
     pub fn new(configuration: Map<String, Value>, policy: Policy) -> Self {
-        let remembered = reserved_for(policy.max_remembered);
-        let order = policy.max_remembered.min(RESERVE_AT_MOST) + 1;
         Self {
             configuration,
             policy,
@@ -172,9 +160,9 @@ impl State {
             pipeline_queue: BTreeMap::new(),
             pipeline_leases: Leases::default(),
             deadlines: Leases::default(),
-            request_ids: HashMap::with_capacity(remembered),
-            ended: HashMap::with_capacity(remembered),
-            ended_order: VecDeque::with_capacity(order),
+            request_ids: BTreeMap::new(),
+            ended: BTreeMap::new(),
+            ended_order: VecDeque::new(),
             waiting: VecDeque::new(),
             asks: unserved::Asks::default(),
             census: census::Census::default(),
