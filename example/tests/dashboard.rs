@@ -120,6 +120,12 @@ async fn screenshot(page: &Client, name: &str) {
     std::fs::write(dir.join(format!("dashboard-{name}.png")), png).unwrap();
 }
 
+/// Waits until the DAG shows `worker`'s job in `state`.
+async fn job_becomes(page: &Client, worker: &str, state: &str) {
+    let check = format!("{} === '{state}'", job_state(worker));
+    until(page, &format!("{worker} {state}"), &check).await;
+}
+
 /// The state the DAG shows for `worker`'s job.
 fn job_state(worker: &str) -> String {
     format!("document.querySelector('#dag g.job[data-worker=\"{worker}\"]')?.dataset.state")
@@ -243,12 +249,7 @@ timeout_secs = 900
     page.goto(&format!("{url}#/pipeline/{failed_id}"))
         .await
         .unwrap();
-    until(
-        &page,
-        "Fails failed",
-        &format!("{} === 'failed'", job_state("Fails")),
-    )
-    .await;
+    job_becomes(&page, "Fails", "failed").await;
     assert_eq!(eval(&page, &job_state("Echo")).await, "finished");
 
     // 3. One pipeline: its DAG as SVG, one node per job, coloured as its jobs go.
@@ -261,12 +262,7 @@ timeout_secs = 900
     page.goto(&format!("{url}#/pipeline/{gated_id}"))
         .await
         .unwrap();
-    until(
-        &page,
-        "Gate running",
-        &format!("{} === 'running'", job_state("Gate")),
-    )
-    .await;
+    job_becomes(&page, "Gate", "running").await;
     assert_eq!(
         eval(&page, "document.querySelectorAll('#dag svg g.job').length").await,
         3
@@ -296,18 +292,8 @@ timeout_secs = 900
     )
     .await;
     std::fs::write(&gate, "").unwrap();
-    until(
-        &page,
-        "Gate finished",
-        &format!("{} === 'finished'", job_state("Gate")),
-    )
-    .await;
-    until(
-        &page,
-        "Fails failed",
-        &format!("{} === 'failed'", job_state("Fails")),
-    )
-    .await;
+    job_becomes(&page, "Gate", "finished").await;
+    job_becomes(&page, "Fails", "failed").await;
     until(
         &page,
         "the pipeline failed",
@@ -397,12 +383,7 @@ timeout_secs = 900
     page.goto(&format!("{url}#/pipeline/{sleepy_id}"))
         .await
         .unwrap();
-    until(
-        &page,
-        "Sleepy running",
-        &format!("{} === 'running'", job_state("Sleepy")),
-    )
-    .await;
+    job_becomes(&page, "Sleepy", "running").await;
     wait_until(WAIT, "the Sleepy job's process to start", || {
         std::fs::read_to_string(&pids).is_ok_and(|p| !p.trim().is_empty())
     });

@@ -228,23 +228,15 @@ fn start_dashboard(
         options: Default::default(),
         token: None,
     };
-    std::thread::spawn(move || {
-        let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        else {
+    in_thread(async move {
+        let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
             return;
         };
-        runtime.block_on(async move {
-            let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
-                return;
-            };
-            if let Err(e) =
-                pypelinin_cli::dashboard::serve(listener, connect, std::future::pending()).await
-            {
-                eprintln!("the dashboard stopped: {e}");
-            }
-        });
+        if let Err(e) =
+            pypelinin_cli::dashboard::serve(listener, connect, std::future::pending()).await
+        {
+            eprintln!("the dashboard stopped: {e}");
+        }
     });
     Ok(url)
 }
@@ -278,17 +270,24 @@ fn stopped_cleanly(status: std::process::ExitStatus) -> bool {
     status.success() || matches!(signal, Some(2 | 15))
 }
 
+/// Runs `work` on a runtime of its own, in a thread of its own (the demo itself is
+/// synchronous).
+fn in_thread(work: impl std::future::Future<Output = ()> + Send + 'static) {
+    std::thread::spawn(move || {
+        if let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            runtime.block_on(work);
+        }
+    });
+}
+
 fn ctrl_c_flag() -> anyhow::Result<std::sync::Arc<std::sync::atomic::AtomicBool>> {
     let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let f = flag.clone();
-    std::thread::spawn(move || {
-        let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        else {
-            return;
-        };
-        runtime.block_on(pypelinin_common::daemon::shutdown::signal());
+    in_thread(async move {
+        pypelinin_common::daemon::shutdown::signal().await;
         f.store(true, std::sync::atomic::Ordering::SeqCst);
     });
     Ok(flag)
