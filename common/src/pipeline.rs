@@ -144,6 +144,13 @@ impl Pipeline {
             .filter(move |&i| self.parents(i).next().is_none())
     }
 
+    /// The jobs in an order where each comes after all its parents (a topological order).
+    pub fn topological_order(&self) -> Vec<JobIndex> {
+        // A built pipeline has no cycle (checked by `build` and `from_legacy`).
+        petgraph::algo::toposort(&self.graph, None)
+            .unwrap_or_else(|_| self.graph.node_indices().collect())
+    }
+
     /// The jobs `index` waits for.
     pub fn parents(&self, index: JobIndex) -> impl Iterator<Item = JobIndex> + '_ {
         self.graph.neighbors_directed(index, Direction::Incoming)

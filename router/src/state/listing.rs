@@ -7,6 +7,9 @@ use pypelinin_common::protocol::cluster::{ListedPipeline, PipelineList};
 use pypelinin_common::protocol::request::ListPipelines;
 use pypelinin_common::protocol::{PipelineState, PipelineStatus};
 
+use pypelinin_common::ids::PipelineId;
+
+use super::records::PipelineRecord;
 use super::State;
 
 impl State {
@@ -26,8 +29,8 @@ impl State {
                 false
             }
         };
-        let pending = |id: &pypelinin_common::ids::PipelineId, state| {
-            let record = self.pipelines.get(id)?;
+        // A pending pipeline of `state` whose id starts with the prefix, as listed.
+        let pending = |id: &PipelineId, record: &PipelineRecord, state| {
             (record.state == state && id.as_str().starts_with(prefix)).then(|| ListedPipeline {
                 pipeline_id: id.clone(),
                 status: PipelineStatus::of(state),
@@ -38,26 +41,25 @@ impl State {
         'listing: {
             if wants(PipelineState::Running) {
                 // Running pipelines are those with a lease: newest (highest seq) first.
-                let mut running: Vec<_> = self
+                let mut running: Vec<(u64, ListedPipeline)> = self
                     .pipelines
                     .iter()
-                    .filter(|(id, r)| {
-                        r.state == PipelineState::Running && id.as_str().starts_with(prefix)
-                    })
-                    .map(|(id, r)| (r.seq, id))
+                    .filter_map(|(id, r)| Some((r.seq, pending(id, r, PipelineState::Running)?)))
                     .collect();
                 running.sort_unstable_by_key(|r| std::cmp::Reverse(r.0));
-                for (_, id) in running {
-                    if let Some(listed) = pending(id, PipelineState::Running) {
-                        if !push(listed) {
-                            break 'listing;
-                        }
+                for (_, listed) in running {
+                    if !push(listed) {
+                        break 'listing;
                     }
                 }
             }
             if wants(PipelineState::Queued) {
                 for id in self.pipeline_queue.values().rev() {
-                    if let Some(listed) = pending(id, PipelineState::Queued) {
+                    let listed = self
+                        .pipelines
+                        .get(id)
+                        .and_then(|r| pending(id, r, PipelineState::Queued));
+                    if let Some(listed) = listed {
                         if !push(listed) {
                             break 'listing;
                         }

@@ -18,7 +18,7 @@ const LABEL_CHARS: usize = 20;
 
 /// Where each job goes: its layer (row) and place in the row.
 fn layers(p: &Pipeline) -> Vec<Vec<JobIndex>> {
-    let order = petgraph_order(p);
+    let order = p.topological_order();
     let mut layer_of: HashMap<JobIndex, usize> = HashMap::new();
     for &job in &order {
         let layer = p
@@ -56,29 +56,6 @@ fn layers(p: &Pipeline) -> Vec<Vec<JobIndex>> {
         rows[layer].sort_by(|a, b| key(a).total_cmp(&key(b)));
     }
     rows
-}
-
-/// The jobs in an order where each comes after its parents (the pipeline is a DAG: checked
-/// when it was built; should it not be, the jobs come in their own order).
-fn petgraph_order(p: &Pipeline) -> Vec<JobIndex> {
-    let mut order: Vec<JobIndex> = Vec::new();
-    let mut placed = std::collections::HashSet::new();
-    let all: Vec<JobIndex> = p.jobs().map(|(i, _)| i).collect();
-    // Kahn's algorithm over the jobs: at most n rounds.
-    for _ in 0..=all.len() {
-        let before = order.len();
-        for &job in &all {
-            if !placed.contains(&job) && p.parents(job).all(|parent| placed.contains(&parent)) {
-                placed.insert(job);
-                order.push(job);
-            }
-        }
-        if order.len() == before {
-            break;
-        }
-    }
-    order.extend(all.into_iter().filter(|j| !placed.contains(j)));
-    order
 }
 
 fn escape(text: &str) -> String {
