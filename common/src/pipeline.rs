@@ -196,9 +196,11 @@ impl Pipeline {
 
     /// The legacy serialized form: `[["graph", EDGES], ["data", PAIRS or null]]`.
     ///
-    /// Each job is written as pairs (`[["worker_name", "A"], ["data", PAIRS]]`) and, as the
-    /// legacy did, carries a copy of the pipeline's data; a job with no edge is `[JOB, null]`.
-    /// Edges come sorted by worker names, so equal pipelines serialize to the same text.
+    /// Each job is written as pairs: `[["worker_name", "A"]]`, plus `["data", PAIRS]` when it
+    /// has data of its own. The original copied the pipeline's data into every job, so its
+    /// text grew with jobs × data; a job without data is valid for its readers too, and they
+    /// hand jobs the pipeline's data. A job with no edge is `[JOB, null]`. Edges come sorted
+    /// by worker names, so equal pipelines serialize to the same text.
     pub fn to_legacy(&self) -> Value {
         let job_value = |i: JobIndex| {
             let job = &self.graph[i];
@@ -206,7 +208,7 @@ impl Pipeline {
                 "worker_name".into(),
                 job.worker.clone().into(),
             ])];
-            if let Some(data) = job.data.as_ref().or(self.data.as_ref()) {
+            if let Some(data) = job.data.as_ref() {
                 pairs.push(Value::Array(vec!["data".into(), map_to_pairs(data)]));
             }
             Value::Array(pairs)
@@ -670,9 +672,11 @@ fn read_data(value: &Value) -> Result<Option<Map<String, Value>>, PipelineError>
     })
 }
 
+/// Reads a job; data equal to the pipeline's (the copy the original writes into every job)
+/// is the pipeline's, not the job's own.
 fn read_job(
     value: &Value,
-    _pipeline_data: Option<&Map<String, Value>>,
+    pipeline_data: Option<&Map<String, Value>>,
 ) -> Result<Job, PipelineError> {
     let map = pairs_to_map(value).ok_or_else(|| {
         PipelineError::Format(
@@ -690,7 +694,7 @@ fn read_job(
     };
     let data = match map.get("data") {
         None => None,
-        Some(d) => read_data(d)?,
+        Some(d) => read_data(d)?.filter(|d| Some(d) != pipeline_data),
     };
     Ok(Job { worker, data })
 }
@@ -713,20 +717,43 @@ mod tests {
             Some(&json!({"doc": 7}).as_object().cloned().unwrap())
         );
         assert_eq!(p.job_data(p.find("B").unwrap()), json!({"doc": 7}));
-        // Emitted in the legacy order, with each job carrying the pipeline's data.
-        assert_eq!(
-            p.to_legacy(),
-            json!([
-                [
-                    "graph",
-                    [[
-                        [["worker_name", "A"], ["data", [["doc", 7]]]],
-                        [["worker_name", "B"], ["data", [["doc", 7]]]]
-                    ]]
-                ],
-                ["data", [["doc", 7]]]
-            ])
-        );
+        // Emitted in the legacy order; the jobs hold no copy of the pipeline's data.
+        let compact = json!([
+            ["graph", [[[["worker_name", "A"]], [["worker_name", "B"]]]]],
+            ["data", [["doc", 7]]]
+        ]);
+        assert_eq!(p.to_legacy(), compact);
+        // The original's writers copy the data into every job: the copies are the pipeline's
+        // data, not the jobs' own, and are not written back.
+        let copied = json!([
+            [
+                "graph",
+                [[
+                    [["worker_name", "A"], ["data", [["doc", 7]]]],
+                    [["worker_name", "B"], ["data", [["doc", 7]]]]
+                ]]
+            ],
+            ["data", [["doc", 7]]]
+        ]);
+        let p = Pipeline::from_legacy(&copied).unwrap();
+        assert_eq!(p.job(p.find("A").unwrap()).data, None);
+        assert_eq!(p.job_data(p.find("A").unwrap()), json!({"doc": 7}));
+        assert_eq!(p.to_legacy(), compact);
+    }
+
+    #[test]
+    fn a_job_with_data_of_its_own_keeps_it() {
+        let own = json!({"doc": 8}).as_object().cloned().unwrap();
+        let p = Pipeline::builder()
+            .job_with_data("B", own.clone())
+            .edge("A", "B")
+            .data(json!({"doc": 7}))
+            .build()
+            .unwrap();
+        let back = Pipeline::from_legacy(&p.to_legacy()).unwrap();
+        assert_eq!(back.job_data(back.find("A").unwrap()), json!({"doc": 7}));
+        assert_eq!(back.job_data(back.find("B").unwrap()), json!({"doc": 8}));
+        assert_eq!(back.job(back.find("B").unwrap()).data, Some(own));
     }
 
     #[test]

@@ -524,21 +524,23 @@ async fn downstream_eager(
     max_pending: u64,
 ) -> Result<(), String> {
     let pending = AtomicU64::new(0);
-    let (chunks, mut queued) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    let (chunks, mut queued) = tokio::sync::mpsc::unbounded_channel::<bytes::Bytes>();
     let take = async {
+        // Read into spare capacity (never zeroed), and pass on exactly what was read: a
+        // zeroed 16 KiB buffer per read cost the router more than the reads themselves.
+        let mut buf = bytes::BytesMut::with_capacity(BUFFER);
         loop {
-            let mut buf = vec![0u8; BUFFER];
-            let n = match from.read(&mut buf).await {
+            buf.reserve(BUFFER);
+            let n = match from.read_buf(&mut buf).await {
                 Ok(0) | Err(_) => return Ok(()),
                 Ok(n) => n,
             };
-            buf.truncate(n);
             if pending.fetch_add(n as u64, Ordering::AcqRel) + n as u64 > max_pending {
                 return Err(format!(
                     "the peer fell more than {max_pending} bytes behind"
                 ));
             }
-            if chunks.send(buf).is_err() {
+            if chunks.send(buf.split().freeze()).is_err() {
                 return Ok(());
             }
         }
