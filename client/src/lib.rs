@@ -242,14 +242,14 @@ impl PipelineManager {
             if let Some(d) = deadline {
                 fields.insert("deadline secs".into(), d.as_secs_f64().into());
             }
-            let pipeline = p.to_legacy();
-            let bytes = serde_json::to_vec(&pipeline).map_or(0, |v| v.len());
+            let request = NewPipeline::new(&p.to_legacy()).with_fields(fields);
+            let bytes = request.pipeline.get().len();
             let full = chunk.len() >= START_BATCH || chunk_bytes + bytes > START_BATCH_BYTES;
             if full && !chunk.is_empty() {
                 ids.extend(self.start_chunk(std::mem::take(&mut chunk)).await?);
                 chunk_bytes = 0;
             }
-            chunk.push(Request::AddPipeline(NewPipeline { pipeline, fields }));
+            chunk.push(Request::AddPipeline(request));
             chunk_bytes += bytes;
         }
         if !chunk.is_empty() {

@@ -32,10 +32,9 @@ fn codec(c: &mut Criterion) {
     group.bench_function("decode add job", |b| {
         b.iter(|| decode_request(black_box(add_job)).unwrap())
     });
-    let add_pipeline = Request::AddPipeline(pypelinin_common::protocol::request::NewPipeline {
-        pipeline: chain(2).to_legacy(),
-        fields: Default::default(),
-    })
+    let add_pipeline = Request::AddPipeline(pypelinin_common::protocol::request::NewPipeline::new(
+        &chain(2).to_legacy(),
+    ))
     .encode();
     group.bench_function("decode add pipeline (2 jobs)", |b| {
         b.iter(|| decode_request(black_box(&add_pipeline)).unwrap())

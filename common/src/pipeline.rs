@@ -274,6 +274,16 @@ impl Pipeline {
         builder.build()
     }
 
+    /// Reads the legacy serialized form from its JSON text (as `add pipeline` carries it).
+    ///
+    /// # Errors
+    /// As [`Pipeline::from_legacy`]; [`PipelineError::Format`] for text that is not JSON.
+    pub fn from_legacy_text(text: &str) -> Result<Self, PipelineError> {
+        let value: Value =
+            serde_json::from_str(text).map_err(|e| PipelineError::Format(e.to_string()))?;
+        Self::from_legacy(&value)
+    }
+
     /// The DOT text of the legacy `Pipeline.to_dot()`: every job, a blank line, every edge,
     /// each sorted by worker name so the text does not depend on construction order.
     pub fn to_dot(&self) -> String {

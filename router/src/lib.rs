@@ -244,9 +244,10 @@ impl Router {
                     continue;
                 }
             };
-            let decoded = match incoming.body.map_err(RequestError::Malformed) {
-                Ok(body) => RequestFrame::read(&body),
-                Err(e) => Err(e),
+            let body = incoming.body;
+            let decoded = match &body {
+                Ok(body) => RequestFrame::read(body),
+                Err(e) => Err(RequestError::Malformed(e.clone())),
             };
             // With a cluster token, nothing of a request is looked at before its token: any
             // frame without the right one, well-formed or not, is unauthorized.
@@ -397,11 +398,9 @@ struct Handled {
 /// `get job`, as the original's daemons do, waits for the disk half as often.
 fn needs_sync(request: &Request) -> bool {
     match request {
-        Request::Batch(b) => !b.requests.iter().all(|r| {
-            r.get("command")
-                .and_then(serde_json::Value::as_str)
-                .is_some_and(|c| NO_SYNC.contains(&c))
-        }),
+        Request::Batch(b) => !b
+            .commands()
+            .all(|c| c.is_some_and(|c| NO_SYNC.contains(&&*c))),
         other => !NO_SYNC.contains(&other.command()),
     }
 }

@@ -617,14 +617,14 @@ where
 #[derive(serde::Deserialize)]
 struct PipelineBody {
     pipeline: Box<serde_json::value::RawValue>,
-    fields: serde_json::Map<String, serde_json::Value>,
+    fields: pypelinin_common::protocol::RawFields,
 }
 
 /// [`PipelineBody`], to write.
 #[derive(serde::Serialize)]
 struct PipelineBodyRef<'a> {
     pipeline: &'a serde_json::value::RawValue,
-    fields: &'a serde_json::Map<String, serde_json::Value>,
+    fields: &'a pypelinin_common::protocol::RawFields,
 }
 
 /// A row to write: its key and encoded value, or `None` to delete it.
@@ -840,10 +840,7 @@ mod tests {
             ["data", null]
         ]);
         let added = state.handle(
-            Request::AddPipeline(NewPipeline {
-                pipeline,
-                fields: Map::new(),
-            }),
+            Request::AddPipeline(NewPipeline::new(&pipeline)),
             NOW,
             &mut Vec::new(),
         );
@@ -957,7 +954,8 @@ mod tests {
         let next = take(&mut state, 1);
         let record = state.job(&next[0]).expect("the job handed out");
         assert_eq!(
-            record.fields["data"]["n"], 2_000,
+            record.fields.value("data").unwrap()["n"],
+            2_000,
             "the oldest job never taken comes first"
         );
         drop(durable);
@@ -983,10 +981,7 @@ mod tests {
             .collect();
         let pipeline = json!([["graph", graph], ["data", {"pad": "x".repeat(data_bytes)}]]);
         let added = state.handle(
-            Request::AddPipeline(NewPipeline {
-                pipeline,
-                fields: Map::new(),
-            }),
+            Request::AddPipeline(NewPipeline::new(&pipeline)),
             NOW,
             &mut Vec::new(),
         );
@@ -1103,12 +1098,15 @@ mod tests {
         );
         let r = restored.job(&running[0]).expect("the running job");
         assert_eq!(r.state, JobState::Running);
-        assert_eq!(r.fields["data"], json!({"n": 500}));
+        assert_eq!(r.fields.value("data"), Some(json!({"n": 500})));
         let first = restored
             .job(&done[0])
             .expect("a finished job of the pipeline");
         assert_eq!(first.state, JobState::Finished);
-        assert_eq!(first.fields["data"], json!({"n": 0, "é": "ünïcode ✓"}));
+        assert_eq!(
+            first.fields.value("data"),
+            Some(json!({"n": 0, "é": "ünïcode ✓"}))
+        );
         apply(
             &durable,
             &mut index,
@@ -1152,7 +1150,15 @@ mod tests {
         let (durable, loaded) = open(&dir);
         let (mut state, mut index) = restore(loaded);
         let p = PipelineId::from("p1");
-        assert_eq!(state.pipeline(&p).expect("read").fields["k"], "v");
+        assert_eq!(
+            state
+                .pipeline(&p)
+                .expect("read")
+                .fields
+                .string("k")
+                .as_deref(),
+            Some("v")
+        );
         assert_eq!(
             state.pipeline(&p).expect("read").jobs,
             vec![JobId::from("j1")]
@@ -1166,8 +1172,8 @@ mod tests {
         let (state, _) = restore(loaded);
         let job = state.job(&JobId::from("j1")).expect("read again");
         assert_eq!(
-            (job.state, &job.fields["data"]),
-            (JobState::Running, &json!({"n": 7}))
+            (job.state, job.fields.value("data").unwrap_or_default()),
+            (JobState::Running, json!({"n": 7}))
         );
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -1,5 +1,6 @@
 //! Every row of the protocol table, answered as the legacy router answered it.
 
+use pypelinin_common::transport::ApiClient;
 use pypelinin_router::RouterSettings;
 use serde_json::{json, Value};
 
@@ -823,4 +824,90 @@ async fn try_recv_returns_at_once_and_hands_over_events_that_arrived() {
         !matches!(again, Some(Ok(Event::NewJob))),
         "one broadcast, taken once: {again:?}"
     );
+}
+
+/// Sends `add job` with `data` spelled exactly as `data_text`; returns the job's id.
+async fn add_with_text(router: &TestRouter, c: &mut ApiClient, data_text: &str) -> Value {
+    let body = format!(r#"{{"command": "add job", "worker": "Raw", "data": {data_text}}}"#);
+    let reply = router.raw(c, body.as_bytes()).await;
+    assert_eq!(reply["answer"], "job accepted", "{reply}");
+    reply["job id"].clone()
+}
+
+/// The text of `key`'s value in the JSON object `reply`, as the router wrote it.
+fn text_after<'a>(reply: &'a str, key: &str) -> &'a str {
+    let at = reply
+        .find(&format!("\"{key}\":"))
+        .expect("the key is in the reply")
+        + key.len()
+        + 3;
+    &reply[at..]
+}
+
+#[tokio::test]
+async fn job_data_is_handed_back_byte_for_byte_and_survives_a_restart() {
+    let data_dir = std::env::temp_dir().join(format!("pypelinin-raw-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data_dir);
+    let settings = || RouterSettings {
+        data_dir: Some(data_dir.clone()),
+        ..RouterSettings::default()
+    };
+    // What a tree of `Value`s would not give back as it came: spacing, number spellings, an
+    // integer past 64 bits, escapes and raw UTF-8 (four-byte characters too), a list.
+    let texts = [
+        r#"{"n": 1.50, "big": 123456789012345678901234567890, "e": 1E3, "neg": -0.0}"#.to_owned(),
+        r#"{"escaped": "\u00e7a va \ud83d\ude00 \"q\" \\ \n", "raw": "ça va 😀 ünïcode ✓"}"#
+            .to_owned(),
+        r#"[ 1 , {"nested" : [true, null, {}]} ]"#.to_owned(),
+        // 10 MB: five million two-byte characters.
+        format!(r#"{{"payload": "{}"}}"#, "é".repeat(5_000_000)),
+    ];
+    let router = TestRouter::start_settings(Default::default(), settings()).await;
+    let mut c = router.client().await;
+    let mut ids = Vec::new();
+    for text in &texts {
+        ids.push(add_with_text(&router, &mut c, text).await);
+    }
+    // A pipeline's other keys too.
+    let body = format!(
+        r#"{{"command": "add pipeline", "pipeline": [["graph", [[[["worker_name", "A"]], null]]], ["data", null]], "note": {}}}"#,
+        texts[1]
+    );
+    assert_eq!(
+        router.raw(&mut c, body.as_bytes()).await["answer"],
+        "pipeline accepted"
+    );
+    // The first is handed out before the restart, the others after it.
+    let reply = c
+        .request_bytes(br#"{"command": "get job"}"#.to_vec())
+        .await
+        .expect("reply");
+    let reply = String::from_utf8(reply.to_vec()).expect("UTF-8");
+    assert!(text_after(&reply, "data").starts_with(&texts[0]), "{reply}");
+    router.stop().await;
+
+    let router = TestRouter::start_settings(Default::default(), settings()).await;
+    let mut c = router.client().await;
+    for (text, id) in texts.iter().zip(&ids).skip(1) {
+        let reply = c
+            .request_bytes(br#"{"command": "get job"}"#.to_vec())
+            .await
+            .expect("reply");
+        let reply = String::from_utf8(reply.to_vec()).expect("UTF-8");
+        let parsed: Value = serde_json::from_str(&reply).expect("JSON");
+        assert_eq!(&parsed["job id"], id, "FIFO after the restart");
+        assert!(
+            text_after(&reply, "data").starts_with(text.as_str()),
+            "the data of job {id} came back changed: {}…",
+            &reply[..reply.len().min(300)]
+        );
+    }
+    let reply = c
+        .request_bytes(br#"{"command": "get pipeline"}"#.to_vec())
+        .await
+        .expect("reply");
+    let reply = String::from_utf8(reply.to_vec()).expect("UTF-8");
+    assert!(text_after(&reply, "note").starts_with(&texts[1]), "{reply}");
+    router.stop().await;
+    let _ = std::fs::remove_dir_all(&data_dir);
 }

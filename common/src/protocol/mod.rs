@@ -18,17 +18,21 @@
 //! - [`cluster`]: what the router knows of the cluster as a whole (`cluster status`, the
 //!   daemons that identify themselves, a pipeline's jobs).
 //! - [`duration`]: [`WireDuration`], durations printed as the Python 2 router printed them.
+//! - [`raw`]: [`RawFields`], the keys the router keeps and hands back as the JSON text they
+//!   came as (`data` and any other keys of `add job` and `add pipeline`).
 
 pub mod cluster;
 pub mod duration;
 pub mod event;
+pub mod raw;
 pub mod reply;
 pub mod request;
 
 pub use duration::WireDuration;
 pub use event::{Event, EventParseError};
+pub use raw::RawFields;
 pub use reply::{
-    Answer, AnswerKind, JobAssignment, JobState, PipelineAssignment, PipelineHandout,
+    Answer, AnswerKind, JobAssignment, JobHandout, JobState, PipelineAssignment, PipelineHandout,
     PipelineState, PipelineStatus, Reply, ReplyError, SubmittedJob,
 };
 pub use request::{

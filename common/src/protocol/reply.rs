@@ -9,6 +9,7 @@ use serde_json::{Map, Value};
 
 use super::cluster::{ClusterStatus, PipelineDetails, PipelineList};
 use super::duration::WireDuration;
+use super::raw::RawFields;
 use super::request::RequestError;
 use crate::ids::{JobId, PipelineId};
 
@@ -278,6 +279,34 @@ impl JobAssignment {
     }
 }
 
+/// `get job` as the router sends it: a [`JobAssignment`] whose `data` and other keys are still
+/// the JSON text `add job` sent, so handing it out copies bytes instead of encoding a tree.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct JobHandout {
+    /// The job's id.
+    #[serde(rename = "job id")]
+    pub job_id: JobId,
+    /// Name of the worker that runs the job.
+    pub worker: String,
+    /// The pipeline the job belongs to, when a pipeliner added it.
+    #[serde(
+        rename = "pipeline id",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub pipeline_id: Option<PipelineId>,
+    /// `data` and any other keys, as `add job` sent them.
+    #[serde(flatten)]
+    pub fields: RawFields,
+}
+
+impl JobHandout {
+    /// The job's `data`, parsed (`null` when absent).
+    pub fn data(&self) -> Value {
+        self.fields.value("data").unwrap_or(Value::Null)
+    }
+}
+
 /// A pipeline handed out by `get pipeline`: what `add pipeline` received, plus its id.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PipelineAssignment {
@@ -317,7 +346,7 @@ pub struct PipelineHandout {
     pub submitted_jobs: Vec<SubmittedJob>,
     /// Any other keys `add pipeline` sent.
     #[serde(flatten)]
-    pub fields: Map<String, Value>,
+    pub fields: RawFields,
 }
 
 impl PartialEq for PipelineHandout {
@@ -349,13 +378,13 @@ pub enum Reply {
     /// The cluster configuration object, as is (no `"answer"` key).
     Configuration(Map<String, Value>),
     /// `get job`: a job, or `{"worker": null}`.
-    Job(Option<JobAssignment>),
+    Job(Option<JobHandout>),
     /// `get pipeline`: a pipeline, or `{"pipeline": null}`.
     Pipeline(Option<PipelineHandout>),
     /// `batch`: `{"answer": "batch", "replies": [...]}`, one reply per request.
     Batch(Vec<Reply>),
     /// `get jobs`: `{"answer": "jobs", "jobs": [...]}`, each as `get job` answers it.
-    Jobs(Vec<JobAssignment>),
+    Jobs(Vec<JobHandout>),
     /// `get pipelines`: `{"answer": "pipelines", "pipelines": [...]}`, each as `get pipeline`
     /// answers it.
     Pipelines(Vec<PipelineHandout>),
@@ -649,18 +678,32 @@ mod tests {
         );
     }
 
+    /// The job the router hands out, and the job a client reads.
+    fn job(id: &str, pipeline_id: Option<&str>, fields: Value) -> (JobHandout, JobAssignment) {
+        let fields = fields.as_object().cloned().unwrap();
+        let handout = JobHandout {
+            job_id: id.into(),
+            worker: "Upper".into(),
+            pipeline_id: pipeline_id.map(Into::into),
+            fields: fields.clone().into(),
+        };
+        let read = JobAssignment {
+            job_id: id.into(),
+            worker: "Upper".into(),
+            pipeline_id: pipeline_id.map(Into::into),
+            fields,
+        };
+        (handout, read)
+    }
+
     #[test]
     fn job_assignment_hands_back_every_key() {
-        let job = JobAssignment {
-            job_id: "j1".into(),
-            worker: "Upper".into(),
-            pipeline_id: None,
-            fields: json!({"data": {"filename": "a.json"}, "extra": 1})
-                .as_object()
-                .cloned()
-                .unwrap(),
-        };
-        let bytes = Reply::Job(Some(job.clone())).encode();
+        let (handout, job) = job(
+            "j1",
+            None,
+            json!({"data": {"filename": "a.json"}, "extra": 1}),
+        );
+        let bytes = Reply::Job(Some(handout)).encode();
         let v: Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(
             v,
@@ -671,19 +714,14 @@ mod tests {
 
     #[test]
     fn several_jobs_or_pipelines_come_as_a_list() {
-        let job = |id: &str| JobAssignment {
-            job_id: id.into(),
-            worker: "Upper".into(),
-            pipeline_id: Some("p".into()),
-            fields: json!({"data": {"n": 1}}).as_object().cloned().unwrap(),
-        };
-        let bytes = Reply::Jobs(vec![job("j1"), job("j2")]).encode();
+        let job = |id: &str| job(id, Some("p"), json!({"data": {"n": 1}}));
+        let bytes = Reply::Jobs(vec![job("j1").0, job("j2").0]).encode();
         let v: Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(v["answer"], "jobs");
         assert_eq!(v["jobs"][1]["job id"], "j2");
         assert_eq!(
             decode_reply::<Vec<JobAssignment>>(&bytes),
-            Ok(vec![job("j1"), job("j2")])
+            Ok(vec![job("j1").1, job("j2").1])
         );
         assert_eq!(
             Reply::Jobs(vec![]).encode(),
@@ -698,7 +736,7 @@ mod tests {
             pipeline_id: "p1".into(),
             pipeline: RawValue::from_string(r#"[["graph",[]]]"#.into()).unwrap(),
             submitted_jobs: vec![],
-            fields: Map::new(),
+            fields: RawFields::new(),
         };
         let bytes = Reply::Pipelines(vec![handout]).encode();
         let got = decode_reply::<Vec<PipelineAssignment>>(&bytes).unwrap();

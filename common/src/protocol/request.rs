@@ -1,10 +1,15 @@
 //! Requests sent to the router's API socket.
 
-use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use super::cluster::Peer;
 use super::duration::WireDuration;
+use super::raw::{self, RawFields, RawObject};
 use super::reply::PipelineState;
 use crate::ids::{JobId, PipelineId};
 
@@ -114,7 +119,7 @@ impl Request {
 
 /// `add job`: the worker to run and everything else the client sent (`data` and any other
 /// keys), which the router hands back verbatim with `get job`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct NewJob {
     /// Name of the worker that runs the job.
     pub worker: String,
@@ -144,16 +149,16 @@ pub struct NewJob {
     /// (docs/protocol.md, "Mixing legacy and new daemons").
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub subscribed: bool,
-    /// `data` and any other keys, kept as sent.
+    /// `data` and any other keys, kept as sent (as JSON text).
     #[serde(flatten)]
-    pub fields: Map<String, Value>,
+    pub fields: RawFields,
 }
 
 impl NewJob {
     /// A job for `worker` with `data` (which may be `null`).
     pub fn new(worker: impl Into<String>, data: Value) -> Self {
-        let mut fields = Map::new();
-        fields.insert("data".into(), data);
+        let mut fields = RawFields::new();
+        fields.insert("data", &data);
         Self {
             worker: worker.into(),
             pipeline_id: None,
@@ -175,6 +180,65 @@ impl NewJob {
         self.ends_pipeline = Some(WireDuration::from(elapsed));
         self
     }
+
+    /// Reads the keys of an `add job` read in one pass: its own keys are parsed, the others
+    /// kept as text.
+    fn from_raw(mut object: RawObject<'_>) -> Result<Self, RequestError> {
+        let worker = take::<String>(&mut object, "worker")?
+            .ok_or_else(|| RequestError::Syntax("missing field `worker`".into()))?;
+        Ok(Self {
+            worker,
+            pipeline_id: take::<Option<PipelineId>>(&mut object, "pipeline id")?.flatten(),
+            ends_pipeline: take::<Option<WireDuration>>(&mut object, "ends pipeline")?.flatten(),
+            subscribed: take::<bool>(&mut object, "subscribed")?.unwrap_or(false),
+            fields: RawFields::from_pairs(object.0),
+        })
+    }
+}
+
+/// Deserialized through a [`Value`] map (inside a tagged enum serde cannot hold raw text); the
+/// router reads requests with [`decode_request`], which keeps the text without this detour.
+impl<'de> Deserialize<'de> for NewJob {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Parsed {
+            worker: String,
+            #[serde(rename = "pipeline id", default)]
+            pipeline_id: Option<PipelineId>,
+            #[serde(rename = "ends pipeline", default)]
+            ends_pipeline: Option<WireDuration>,
+            #[serde(default)]
+            subscribed: bool,
+            #[serde(flatten)]
+            fields: Map<String, Value>,
+        }
+        let p = Parsed::deserialize(deserializer)?;
+        Ok(Self {
+            worker: p.worker,
+            pipeline_id: p.pipeline_id,
+            ends_pipeline: p.ends_pipeline,
+            subscribed: p.subscribed,
+            fields: p.fields.into(),
+        })
+    }
+}
+
+/// Takes `key` out of `object`, parsed as a `T` (a wrong type is a syntax error, worded as
+/// serde words it).
+fn take<T: DeserializeOwned>(
+    object: &mut RawObject<'_>,
+    key: &str,
+) -> Result<Option<T>, RequestError> {
+    object
+        .take(key)
+        .map(|raw| {
+            serde_json::from_str(raw.get()).map_err(|e| {
+                let e = e.to_string();
+                let e = e.rfind(" at line ").map_or(&*e, |at| &e[..at]);
+                RequestError::Syntax(format!("\"{key}\": {e}"))
+            })
+        })
+        .transpose()
 }
 
 /// `get job`.
@@ -258,13 +322,61 @@ pub struct JobFailed {
 }
 
 /// `add pipeline`: the serialized pipeline and any other keys, handed back verbatim.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct NewPipeline {
-    /// The pipeline in the legacy serialized format (see [`crate::pipeline`]).
-    pub pipeline: Value,
-    /// Any other keys, kept as sent.
+    /// The pipeline in the legacy serialized format (see [`crate::pipeline`]), as JSON text.
+    pub pipeline: Box<RawValue>,
+    /// Any other keys, kept as sent (as JSON text).
     #[serde(flatten)]
-    pub fields: Map<String, Value>,
+    pub fields: RawFields,
+}
+
+impl NewPipeline {
+    /// `pipeline` (the legacy serialized form, [`crate::pipeline::Pipeline::to_legacy`]), with
+    /// no other key.
+    pub fn new(pipeline: &Value) -> Self {
+        Self {
+            pipeline: raw::raw(pipeline),
+            fields: RawFields::new(),
+        }
+    }
+
+    /// The same, with these other keys.
+    pub fn with_fields(mut self, fields: impl Into<RawFields>) -> Self {
+        self.fields = fields.into();
+        self
+    }
+
+    /// Reads the keys of an `add pipeline` read in one pass.
+    fn from_raw(mut object: RawObject<'_>) -> Result<Self, RequestError> {
+        let pipeline = object
+            .take("pipeline")
+            .ok_or_else(|| RequestError::Syntax("missing field `pipeline`".into()))?;
+        Ok(Self {
+            pipeline: pipeline.to_owned(),
+            fields: RawFields::from_pairs(object.0),
+        })
+    }
+}
+
+impl PartialEq for NewPipeline {
+    fn eq(&self, other: &Self) -> bool {
+        self.pipeline.get() == other.pipeline.get() && self.fields == other.fields
+    }
+}
+
+/// As [`NewJob`]'s: through a [`Value`] map.
+impl<'de> Deserialize<'de> for NewPipeline {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Parsed {
+            pipeline: Value,
+            #[serde(flatten)]
+            fields: Map<String, Value>,
+        }
+        let p = Parsed::deserialize(deserializer)?;
+        Ok(Self::new(&p.pipeline).with_fields(p.fields))
+    }
 }
 
 /// `pipeline finished`.
@@ -389,10 +501,35 @@ pub struct Probe {
 }
 
 /// `batch`: the requests, each a complete request object (batches do not nest).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct Batch {
-    /// The requests, in the order the router handles them.
-    pub requests: Vec<Value>,
+    /// The requests, in the order the router handles them, each as its JSON text.
+    pub requests: Vec<Box<RawValue>>,
+}
+
+impl PartialEq for Batch {
+    fn eq(&self, other: &Self) -> bool {
+        self.requests.len() == other.requests.len()
+            && self
+                .requests
+                .iter()
+                .zip(&other.requests)
+                .all(|(a, b)| a.get() == b.get())
+    }
+}
+
+/// As [`NewJob`]'s: through [`Value`]s.
+impl<'de> Deserialize<'de> for Batch {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Parsed {
+            requests: Vec<Value>,
+        }
+        let p = Parsed::deserialize(deserializer)?;
+        Ok(Self {
+            requests: p.requests.iter().map(raw::raw).collect(),
+        })
+    }
 }
 
 impl Batch {
@@ -405,26 +542,40 @@ impl Batch {
             // Serializing a request cannot fail: every map key is a string.
             requests: requests
                 .into_iter()
-                .map(|r| serde_json::to_value(r).unwrap_or_default())
+                .map(|r| serde_json::value::to_raw_value(r).unwrap_or_else(|_| raw::null()))
                 .collect(),
         }
+    }
+
+    /// The command of each request (`None` for one without a readable command), read lazily:
+    /// each request's text is scanned when its command is asked for.
+    pub fn commands(&self) -> impl Iterator<Item = Option<String>> + '_ {
+        #[derive(Deserialize)]
+        struct Command {
+            command: String,
+        }
+        self.requests.iter().map(|text| {
+            serde_json::from_str::<Command>(text.get())
+                .ok()
+                .map(|c| c.command)
+        })
     }
 
     /// Decodes each request on its own, so one bad request is answered with its error and the
     /// others still run. A nested batch is a syntax error.
     pub fn decode(self) -> Vec<Result<Request, RequestError>> {
         self.requests
-            .into_iter()
-            .map(|value| match value {
-                Value::Object(map) => match dispatch(map)? {
+            .iter()
+            .map(|text| {
+                let object = serde_json::from_str::<RawObject<'_>>(text.get()).map_err(|_| {
+                    RequestError::Malformed("each request of a batch must be a JSON object".into())
+                })?;
+                match dispatch(object)? {
                     Request::Batch(_) => Err(RequestError::Syntax(
                         "a batch cannot contain a batch".into(),
                     )),
                     request => Ok(request),
-                },
-                _ => Err(RequestError::Malformed(
-                    "each request of a batch must be a JSON object".into(),
-                )),
+                }
             })
             .collect()
     }
@@ -453,23 +604,24 @@ pub const CLUSTER_TOKEN: &str = "cluster token";
 /// A request frame read as a JSON object, with the [`CLUSTER_TOKEN`] it carried taken out:
 /// a router that requires a token checks it ([`RequestFrame::token`]) before it looks at
 /// anything else of the request, then [`decodes`](RequestFrame::decode) it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RequestFrame {
-    object: Map<String, Value>,
+///
+/// The frame is read in one pass that keeps each value as its text in the frame; decoding
+/// parses the keys of the command and keeps the others (`data`, ...) as text.
+pub struct RequestFrame<'a> {
+    object: RawObject<'a>,
     token: Option<String>,
 }
 
-impl RequestFrame {
+impl<'a> RequestFrame<'a> {
     /// Reads `bytes` as one JSON object.
     ///
     /// # Errors
     /// [`RequestError::Malformed`] for bytes that are not one UTF-8 JSON object.
-    pub fn read(bytes: &[u8]) -> Result<Self, RequestError> {
+    pub fn read(bytes: &'a [u8]) -> Result<Self, RequestError> {
         let mut object = decode_object(bytes)?;
-        let token = match object.remove(CLUSTER_TOKEN) {
-            Some(Value::String(t)) => Some(t),
-            _ => None,
-        };
+        let token = object
+            .take(CLUSTER_TOKEN)
+            .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok());
         Ok(Self { object, token })
     }
 
@@ -510,30 +662,84 @@ pub fn decode_request(bytes: &[u8]) -> Result<Request, RequestError> {
     RequestFrame::read(bytes)?.decode()
 }
 
-fn decode_object(bytes: &[u8]) -> Result<Map<String, Value>, RequestError> {
+fn decode_object(bytes: &[u8]) -> Result<RawObject<'_>, RequestError> {
     let text = std::str::from_utf8(bytes)
         .map_err(|e| RequestError::Malformed(format!("request is not UTF-8: {e}")))?;
-    let value: Value = serde_json::from_str(text)
-        .map_err(|e| RequestError::Malformed(format!("request is not JSON: {e}")))?;
-    match value {
-        Value::Object(map) => Ok(map),
-        _ => Err(RequestError::Malformed(
-            "request must be a JSON object".into(),
-        )),
+    serde_json::from_str(text).map_err(|e| match e.classify() {
+        // Well-formed JSON, but not an object.
+        serde_json::error::Category::Data => {
+            RequestError::Malformed("request must be a JSON object".into())
+        }
+        _ => RequestError::Malformed(format!("request is not JSON: {e}")),
+    })
+}
+
+fn dispatch(mut object: RawObject<'_>) -> Result<Request, RequestError> {
+    let command = match object.take("command") {
+        None => return Err(RequestError::UndefinedCommand),
+        Some(raw) => match serde_json::from_str::<Cow<'_, str>>(raw.get()) {
+            Ok(c) if Request::COMMANDS.contains(&&*c) => c,
+            _ => return Err(RequestError::UnknownCommand),
+        },
+    };
+    // A token inside a request (of a batch) is never kept with it, stored or handed out.
+    object.take(CLUSTER_TOKEN);
+    let request = match &*command {
+        "add job" => Request::AddJob(NewJob::from_raw(object)?),
+        "add pipeline" => Request::AddPipeline(NewPipeline::from_raw(object)?),
+        "batch" => {
+            let requests = take::<Vec<Box<RawValue>>>(&mut object, "requests")?
+                .ok_or_else(|| RequestError::Syntax("missing field `requests`".into()))?;
+            Request::Batch(Batch { requests })
+        }
+        // The others are small: read through serde, the command first.
+        _ => {
+            let entries = std::iter::once(("command", &*command))
+                .map(|(k, c)| (Cow::Borrowed(k), Entry::Command(c)))
+                .chain(object.0.into_iter().map(|(k, v)| (k, Entry::Raw(v))));
+            let map = serde::de::value::MapDeserializer::new(entries);
+            Request::deserialize(map)
+                .map_err(|e: serde_json::Error| RequestError::Syntax(e.to_string()))?
+        }
+    };
+    Limits::apply(request)
+}
+
+/// A value of a request read in one pass: the command's name, or any other value's text.
+enum Entry<'a> {
+    Command(&'a str),
+    Raw(&'a RawValue),
+}
+
+impl<'de> serde::de::IntoDeserializer<'de, serde_json::Error> for Entry<'de> {
+    type Deserializer = EntryDeserializer<'de>;
+
+    fn into_deserializer(self) -> Self::Deserializer {
+        EntryDeserializer(self)
     }
 }
 
-fn dispatch(mut map: Map<String, Value>) -> Result<Request, RequestError> {
-    match map.get("command") {
-        None => return Err(RequestError::UndefinedCommand),
-        Some(Value::String(c)) if Request::COMMANDS.contains(&c.as_str()) => {}
-        Some(_) => return Err(RequestError::UnknownCommand),
+/// Deserializes an [`Entry`].
+struct EntryDeserializer<'a>(Entry<'a>);
+
+impl<'de> Deserializer<'de> for EntryDeserializer<'de> {
+    type Error = serde_json::Error;
+
+    fn deserialize_any<V: serde::de::Visitor<'de>>(
+        self,
+        visitor: V,
+    ) -> Result<V::Value, serde_json::Error> {
+        match self.0 {
+            Entry::Command(c) => visitor.visit_borrowed_str(c),
+            Entry::Raw(raw) => raw.deserialize_any(visitor),
+        }
     }
-    // A token inside a request (of a batch) is never kept with it, stored or handed out.
-    map.remove(CLUSTER_TOKEN);
-    let request: Request = serde_json::from_value(Value::Object(map))
-        .map_err(|e| RequestError::Syntax(e.to_string()))?;
-    Limits::apply(request)
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
+        bytes byte_buf option unit unit_struct newtype_struct seq tuple
+        tuple_struct map struct enum identifier ignored_any
+    }
 }
 
 /// The limits the router puts on what it stores, broadcasts and logs.
@@ -621,7 +827,10 @@ mod tests {
             panic!("{req:?}")
         };
         assert_eq!(job.worker, "Upper");
-        assert_eq!(job.fields["data"], json!({"filename": "a.json"}));
+        assert_eq!(
+            job.fields.value("data"),
+            Some(json!({"filename": "a.json"}))
+        );
         assert!(!job.fields.contains_key("command"));
 
         let req =
@@ -731,10 +940,7 @@ mod tests {
                 error: "boom".into(),
                 duration: None,
             }),
-            Request::AddPipeline(NewPipeline {
-                pipeline: json!([]),
-                fields: Map::new(),
-            }),
+            Request::AddPipeline(NewPipeline::new(&json!([]))),
             Request::GetPipeline,
             Request::PipelineFinished(PipelineFinished {
                 pipeline_id: "p".into(),
@@ -864,14 +1070,11 @@ mod tests {
 
     #[test]
     fn the_token_is_read_apart_and_never_kept_with_a_request() {
-        let frame = RequestFrame::read(
-            json!({"command": "batch", "cluster token": "t", "requests": [
-                {"command": "add job", "worker": "A", "cluster token": "inner"}
-            ]})
-            .to_string()
-            .as_bytes(),
-        )
-        .unwrap();
+        let text = json!({"command": "batch", "cluster token": "t", "requests": [
+            {"command": "add job", "worker": "A", "cluster token": "inner"}
+        ]})
+        .to_string();
+        let frame = RequestFrame::read(text.as_bytes()).unwrap();
         assert_eq!(frame.token(), Some("t"));
         let Request::Batch(batch) = frame.decode().unwrap() else {
             panic!("not a batch")

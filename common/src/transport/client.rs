@@ -194,14 +194,11 @@ impl ApiClient {
         pipeline: &Pipeline,
         request_id: Option<&str>,
     ) -> Result<PipelineId, ClientError> {
-        let mut fields = serde_json::Map::new();
+        let mut request = NewPipeline::new(&pipeline.to_legacy());
         if let Some(id) = request_id {
-            fields.insert("request id".into(), id.into());
+            request.fields.insert("request id", &id.into());
         }
-        let request = Request::AddPipeline(NewPipeline {
-            pipeline: pipeline.to_legacy(),
-            fields,
-        });
+        let request = Request::AddPipeline(request);
         let reply = self.request(&request).await?;
         let answer = expect_answer(&reply, AnswerKind::PipelineAccepted)?;
         answer.pipeline_id.ok_or_else(|| {

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use pypelinin_common::ids::JobId;
 use pypelinin_common::protocol::request::{GetJob, JobFailed, JobFinished, NewJob};
 use pypelinin_common::protocol::{
-    Answer, AnswerKind, Event, JobAssignment, JobState, PipelineState, PipelineStatus, Reply,
+    Answer, AnswerKind, Event, JobHandout, JobState, PipelineState, PipelineStatus, Reply,
     WireDuration,
 };
 use tracing::{debug, warn};
@@ -185,12 +185,7 @@ impl State {
 
     /// Hands out the oldest queued job of the workers `get` names (any worker: `None`), leased
     /// for `lease_ms`.
-    pub(super) fn get_job(
-        &mut self,
-        get: &GetJob,
-        now: u64,
-        lease_ms: u64,
-    ) -> Option<JobAssignment> {
+    pub(super) fn get_job(&mut self, get: &GetJob, now: u64, lease_ms: u64) -> Option<JobHandout> {
         fn front<'a>((_, q): (&'a String, &'a BTreeMap<u64, JobId>)) -> Option<(u64, &'a JobId)> {
             q.first_key_value().map(|(seq, id)| (*seq, id))
         }
@@ -206,7 +201,7 @@ impl State {
         let lease_until = now.saturating_add(lease_ms);
         self.move_job(&id, JobPlace::Leased(lease_until));
         let record = self.jobs.get(&id)?;
-        Some(JobAssignment {
+        Some(JobHandout {
             job_id: id,
             worker: record.worker.clone(),
             pipeline_id: record.pipeline_id.clone(),

@@ -11,7 +11,6 @@ use pypelinin_common::protocol::{
     Answer, AnswerKind, Event, JobState, PipelineHandout, PipelineState, PipelineStatus, Reply,
     SubmittedJob, WireDuration,
 };
-use serde_json::Value;
 use tracing::warn;
 
 use super::jobs::JobPlace;
@@ -76,11 +75,7 @@ impl State {
         now: u64,
         events: &mut Vec<Event>,
     ) -> Reply {
-        let request_id = new
-            .fields
-            .get(REQUEST_ID)
-            .and_then(Value::as_str)
-            .map(str::to_owned);
+        let request_id = new.fields.string(REQUEST_ID);
         if let Some(existing) = request_id.as_ref().and_then(|r| self.request_ids.get(r)) {
             // The client retried a request whose answer it lost: same pipeline, same id.
             return Answer::new(AnswerKind::PipelineAccepted)
@@ -89,8 +84,8 @@ impl State {
         }
         let deadline = match new.fields.get(DEADLINE_SECS) {
             None => None,
-            Some(v) => match v
-                .as_f64()
+            Some(v) => match serde_json::from_str::<f64>(v.get())
+                .ok()
                 .filter(|secs| *secs > 0.0 && *secs <= MAX_DEADLINE_SECS)
             {
                 Some(secs) => Some(now.saturating_add((secs * 1000.0) as u64)),
@@ -106,16 +101,10 @@ impl State {
                 }
             },
         };
-        if let Err(e) = Pipeline::from_legacy(&new.pipeline) {
+        if let Err(e) = Pipeline::from_legacy_text(new.pipeline.get()) {
             return Answer::error(AnswerKind::InvalidPipeline, e.to_string()).into();
         }
-        let Ok(pipeline) = serde_json::value::to_raw_value(&new.pipeline) else {
-            return Answer::error(
-                AnswerKind::InvalidPipeline,
-                "the pipeline cannot be encoded",
-            )
-            .into();
-        };
+        let pipeline = new.pipeline;
         if self.pipeline_queue.len() >= self.policy.max_queued_pipelines {
             return Answer::error(
                 AnswerKind::QueueFull,
@@ -213,11 +202,7 @@ impl State {
         }
         let jobs = record.jobs.clone();
         let aliases = record.aliases.clone();
-        let request_id = record
-            .fields
-            .get(REQUEST_ID)
-            .and_then(Value::as_str)
-            .map(str::to_owned);
+        let request_id = record.fields.string(REQUEST_ID);
         for job in &jobs {
             self.move_job(job, JobPlace::Gone);
         }
@@ -238,8 +223,8 @@ impl State {
             };
             let secs = record
                 .fields
-                .get(DEADLINE_SECS)
-                .and_then(Value::as_f64)
+                .value(DEADLINE_SECS)
+                .and_then(|v| v.as_f64())
                 .unwrap_or_default();
             let waiting: Vec<(&JobId, &JobRecord)> = record
                 .jobs

@@ -3,10 +3,10 @@
 //! `persist.rs`, which versions it).
 
 use pypelinin_common::ids::{JobId, PipelineId};
+use pypelinin_common::protocol::RawFields;
 use pypelinin_common::protocol::{JobState, PipelineState, PipelineStatus};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use serde_json::{Map, Value};
 
 /// A job as the router records it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -18,7 +18,7 @@ pub struct JobRecord {
     /// `data` and the other keys `add job` sent: its body (stored in a row of its own, written
     /// once; read from the state row of a version 1 record).
     #[serde(default, skip_serializing)]
-    pub fields: Map<String, Value>,
+    pub fields: RawFields,
     /// Its pipeline, while that pipeline is pending.
     pub pipeline_id: Option<PipelineId>,
     /// Where it stands.
@@ -64,7 +64,7 @@ pub struct PipelineRecord {
     pub pipeline: Box<RawValue>,
     /// The other keys `add pipeline` sent.
     #[serde(default, skip_serializing)]
-    pub fields: Map<String, Value>,
+    pub fields: RawFields,
     /// Queued or running.
     pub state: PipelineState,
     /// Jobs submitted for it, in order. Not stored (a version 1 row has it): rebuilt at start

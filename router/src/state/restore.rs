@@ -50,7 +50,7 @@ impl State {
             if let Some(t) = record.deadline {
                 s.deadlines.insert(t, id.clone());
             }
-            if let Some(r) = record.fields.get(REQUEST_ID).and_then(Value::as_str) {
+            if let Some(r) = record.fields.string(REQUEST_ID) {
                 s.request_ids.insert(r.to_owned(), id.clone());
             }
             for alias in &record.aliases {

@@ -6,7 +6,7 @@ use pypelinin_common::protocol::request::{
     CancelPipeline, GetPipelines, JobFailed, JobFinished, JobStatusQuery, ListPipelines, NewJob,
     NewPipeline, PipelineFailed, PipelineFinished, PipelineStatusQuery, RenewLeases,
 };
-use pypelinin_common::protocol::{JobAssignment, SubmittedJob, WireDuration};
+use pypelinin_common::protocol::{JobHandout, SubmittedJob, WireDuration};
 use serde_json::json;
 
 const T0: u64 = 1_000_000;
@@ -42,7 +42,7 @@ fn add_legacy(state: &mut State, worker: &str) -> JobId {
     }
 }
 
-fn get_at(state: &mut State, workers: Option<&[&str]>, now: u64) -> Option<JobAssignment> {
+fn get_at(state: &mut State, workers: Option<&[&str]>, now: u64) -> Option<JobHandout> {
     let workers = workers.map(|w| w.iter().map(|s| s.to_string()).collect());
     match state.handle(Request::GetJob(GetJob { workers }), now, &mut vec![]) {
         Reply::Job(j) => j,
@@ -50,7 +50,7 @@ fn get_at(state: &mut State, workers: Option<&[&str]>, now: u64) -> Option<JobAs
     }
 }
 
-fn get(state: &mut State, workers: Option<&[&str]>) -> Option<JobAssignment> {
+fn get(state: &mut State, workers: Option<&[&str]>) -> Option<JobHandout> {
     get_at(state, workers, T0)
 }
 
@@ -63,10 +63,7 @@ fn pipeline_json() -> Value {
 
 fn add_pipeline(state: &mut State, fields: Map<String, Value>) -> Reply {
     state.handle(
-        Request::AddPipeline(NewPipeline {
-            pipeline: pipeline_json(),
-            fields,
-        }),
+        Request::AddPipeline(NewPipeline::new(&pipeline_json()).with_fields(fields)),
         T0,
         &mut vec![],
     )
@@ -942,10 +939,7 @@ fn invalid_pipelines_are_refused_at_add() {
         ["data", null]
     ]);
     let reply = s.handle(
-        Request::AddPipeline(NewPipeline {
-            pipeline: cyclic,
-            fields: Map::new(),
-        }),
+        Request::AddPipeline(NewPipeline::new(&cyclic)),
         T0,
         &mut vec![],
     );
@@ -999,7 +993,9 @@ fn restoring_the_records_gives_back_queues_leases_and_backoffs() {
 
 fn batch(state: &mut State, requests: &[Request], events: &mut Vec<Event>) -> Vec<Reply> {
     let mut batch = Batch::of(requests);
-    batch.requests.push(json!({"command": "no such command"}));
+    batch
+        .requests
+        .push(serde_json::value::to_raw_value(&json!({"command": "no such command"})).unwrap());
     match state.handle(Request::Batch(batch), T0, events) {
         Reply::Batch(mut replies) => {
             assert_eq!(
@@ -1062,6 +1058,10 @@ fn a_batch_is_its_requests_in_order() {
 fn oversized_batches_are_refused_whole() {
     let mut state = State::default();
     let requests = vec![json!({"command": "add job", "worker": "A"}); Batch::MAX_REQUESTS + 1];
+    let requests = requests
+        .iter()
+        .map(|r| serde_json::value::to_raw_value(r).unwrap())
+        .collect();
     let reply = state.handle(Request::Batch(Batch { requests }), T0, &mut vec![]);
     assert!(
         matches!(&reply, Reply::Answer(a) if a.answer == AnswerKind::SyntaxError),
@@ -1158,10 +1158,10 @@ proptest::proptest! {
             let expected: Vec<_> = (0..*k)
                 .filter_map(|_| get(&mut one, names.as_deref()))
                 .collect();
-            let ids = |jobs: &[JobAssignment]| jobs.iter().map(|j| (j.worker.clone(), j.data().clone())).collect::<Vec<_>>();
+            let ids = |jobs: &[JobHandout]| jobs.iter().map(|j| (j.worker.clone(), j.data())).collect::<Vec<_>>();
             proptest::prop_assert_eq!(ids(&got), ids(&expected));
             let got = match many.handle(Request::GetPipelines(GetPipelines::new(*k)), T0, &mut vec![]) {
-                Reply::Pipelines(p) => p.into_iter().map(|p| p.fields["n"].clone()).collect::<Vec<_>>(),
+                Reply::Pipelines(p) => p.into_iter().map(|p| p.fields.value("n").unwrap_or_default()).collect::<Vec<_>>(),
                 other => panic!("{other:?}"),
             };
             let expected: Vec<_> = (0..*k)
@@ -1315,7 +1315,7 @@ proptest::proptest! {
                     if let Some(r) = request_id {
                         fields.insert(REQUEST_ID.into(), format!("r{r}").into());
                     }
-                    Some(Request::AddPipeline(NewPipeline { pipeline: pipeline_json(), fields }))
+                    Some(Request::AddPipeline(NewPipeline::new(&pipeline_json()).with_fields(fields)))
                 }
                 Op::GetPipelines { max, wait } => Some(Request::GetPipelines(GetPipelines {
                     max: usize::from(max),
