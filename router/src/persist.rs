@@ -831,6 +831,72 @@ mod tests {
     }
 
     #[test]
+    fn a_job_whose_data_is_its_pipelines_is_written_without_it_and_handed_out_with_it() {
+        let dir = data_dir("shared");
+        let (durable, loaded) = open(&dir);
+        let (mut state, mut index) = restore(loaded);
+        let data = json!({"n": 1, "pad": "é".repeat(5_000)});
+        let pipeline = pypelinin_common::pipeline::Pipeline::builder()
+            .edge("V", "W")
+            .data(data.clone())
+            .build()
+            .expect("a pipeline");
+        let added = state.handle(
+            Request::AddPipeline(NewPipeline::new(&pipeline.to_legacy())),
+            NOW,
+            &mut Vec::new(),
+        );
+        let Reply::Answer(a) = added else {
+            panic!("{added:?}")
+        };
+        let id = a.pipeline_id.expect("a pipeline id");
+        commit(&durable, &mut index, &mut state);
+        // As a pipeliner adds them: each job with the pipeline's data, and one with its own.
+        let mut written = Vec::new();
+        let own = json!({"pad": "y".repeat(5_000)});
+        for job in [
+            NewJob::new("V", pipeline.job_data(pipeline.find("V").expect("V"))),
+            NewJob::new("W", own.clone()),
+        ] {
+            state.handle(
+                Request::AddJob(job.in_pipeline(id.clone())),
+                NOW,
+                &mut Vec::new(),
+            );
+            let changes = state.take_changes();
+            let writes = Durable::prepare(&mut index, &state, &changes).expect("prepare");
+            written.push(writes.bytes());
+            durable.write(&writes).expect("write");
+        }
+        assert!(
+            written[0] < 1_000 && written[1] > 5_000,
+            "bytes written for a job sharing its pipeline's data and one with its own: {written:?}"
+        );
+        drop(durable);
+
+        let (_, loaded) = open(&dir);
+        let (mut state, _) = restore(loaded);
+        let handed = match state.handle(
+            Request::GetJobs(GetJobs::new(None, 2)),
+            NOW,
+            &mut Vec::new(),
+        ) {
+            Reply::Jobs(jobs) => jobs,
+            other => panic!("{other:?}"),
+        };
+        // On the wire, as a broker reads it.
+        let wire: Value = serde_json::from_slice(&Reply::Jobs(handed).encode()).expect("JSON");
+        let data_of: Vec<(&Value, &Value)> = wire["jobs"]
+            .as_array()
+            .expect("jobs")
+            .iter()
+            .map(|j| (&j["worker"], &j["data"]))
+            .collect();
+        assert_eq!(data_of, [(&json!("V"), &data), (&json!("W"), &own)]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn a_last_job_still_ends_its_pipeline_after_a_restart() {
         let dir = data_dir("ends");
         let (durable, loaded) = open(&dir);

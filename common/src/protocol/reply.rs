@@ -298,12 +298,20 @@ pub struct JobHandout {
     /// `data` and any other keys, as `add job` sent them.
     #[serde(flatten)]
     pub fields: RawFields,
+    /// The job's `data` when the router keeps it with the job's pipeline (every job of which
+    /// carried the same), not in `fields`.
+    #[serde(flatten)]
+    pub pipeline_data: Option<RawFields>,
 }
 
 impl JobHandout {
     /// The job's `data`, parsed (`null` when absent).
     pub fn data(&self) -> Value {
-        self.fields.value("data").unwrap_or(Value::Null)
+        self.pipeline_data
+            .as_ref()
+            .and_then(|d| d.value("data"))
+            .or_else(|| self.fields.value("data"))
+            .unwrap_or(Value::Null)
     }
 }
 
@@ -686,6 +694,7 @@ mod tests {
             worker: "Upper".into(),
             pipeline_id: pipeline_id.map(Into::into),
             fields: fields.clone().into(),
+            pipeline_data: None,
         };
         let read = JobAssignment {
             job_id: id.into(),

@@ -8,15 +8,18 @@
 
 use std::collections::BTreeMap;
 
-use pypelinin_common::ids::JobId;
+use pypelinin_common::ids::{JobId, PipelineId};
+use pypelinin_common::pipeline::Pipeline;
 use pypelinin_common::protocol::request::{GetJob, JobFailed, JobFinished, NewJob};
 use pypelinin_common::protocol::{
-    Answer, AnswerKind, Event, JobHandout, JobState, PipelineState, PipelineStatus, Reply,
-    WireDuration,
+    Answer, AnswerKind, Event, JobHandout, JobState, PipelineState, PipelineStatus, RawFields,
+    Reply, WireDuration,
 };
+use serde_json::value::RawValue;
+use serde_json::Value;
 use tracing::{debug, warn};
 
-use super::records::{EndsPipeline, JobRecord};
+use super::records::{EndsPipeline, JobRecord, PipelineRecord};
 use super::State;
 
 /// Where a job goes.
@@ -152,13 +155,17 @@ impl State {
         };
         let ends = ends_pipeline.is_some();
         let legacy = pipeline_id.is_none() && !job.subscribed;
+        let mut fields = job.fields;
+        let pipeline_data = pipeline_id
+            .as_ref()
+            .is_some_and(|p| self.share_pipeline_data(p, &mut fields));
         // Ended with no place yet: `move_job` queues it.
         self.jobs.insert(
             id.clone(),
             JobRecord {
                 seq,
                 worker: job.worker,
-                fields: job.fields,
+                fields,
                 pipeline_id,
                 state: JobState::Unknown,
                 attempts: 0,
@@ -168,6 +175,7 @@ impl State {
                 duration: None,
                 ends_pipeline,
                 legacy,
+                pipeline_data,
             },
         );
         if legacy {
@@ -201,12 +209,43 @@ impl State {
         let lease_until = now.saturating_add(lease_ms);
         self.move_job(&id, JobPlace::Leased(lease_until));
         let record = self.jobs.get(&id)?;
+        let pipeline_data = match (&record.pipeline_id, record.pipeline_data) {
+            (Some(p), true) => self.pipelines.get(p).and_then(|p| p.job_data.clone()),
+            _ => None,
+        };
         Some(JobHandout {
             job_id: id,
             worker: record.worker.clone(),
             pipeline_id: record.pipeline_id.clone(),
             fields: record.fields.clone(),
+            pipeline_data,
         })
+    }
+
+    /// Whether the `data` in `fields` of a job of pipeline `p` is large and the pipeline's
+    /// own, byte for byte, as pipeliners send it: then it is taken out of `fields`, and kept
+    /// once with the pipeline instead of with each of its jobs (see
+    /// [`JobRecord::pipeline_data`]).
+    fn share_pipeline_data(&mut self, p: &PipelineId, fields: &mut RawFields) -> bool {
+        let Some(data) = fields
+            .get("data")
+            .filter(|d| d.get().len() >= SHARED_DATA_MIN_BYTES)
+        else {
+            return false;
+        };
+        let Some(PipelineRecord {
+            pipeline, job_data, ..
+        }) = self.pipelines.get_mut(p)
+        else {
+            return false;
+        };
+        let shared = job_data.get_or_insert_with(|| job_data_of(pipeline));
+        if shared.get("data").is_some_and(|s| s.get() == data.get()) {
+            fields.remove("data");
+            true
+        } else {
+            false
+        }
     }
 
     /// One attempt of a pending job failed: queue it again after a back-off, or fail it for
@@ -362,4 +401,23 @@ impl State {
             }
         }
     }
+}
+
+/// A job's `data` at least this large is kept once with its pipeline when it is the
+/// pipeline's (see [`JobRecord::pipeline_data`]); smaller data costs less to keep than to
+/// compare.
+const SHARED_DATA_MIN_BYTES: usize = 1024;
+
+/// The `data` pipeliners hand each job of the pipeline whose serialized form is `pipeline`:
+/// its data as a JSON object, encoded as [`NewJob::new`] encodes it (no `data` when the
+/// pipeline has none).
+pub(super) fn job_data_of(pipeline: &RawValue) -> RawFields {
+    let mut fields = RawFields::new();
+    if let Some(data) = Pipeline::from_legacy_text(pipeline.get())
+        .ok()
+        .and_then(|p| p.data().cloned())
+    {
+        fields.insert("data", &Value::Object(data));
+    }
+    fields
 }

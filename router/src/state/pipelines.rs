@@ -133,6 +133,7 @@ impl State {
                 deadline,
                 handouts: 0,
                 aliases: Vec::new(),
+                job_data: None,
             },
         );
         if !self.pipelines[&id].fields.contains_key(REQUEST_ID) {

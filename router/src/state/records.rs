@@ -41,6 +41,11 @@ pub struct JobRecord {
     /// failure is also broadcast as `job finished` (see the `legacy` module).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub legacy: bool,
+    /// Its `data` is its pipeline's data, byte for byte (as pipeliners hand every job the
+    /// pipeline's data): kept once, with the pipeline, instead of with every job, and taken
+    /// from there when the job is handed out. `fields` then holds no `data`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pipeline_data: bool,
 }
 
 /// What the router needs to end a pipeline with its last job (`"ends pipeline"` of `add job`).
@@ -84,6 +89,11 @@ pub struct PipelineRecord {
     /// (see the `legacy` module).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub aliases: Vec<PipelineId>,
+    /// Its data as a job's `data` (a JSON object, encoded as pipeliners encode it), once a
+    /// job with large data was added to it (see [`JobRecord::pipeline_data`]). Not stored:
+    /// worked out again from the pipeline when needed.
+    #[serde(skip)]
+    pub job_data: Option<RawFields>,
 }
 
 /// The pipeline of a state row read alone (its body row fills it in).

@@ -71,6 +71,9 @@ impl State {
         }
         for (_, pipeline, job) in of_pipeline {
             if let Some(record) = s.pipelines.get_mut(&pipeline) {
+                if s.jobs[&job].pipeline_data && record.job_data.is_none() {
+                    record.job_data = Some(super::jobs::job_data_of(&record.pipeline));
+                }
                 record.jobs.push(job);
             }
         }
