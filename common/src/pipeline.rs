@@ -19,6 +19,7 @@
 //! assert_eq!(names, ["A"]);
 //! ```
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
@@ -27,7 +28,10 @@ use petgraph::graph::{DiGraph, NodeIndex};
 use petgraph::visit::EdgeRef;
 use petgraph::Direction;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
+
+use crate::protocol::raw::{Key, RawObject};
 
 /// Index of a job inside its [`Pipeline`].
 pub type JobIndex = NodeIndex;
@@ -274,14 +278,63 @@ impl Pipeline {
         builder.build()
     }
 
-    /// Reads the legacy serialized form from its JSON text (as `add pipeline` carries it).
+    /// Reads the legacy serialized form from its JSON text (as `add pipeline` carries it),
+    /// parsing each data once.
     ///
     /// # Errors
     /// As [`Pipeline::from_legacy`]; [`PipelineError::Format`] for text that is not JSON.
     pub fn from_legacy_text(text: &str) -> Result<Self, PipelineError> {
-        let value: Value =
-            serde_json::from_str(text).map_err(|e| PipelineError::Format(e.to_string()))?;
-        Self::from_legacy(&value)
+        let view = LegacyText::read(text)?;
+        let mut builder = PipelineBuilder {
+            data: view.data.map(parse_data).transpose()?.map(Value::Object),
+            ..PipelineBuilder::default()
+        };
+        let node = |builder: &mut PipelineBuilder, job: &JobText<'_>| {
+            if let Some(&i) = builder.by_name.get(&job.worker) {
+                return Ok(i);
+            }
+            let data = job.data.map(parse_data).transpose()?;
+            Ok::<_, PipelineError>(builder.node(Job {
+                worker: job.worker.clone(),
+                data,
+            }))
+        };
+        for (from, to) in &view.edges {
+            let from = node(&mut builder, from)?;
+            if let Some(to) = to {
+                let to = node(&mut builder, to)?;
+                builder.edge_indices.push((from, to));
+            }
+        }
+        builder.build()
+    }
+
+    /// Checks the legacy serialized form in `text` as [`Pipeline::from_legacy_text`] does —
+    /// its format, and that it is a valid DAG — without reading its data (only its shape:
+    /// `null`, pairs or an object), so a large payload is scanned, never built.
+    ///
+    /// # Errors
+    /// As [`Pipeline::from_legacy_text`].
+    pub fn check_legacy_text(text: &str) -> Result<(), PipelineError> {
+        let view = LegacyText::read(text)?;
+        let mut builder = PipelineBuilder::default();
+        for (from, to) in view.edges {
+            let from = builder.node(Job::new(from.worker));
+            if let Some(to) = to {
+                let to = builder.node(Job::new(to.worker));
+                builder.edge_indices.push((from, to));
+            }
+        }
+        builder.build().map(drop)
+    }
+
+    /// The data of the pipeline serialized in `text`, as a JSON object (`None` when it has
+    /// none); the DAG is not checked.
+    ///
+    /// # Errors
+    /// [`PipelineError::Format`] when `text` is not the legacy format.
+    pub fn legacy_data(text: &str) -> Result<Option<Map<String, Value>>, PipelineError> {
+        LegacyText::read(text)?.data.map(parse_data).transpose()
     }
 
     /// The DOT text of the legacy `Pipeline.to_dot()`: every job, a blank line, every edge,
@@ -673,6 +726,115 @@ fn pairs_to_map(value: &Value) -> Option<Map<String, Value>> {
     }
 }
 
+/// A serialized pipeline read without reading any data: its edges, each job's worker, and the
+/// text of each data.
+struct LegacyText<'a> {
+    edges: Vec<(JobText<'a>, Option<JobText<'a>>)>,
+    data: Option<&'a RawValue>,
+}
+
+/// A job of a [`LegacyText`].
+struct JobText<'a> {
+    worker: String,
+    data: Option<&'a RawValue>,
+}
+
+impl<'a> LegacyText<'a> {
+    fn read(text: &'a str) -> Result<Self, PipelineError> {
+        let fmt_err = |m: &str| PipelineError::Format(m.to_owned());
+        let top: &RawValue =
+            serde_json::from_str(text).map_err(|e| PipelineError::Format(e.to_string()))?;
+        let top = raw_pairs(top).ok_or_else(|| {
+            fmt_err("expected a list of [key, value] pairs with \"graph\" and \"data\"")
+        })?;
+        let data = last(&top, "data")
+            .map(|d| check_data(d).map(|()| d))
+            .transpose()?
+            .filter(|d| d.get() != "null");
+        let graph = last(&top, "graph").ok_or_else(|| fmt_err("missing \"graph\""))?;
+        let graph: Vec<&RawValue> = serde_json::from_str(graph.get())
+            .map_err(|_| fmt_err("\"graph\" must be a list of [from, to] edges"))?;
+        let edges = graph
+            .into_iter()
+            .map(|edge| {
+                let (from, to): (&RawValue, &RawValue) = serde_json::from_str(edge.get())
+                    .map_err(|_| fmt_err("each edge of \"graph\" must be a list [from, to]"))?;
+                let to = match to.get() {
+                    "null" => None,
+                    _ => Some(JobText::read(to)?),
+                };
+                Ok((JobText::read(from)?, to))
+            })
+            .collect::<Result<_, PipelineError>>()?;
+        Ok(Self { edges, data })
+    }
+}
+
+impl<'a> JobText<'a> {
+    fn read(raw: &'a RawValue) -> Result<Self, PipelineError> {
+        let pairs = raw_pairs(raw).ok_or_else(|| {
+            PipelineError::Format(
+                "a job must be a list of pairs such as [[\"worker_name\", \"A\"]]".into(),
+            )
+        })?;
+        let worker = match last(&pairs, "worker_name") {
+            Some(w) => serde_json::from_str::<String>(w.get())
+                .map_err(|_| PipelineError::Format("\"worker_name\" must be a string".into()))?,
+            None => return Err(PipelineError::Format("a job lacks \"worker_name\"".into())),
+        };
+        let data = last(&pairs, "data")
+            .map(|d| check_data(d).map(|()| d))
+            .transpose()?
+            .filter(|d| d.get() != "null");
+        Ok(Self { worker, data })
+    }
+}
+
+/// A list of `[key, value]` pairs or an object, each value left as text.
+fn raw_pairs(raw: &RawValue) -> Option<Vec<(Cow<'_, str>, &RawValue)>> {
+    match raw.get().as_bytes().first() {
+        Some(b'[') => serde_json::from_str::<Vec<(Key<'_>, &RawValue)>>(raw.get())
+            .ok()
+            .map(|pairs| pairs.into_iter().map(|(k, v)| (k.0, v)).collect()),
+        Some(b'{') => serde_json::from_str::<RawObject<'_>>(raw.get())
+            .ok()
+            .map(|o| o.0),
+        _ => None,
+    }
+}
+
+/// The value of the last `key` of `pairs` (a later pair replaces an earlier one, as in a map).
+fn last<'a>(pairs: &[(Cow<'_, str>, &'a RawValue)], key: &str) -> Option<&'a RawValue> {
+    pairs.iter().rev().find(|(k, _)| k == key).map(|(_, v)| *v)
+}
+
+/// Checks that data is `null`, pairs or an object, without reading its values.
+fn check_data(raw: &RawValue) -> Result<(), PipelineError> {
+    if raw.get() == "null" || raw_pairs(raw).is_some() {
+        Ok(())
+    } else {
+        Err(PipelineError::Format(
+            "\"data\" must be null or a list of [key, value] pairs".into(),
+        ))
+    }
+}
+
+/// Data (pairs or an object, not `null`) as a map, each value parsed once.
+fn parse_data(raw: &RawValue) -> Result<Map<String, Value>, PipelineError> {
+    let format =
+        || PipelineError::Format("\"data\" must be null or a list of [key, value] pairs".into());
+    raw_pairs(raw)
+        .ok_or_else(format)?
+        .into_iter()
+        .map(|(k, v)| {
+            Ok((
+                k.into_owned(),
+                serde_json::from_str(v.get()).map_err(|_| format())?,
+            ))
+        })
+        .collect()
+}
+
 fn read_data(value: &Value) -> Result<Option<Map<String, Value>>, PipelineError> {
     if value.is_null() {
         return Ok(None);
@@ -820,8 +982,60 @@ mod tests {
             json!([["graph", [[[["x", "A"]], null]]]]),
             json!([["graph", [[[["worker_name", "A"]]]]]]),
             json!([["graph", []]]),
+            json!([["graph", [[[["worker_name", "A"]], null]]], ["data", 7]]),
+            json!([["graph", [[[["worker_name", "A"], ["data", "x"]], null]]]]),
+            json!([["graph", [[[["worker_name", "A"]], [["worker_name", "A"]]]]]]),
         ] {
-            assert!(Pipeline::from_legacy(&bad).is_err(), "{bad}");
+            let error = Pipeline::from_legacy(&bad).expect_err(&bad.to_string());
+            // Read from its text, with or without its data read: the same error.
+            let text = bad.to_string();
+            assert_eq!(
+                Pipeline::from_legacy_text(&text).err(),
+                Some(error.clone()),
+                "{bad}"
+            );
+            assert_eq!(
+                Pipeline::check_legacy_text(&text).err(),
+                Some(error),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn text_is_read_as_its_value_is() {
+        for value in [
+            json!([
+                [
+                    "graph",
+                    [[
+                        [["worker_name", "A"], ["data", [["k", 1]]]],
+                        [["worker_name", "B"]]
+                    ]]
+                ],
+                ["data", [["k", 2], ["big", "é".repeat(100)]]]
+            ]),
+            json!({"data": {"k": [1, {"n": null}]}, "graph": [[{"worker_name": "A"}, null]]}),
+            // A later pair replaces an earlier one, as in a map.
+            json!([
+                ["graph", []],
+                ["graph", [[[["worker_name", "C"]], null]]],
+                ["data", null]
+            ]),
+        ] {
+            let text = format!(" {value} ");
+            let from_value = Pipeline::from_legacy(&value).expect("valid");
+            assert_eq!(
+                Pipeline::from_legacy_text(&text),
+                Ok(from_value.clone()),
+                "{value}"
+            );
+            assert_eq!(Pipeline::check_legacy_text(&text), Ok(()));
+            assert_eq!(
+                Pipeline::legacy_data(&text),
+                Ok(from_value.data().cloned()),
+                "{value}"
+            );
         }
     }
 

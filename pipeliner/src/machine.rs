@@ -30,7 +30,7 @@ const FETCH_TURN: usize = 256;
 const STATUS_CHUNK: usize = 1000;
 
 /// A request the pipeliner has to send.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub enum Out {
     /// A step of a walk: submit a job, end a pipeline.
     Walk(Action),
@@ -111,7 +111,17 @@ impl PipelinerMachine {
                     info!(%pipeline_id, "the pipeline is no longer pending; dropping it");
                     self.drop_walk(&pipeline_id);
                 }
-                Err(e) => warn!(%pipeline_id, worker, error = %e, "the router refused a job"),
+                Err(e) => {
+                    warn!(%pipeline_id, worker, error = %e, "the router refused a job; failing its pipeline");
+                    let actions = self.walks.job_refused(
+                        &pipeline_id,
+                        &worker,
+                        &e.to_string(),
+                        Instant::now(),
+                    );
+                    self.drop_walk(&pipeline_id);
+                    self.extend(actions);
+                }
             },
             Action::Finish {
                 pipeline_id,
@@ -342,7 +352,8 @@ fn request(action: &Action) -> Request {
             ends_pipeline,
             ..
         } => {
-            let job = NewJob::new(worker.clone(), data.clone()).in_pipeline(pipeline_id.clone());
+            let job = NewJob::with_raw_data(worker.clone(), data.clone())
+                .in_pipeline(pipeline_id.clone());
             Request::AddJob(match ends_pipeline {
                 Some(elapsed) => job.ending_pipeline(*elapsed),
                 None => job,
@@ -418,6 +429,33 @@ mod tests {
                 Out::LostJobs { jobs, .. } => format!("<lost {}>", jobs.len()),
             })
             .collect()
+    }
+
+    #[test]
+    fn a_job_the_router_refuses_fails_its_pipeline_with_the_error() {
+        let mut m = PipelinerMachine::new(10, Duration::from_secs(60));
+        m.take_in(vec![chain_of_two("p1")]);
+        let submit = m.outbox().pop_front().unwrap();
+        m.replied(
+            submit,
+            reply(Answer::error(
+                AnswerKind::MalformedRequest,
+                "request of 20000000 bytes exceeds the limit of 16777216 bytes",
+            )),
+        );
+        assert_eq!(m.held(), 0, "the walk is over");
+        match m.outbox().pop_front() {
+            Some(Out::Walk(Action::Fail {
+                pipeline_id,
+                worker,
+                error,
+                ..
+            })) => {
+                assert_eq!((pipeline_id.as_str(), worker.as_str()), ("p1", "A"));
+                assert!(error.contains("exceeds the limit"), "{error}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
@@ -506,16 +544,12 @@ mod tests {
     }
 
     #[test]
-    fn a_refused_request_for_work_or_job_changes_nothing() {
+    fn a_refused_request_for_work_changes_nothing() {
         let mut m = PipelinerMachine::new(1, Duration::from_secs(60));
         let refused = reply(Answer::error(AnswerKind::SyntaxError, "no"));
-        assert!(m.decode_work(refused.clone()).is_err());
-        m.take_in(vec![chain_of_two("p1")]);
-        assert_eq!(m.room(), 0);
-        let out = m.outbox().pop_front().unwrap();
-        m.replied(out, refused);
+        assert!(m.decode_work(refused).is_err());
+        assert_eq!((m.room(), m.held()), (1, 0));
         assert!(m.outbox().is_empty());
-        assert_eq!(m.held(), 1);
     }
 
     #[test]

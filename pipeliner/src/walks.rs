@@ -6,11 +6,11 @@ use std::time::{Duration, Instant};
 use pypelinin_common::ids::{JobId, PipelineId};
 use pypelinin_common::pipeline::{JobIndex, Pipeline, RunState};
 use pypelinin_common::protocol::{JobState, PipelineAssignment};
-use serde_json::Value;
+use serde_json::value::RawValue;
 use tracing::info;
 
 /// What the pipeliner must tell the router.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub enum Action {
     /// `add job` for a job of a pipeline.
     Submit {
@@ -20,8 +20,8 @@ pub enum Action {
         job: JobIndex,
         /// Its worker.
         worker: String,
-        /// Its data (the pipeline's).
-        data: Value,
+        /// Its data (its own, or the pipeline's), as JSON text.
+        data: Box<RawValue>,
         /// When it is the pipeline's last job: how long the pipeline has run. The router is
         /// asked to end the pipeline when the job finishes (`"ends pipeline"`).
         ends_pipeline: Option<Duration>,
@@ -50,6 +50,8 @@ pub enum Action {
 
 struct Walk {
     pipeline: Pipeline,
+    /// The pipeline's data as JSON text, encoded once for all its jobs.
+    data: Box<RawValue>,
     run: RunState,
     submitted: HashMap<JobIndex, (JobId, Instant)>,
     started: Instant,
@@ -116,6 +118,7 @@ impl Walks {
         };
         let mut walk = Walk {
             run: RunState::new(&pipeline),
+            data: json_text(&pipeline.data()),
             pipeline,
             submitted: HashMap::new(),
             started: now,
@@ -245,6 +248,29 @@ impl Walks {
         }]
     }
 
+    /// The router refused to queue a job of `pipeline_id` (its request is malformed or too
+    /// large, which sending it again does not change): the pipeline fails with the router's
+    /// error, instead of waiting for a job that is never queued.
+    pub fn job_refused(
+        &mut self,
+        pipeline_id: &PipelineId,
+        worker: &str,
+        error: &str,
+        now: Instant,
+    ) -> Vec<Action> {
+        let Some(walk) = self.walks.remove(pipeline_id) else {
+            return Vec::new();
+        };
+        self.forget(pipeline_id, &walk);
+        vec![Action::Fail {
+            pipeline_id: pipeline_id.clone(),
+            job_id: JobId::from(""),
+            worker: worker.to_owned(),
+            error: format!("the router refused job {worker}: {error}"),
+            duration: now.duration_since(walk.started),
+        }]
+    }
+
     /// The router no longer knows a job we await: submit it again.
     pub fn job_lost(&mut self, job_id: &JobId) -> Vec<Action> {
         let Some((pipeline_id, index)) = self.awaiting.remove(job_id) else {
@@ -283,12 +309,21 @@ fn submit(pipeline_id: &PipelineId, walk: &Walk, job: JobIndex, now: Instant) ->
         pipeline_id: pipeline_id.clone(),
         job,
         worker: walk.pipeline.job(job).worker.clone(),
-        data: walk.pipeline.job_data(job),
+        data: match &walk.pipeline.job(job).data {
+            Some(own) => json_text(own),
+            None => walk.data.clone(),
+        },
         ends_pipeline: walk
             .run
             .is_last(job)
             .then(|| now.saturating_duration_since(walk.started)),
     }
+}
+
+/// `value` as JSON text (its keys are strings: encoding cannot fail).
+fn json_text(value: &impl serde::Serialize) -> Box<RawValue> {
+    serde_json::value::to_raw_value(value)
+        .unwrap_or_else(|_| unreachable!("data of a pipeline encodes"))
 }
 
 #[cfg(test)]
@@ -363,7 +398,7 @@ mod tests {
         let now = Instant::now();
         let a = w.start(assignment("p", &p, vec![]), now);
         assert_eq!(workers(&a), ["A"]);
-        assert!(matches!(&a[0], Action::Submit { data, .. } if *data == json!({"doc": 1})));
+        assert!(matches!(&a[0], Action::Submit { data, .. } if data.get() == r#"{"doc":1}"#));
         ack(&mut w, &a);
         let a = w.job_finished(&"A-id".into(), now);
         assert_eq!(workers(&a), ["B", "C"]);

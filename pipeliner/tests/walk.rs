@@ -262,3 +262,33 @@ async fn a_pipeliner_that_starts_late_takes_the_queued_pipelines() {
         "an outcome is handed out once"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_whose_requests_together_pass_the_routers_limit_are_sent_in_several_batches() {
+    // No pipeliner yet: the pipelines queue up, then one pipeliner takes them all at once and
+    // submits their first jobs in one turn: 8 × 3 MB, past the router's 16 MiB request limit.
+    let cluster = Cluster::start(1, 0).await;
+    let mut manager = cluster.manager().await;
+    let pad = "x".repeat(3_000_000);
+    let mut ids = Vec::new();
+    for i in 0..8 {
+        let p = Pipeline::builder()
+            .edge("A", "B")
+            .data(json!({"filename": format!("big{i}"), "fail": "none", "pad": pad}))
+            .build()
+            .unwrap();
+        ids.push(manager.start(&p).await.unwrap());
+    }
+    let settings = PipelinerSettings {
+        api: cluster.api.clone(),
+        broadcast: cluster.broadcast.clone(),
+        ..Default::default()
+    };
+    tokio::spawn(Pipeliner::new(settings).run(cluster.shutdown.clone()));
+    let outcomes = manager.wait_all(&ids, WAIT).await.unwrap();
+    assert!(
+        outcomes.iter().all(|o| matches!(o, Outcome::Finished(_))),
+        "{outcomes:?}"
+    );
+    assert_eq!(cluster.log.lock().unwrap().len(), 16, "A and B of each ran");
+}

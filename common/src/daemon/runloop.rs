@@ -24,10 +24,41 @@ use super::config::{secs, ConfigError};
 use crate::protocol::cluster::Peer;
 use crate::protocol::reply::expect_answer_value;
 use crate::protocol::request::RenewLeases;
-use crate::protocol::{AnswerKind, Event, ReplyError, Request};
+use crate::protocol::{Answer, AnswerKind, Event, ReplyError, Request};
 use crate::transport::{
     ApiClient, Backoff, ClientError, ClientOptions, Subscriber, TransportError,
 };
+
+/// Bytes of requests one batch carries at most; a request larger than this goes alone. Well
+/// under the router's request limit (16 MiB unless set otherwise).
+const BATCH_BYTES: usize = 4 * 1024 * 1024;
+
+/// Bytes of `request` encoded, counted without keeping them.
+fn encoded_len(request: &Request) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Encoding a request cannot fail: every map key is a string.
+    let _ = serde_json::to_writer(&mut count, request);
+    count.0
+}
+
+/// The answer each request of a batch the router refused as a whole is given.
+fn refusal_of(error: &ClientError) -> Value {
+    let answer = match error {
+        ClientError::Reply(ReplyError::Refused(answer)) => (**answer).clone(),
+        other => Answer::error(AnswerKind::MalformedRequest, other.to_string()),
+    };
+    serde_json::to_value(answer).unwrap_or_default()
+}
 
 /// What a daemon does, as a state machine the [`DaemonLoop`] drives.
 pub trait Machine {
@@ -331,7 +362,21 @@ impl DaemonLoop {
         notes: &mpsc::UnboundedSender<M::Note>,
     ) -> bool {
         for _ in 0..self.settings.turn_round_trips.max(1) {
-            let sent = machine.outbox().len().min(self.settings.max_batch);
+            // Up to `max_batch` requests, and up to BATCH_BYTES of them (a larger request goes
+            // alone): a batch stays under the router's request limit.
+            let mut sent = 0;
+            let mut bytes = 0;
+            let mut requests: Vec<Request> = Vec::new();
+            for out in machine.outbox().iter().take(self.settings.max_batch) {
+                let request = M::request(out);
+                let len = encoded_len(&request);
+                if sent > 0 && bytes + len > BATCH_BYTES {
+                    break;
+                }
+                bytes += len;
+                sent += 1;
+                requests.push(request);
+            }
             // Collected only when due: it lists every lease the machine holds.
             let mut leases = self.renew_due.then(|| machine.leases());
             if self.identify_due {
@@ -346,10 +391,6 @@ impl DaemonLoop {
             };
             if sent == 0 && fetching == 0 && !renew {
                 return true;
-            }
-            let mut requests: Vec<Request> = Vec::with_capacity(sent + 2);
-            for out in machine.outbox().iter().take(sent) {
-                requests.push(M::request(out));
             }
             if let Some(leases) = leases.filter(|_| renew) {
                 requests.push(Request::RenewLeases(leases));
@@ -370,10 +411,15 @@ impl DaemonLoop {
                     return false;
                 }
                 Err(e) => {
-                    // Refused as a whole (a wrong cluster token): sending it again changes
-                    // nothing.
+                    // Refused as a whole (a wrong cluster token, a request past the router's
+                    // size limit): sending it again changes nothing. Each request gets the
+                    // refusal as its answer, so the machine ends what waited on it.
                     warn!(error = %e, requests = sent, "the router refused a batch");
-                    machine.outbox().drain(..sent);
+                    let refusal = refusal_of(&e);
+                    let outs: Vec<M::Out> = machine.outbox().drain(..sent).collect();
+                    for out in outs {
+                        machine.replied(out, refusal.clone());
+                    }
                     self.want_work = false;
                     self.renew_due = false;
                     self.identify_due = false;

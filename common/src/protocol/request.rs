@@ -157,8 +157,14 @@ pub struct NewJob {
 impl NewJob {
     /// A job for `worker` with `data` (which may be `null`).
     pub fn new(worker: impl Into<String>, data: Value) -> Self {
+        Self::with_raw_data(worker, raw::raw(&data))
+    }
+
+    /// A job for `worker` whose `data` is the JSON text `data` (encoded once, however many
+    /// jobs carry it).
+    pub fn with_raw_data(worker: impl Into<String>, data: Box<RawValue>) -> Self {
         let mut fields = RawFields::new();
-        fields.insert("data", &data);
+        fields.insert_raw("data", data);
         Self {
             worker: worker.into(),
             pipeline_id: None,

@@ -7,7 +7,7 @@ use super::{ApiClient, ClientError};
 use crate::ids::{JobId, PipelineId};
 use crate::pipeline::Pipeline;
 use crate::protocol::cluster::{ClusterStatus, PipelineDetails};
-use crate::protocol::reply::{decode_reply, expect_answer};
+use crate::protocol::reply::{decode_reply, expect_answer, FromReply};
 use crate::protocol::request::{
     GetJob, GetJobs, GetPipelines, JobFailed, JobFinished, JobStatusQuery, NewJob, NewPipeline,
     PipelineFailed, PipelineFinished, PipelineStatusQuery, Probe, RenewLeases,
@@ -35,13 +35,15 @@ impl ApiClient {
         }
         let batch = Request::Batch(crate::protocol::Batch::of(requests));
         let reply = self.request(&batch).await?;
-        if let Ok(value) = serde_json::from_slice::<serde_json::Value>(&reply) {
-            if self.detect_legacy(&value) {
-                // The original's router: the same requests, as its commands.
-                return self.legacy_batch(requests).await;
-            }
+        // Parsed once: the replies may carry jobs' data.
+        let value = serde_json::from_slice::<serde_json::Value>(&reply).map_err(|e| {
+            ReplyError::Unexpected(format!("{e}: {}", String::from_utf8_lossy(&reply)))
+        })?;
+        if self.detect_legacy(&value) {
+            // The original's router: the same requests, as its commands.
+            return self.legacy_batch(requests).await;
         }
-        let replies: Vec<serde_json::Value> = decode_reply(&reply)?;
+        let replies = Vec::<serde_json::Value>::from_reply(value)?;
         if replies.len() != requests.len() {
             return Err(ReplyError::Unexpected(format!(
                 "{} replies to a batch of {} requests",

@@ -413,10 +413,7 @@ const SHARED_DATA_MIN_BYTES: usize = 1024;
 /// pipeline has none).
 pub(super) fn job_data_of(pipeline: &RawValue) -> RawFields {
     let mut fields = RawFields::new();
-    if let Some(data) = Pipeline::from_legacy_text(pipeline.get())
-        .ok()
-        .and_then(|p| p.data().cloned())
-    {
+    if let Ok(Some(data)) = Pipeline::legacy_data(pipeline.get()) {
         fields.insert("data", &Value::Object(data));
     }
     fields

@@ -101,7 +101,7 @@ impl State {
                 }
             },
         };
-        if let Err(e) = Pipeline::from_legacy_text(new.pipeline.get()) {
+        if let Err(e) = Pipeline::check_legacy_text(new.pipeline.get()) {
             return Answer::error(AnswerKind::InvalidPipeline, e.to_string()).into();
         }
         let pipeline = new.pipeline;
