@@ -261,7 +261,8 @@ pub struct GetJobs {
     /// Only jobs of these workers; absent means any job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workers: Option<Vec<String>>,
-    /// Jobs to take at most (at most [`GetJobs::MAX`]).
+    /// Jobs to take at most (at most [`GetJobs::MAX`]; fewer once the answer carries 4 MiB
+    /// of jobs' data).
     pub max: usize,
     /// Extension: when no job is queued, wait at the router up to this long (at most
     /// [`GetJobs::MAX_WAIT_MS`]) and get the first jobs queued meanwhile, instead of an empty
@@ -289,7 +290,8 @@ impl GetJobs {
 /// `get pipelines`: up to `max` pipelines in one request.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct GetPipelines {
-    /// Pipelines to take at most (at most [`GetJobs::MAX`]).
+    /// Pipelines to take at most (at most [`GetJobs::MAX`]; fewer once the answer carries
+    /// 4 MiB of pipelines).
     pub max: usize,
     /// Extension: as [`GetJobs::wait_ms`], for pipelines.
     #[serde(rename = "wait ms", default, skip_serializing_if = "Option::is_none")]

@@ -44,7 +44,8 @@ use pypelinin_common::ids::{JobId, PipelineId};
 use pypelinin_common::protocol::cluster::{JobDetail, PipelineDetails};
 use pypelinin_common::protocol::request::{GetJob, GetJobs};
 use pypelinin_common::protocol::{
-    Answer, AnswerKind, Batch, Event, JobState, PipelineState, PipelineStatus, Reply, Request,
+    Answer, AnswerKind, Batch, Event, JobHandout, JobState, PipelineHandout, PipelineState,
+    PipelineStatus, RawFields, Reply, Request,
 };
 use serde_json::{Map, Value};
 
@@ -241,17 +242,13 @@ impl State {
                 let one = GetJob {
                     workers: get.workers,
                 };
-                let lease = self.policy.job_lease_ms;
-                let jobs = (0..get.max).map_while(|_| self.get_job(&one, now, lease));
-                Reply::Jobs(jobs.collect())
+                Reply::Jobs(self.take_jobs(&one, get.max, now))
             }
             Request::GetPipelines(get) => {
                 if get.max > GetJobs::MAX {
                     return too_many("get pipelines", get.max);
                 }
-                let lease = self.policy.pipeline_lease_ms;
-                let pipelines = (0..get.max).map_while(|_| self.get_pipeline(now, lease));
-                Reply::Pipelines(pipelines.collect())
+                Reply::Pipelines(self.take_pipelines(get.max, now))
             }
             Request::PipelineFinished(done) => self.pipeline_finished(done, now, events),
             Request::PipelineFailed(failed) => self.pipeline_failed(failed, now, events),
@@ -450,3 +447,41 @@ fn too_many(command: &str, max: usize) -> Reply {
 
 #[cfg(test)]
 mod tests;
+
+/// Bytes of data one `get jobs` or `get pipelines` answer carries at most: past them it
+/// hands out fewer than asked (always at least one), so large payloads neither make one
+/// answer huge nor pile up in the router while it is sent.
+pub(crate) const HANDOUT_BYTES: usize = 4 * 1024 * 1024;
+
+impl State {
+    /// Up to `max` jobs of the workers `get` names, and up to [`HANDOUT_BYTES`] of their data.
+    pub(super) fn take_jobs(&mut self, get: &GetJob, max: usize, now: u64) -> Vec<JobHandout> {
+        let lease = self.policy.job_lease_ms;
+        let mut bytes = 0;
+        let mut jobs = Vec::new();
+        while jobs.len() < max && bytes < HANDOUT_BYTES {
+            let Some(job) = self.get_job(get, now, lease) else {
+                break;
+            };
+            bytes +=
+                job.fields.text_len() + job.pipeline_data.as_ref().map_or(0, RawFields::text_len);
+            jobs.push(job);
+        }
+        jobs
+    }
+
+    /// Up to `max` pipelines, and up to [`HANDOUT_BYTES`] of them.
+    pub(super) fn take_pipelines(&mut self, max: usize, now: u64) -> Vec<PipelineHandout> {
+        let lease = self.policy.pipeline_lease_ms;
+        let mut bytes = 0;
+        let mut pipelines = Vec::new();
+        while pipelines.len() < max && bytes < HANDOUT_BYTES {
+            let Some(pipeline) = self.get_pipeline(now, lease) else {
+                break;
+            };
+            bytes += pipeline.pipeline.get().len() + pipeline.fields.text_len();
+            pipelines.push(pipeline);
+        }
+        pipelines
+    }
+}

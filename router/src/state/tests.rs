@@ -1962,3 +1962,40 @@ fn pipelines_are_listed_newest_first_by_state_and_id_prefix_within_the_limit() {
     assert_eq!(wire["pipelines"][0]["state"], "running");
     assert_eq!(wire["more"], true);
 }
+
+#[test]
+fn large_jobs_and_pipelines_are_handed_out_fewer_at_a_time() {
+    let mut s = State::default();
+    let pad = "x".repeat(HANDOUT_BYTES * 3 / 8);
+    for i in 0..5 {
+        let job = NewJob::new("W", json!({"i": i, "pad": pad}));
+        s.handle(Request::AddJob(job), T0, &mut vec![]);
+        let pipeline = json!([
+            ["graph", [[[["worker_name", "A"]], null]]],
+            ["data", [["pad", pad]]]
+        ]);
+        s.handle(
+            Request::AddPipeline(NewPipeline::new(&pipeline)),
+            T0,
+            &mut vec![],
+        );
+    }
+    let mut counts = Vec::new();
+    for _ in 0..3 {
+        let jobs = match s.handle(Request::GetJobs(GetJobs::new(None, 100)), T0, &mut vec![]) {
+            Reply::Jobs(jobs) => jobs.len(),
+            other => panic!("{other:?}"),
+        };
+        let pipelines = match s.handle(
+            Request::GetPipelines(GetPipelines::new(100)),
+            T0,
+            &mut vec![],
+        ) {
+            Reply::Pipelines(p) => p.len(),
+            other => panic!("{other:?}"),
+        };
+        counts.push((jobs, pipelines));
+    }
+    // Past HANDOUT_BYTES after the third: three, then the last two, then none.
+    assert_eq!(counts, [(3, 3), (2, 2), (0, 0)]);
+}

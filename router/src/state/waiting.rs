@@ -127,17 +127,11 @@ impl State {
     fn take(&mut self, want: &Want, now: u64) -> Option<Reply> {
         match want {
             Want::Jobs(get, max) => {
-                let lease = self.policy.job_lease_ms;
-                let jobs: Vec<_> = (0..*max)
-                    .map_while(|_| self.get_job(get, now, lease))
-                    .collect();
+                let jobs = self.take_jobs(get, *max, now);
                 (!jobs.is_empty()).then_some(Reply::Jobs(jobs))
             }
             Want::Pipelines(max) => {
-                let lease = self.policy.pipeline_lease_ms;
-                let pipelines: Vec<_> = (0..*max)
-                    .map_while(|_| self.get_pipeline(now, lease))
-                    .collect();
+                let pipelines = self.take_pipelines(*max, now);
                 (!pipelines.is_empty()).then_some(Reply::Pipelines(pipelines))
             }
         }
