@@ -774,12 +774,18 @@ mod tests {
         ))
     }
 
+    /// Takes up to `max` jobs, asking again while answers stop short for their size.
     fn take(state: &mut State, max: usize) -> Vec<JobId> {
-        let request = Request::GetJobs(GetJobs::new(None, max));
-        match state.handle(request, NOW, &mut Vec::new()) {
-            Reply::Jobs(jobs) => jobs.into_iter().map(|j| j.job_id).collect(),
-            other => panic!("{other:?}"),
+        let mut taken = Vec::new();
+        while taken.len() < max {
+            let request = Request::GetJobs(GetJobs::new(None, max - taken.len()));
+            match state.handle(request, NOW, &mut Vec::new()) {
+                Reply::Jobs(jobs) if jobs.is_empty() => break,
+                Reply::Jobs(jobs) => taken.extend(jobs.into_iter().map(|j| j.job_id)),
+                other => panic!("{other:?}"),
+            }
         }
+        taken
     }
 
     fn finished(id: JobId) -> Request {
