@@ -187,6 +187,7 @@ impl<'de> Deserialize<'de> for RawFields {
                 while let Some(key) = map.next_key::<String>()? {
                     pairs.push((key.into_boxed_str(), map.next_value::<Box<RawValue>>()?));
                 }
+                last_wins(&mut pairs);
                 Ok(RawFields(Arc::new(pairs)))
             }
         }
@@ -221,10 +222,35 @@ impl<'de: 'a, 'a> Deserialize<'de> for RawObject<'a> {
                 while let Some(Key(key)) = map.next_key()? {
                     pairs.push((key, map.next_value::<&'de RawValue>()?));
                 }
+                last_wins(&mut pairs);
                 Ok(RawObject(pairs))
             }
         }
         deserializer.deserialize_map(Object)
+    }
+}
+
+/// Drops every pair whose key comes again later: as JSON parsers read an object (and as a
+/// map of the values did), the last value of a key is its value. The others keep their order.
+/// O(n log n), whatever a hostile request repeats.
+fn last_wins<K: AsRef<str>, V>(pairs: &mut Vec<(K, V)>) {
+    if pairs.len() < 2 {
+        return;
+    }
+    let mut order: Vec<usize> = (0..pairs.len()).collect();
+    order.sort_by(|&a, &b| pairs[a].0.as_ref().cmp(pairs[b].0.as_ref()).then(a.cmp(&b)));
+    let mut dropped = vec![false; pairs.len()];
+    for w in order.windows(2) {
+        if pairs[w[0]].0.as_ref() == pairs[w[1]].0.as_ref() {
+            dropped[w[0]] = true;
+        }
+    }
+    if dropped.contains(&true) {
+        let mut i = 0;
+        pairs.retain(|_| {
+            i += 1;
+            !dropped[i - 1]
+        });
     }
 }
 
@@ -296,6 +322,19 @@ mod tests {
         assert_eq!(fields.remove("b").unwrap().get(), r#""x""#);
         assert!(!fields.contains_key("b"));
         assert_eq!(fields.len(), 1);
+    }
+
+    #[test]
+    fn a_repeated_key_has_its_last_value_as_a_parser_reads_it() {
+        let text = r#"{"data": {"x": 1}, "k": 0, "data": {"y": 2}}"#;
+        let fields: RawFields = serde_json::from_str(text).unwrap();
+        let object: RawObject<'_> = serde_json::from_str(text).unwrap();
+        assert_eq!(fields.get("data").unwrap().get(), r#"{"y": 2}"#);
+        assert_eq!(fields.len(), 2);
+        let keys: Vec<&str> = object.0.iter().map(|(k, _)| &**k).collect();
+        assert_eq!(keys, ["k", "data"]);
+        let out: Value = serde_json::from_str(&serde_json::to_string(&fields).unwrap()).unwrap();
+        assert_eq!(out, serde_json::from_str::<Value>(text).unwrap());
     }
 
     #[test]

@@ -210,7 +210,15 @@ impl State {
         self.move_job(&id, JobPlace::Leased(lease_until));
         let record = self.jobs.get(&id)?;
         let pipeline_data = match (&record.pipeline_id, record.pipeline_data) {
-            (Some(p), true) => self.pipelines.get(p).and_then(|p| p.job_data.clone()),
+            (Some(p), true) => self.pipelines.get_mut(p).map(|p| {
+                // Worked out at restart already; never handed out without its data.
+                let PipelineRecord {
+                    pipeline, job_data, ..
+                } = p;
+                job_data
+                    .get_or_insert_with(|| job_data_of(pipeline))
+                    .clone()
+            }),
             _ => None,
         };
         Some(JobHandout {
