@@ -4,3 +4,4 @@
 
 mod golden;
 mod pipeline_props;
+mod request_props;

@@ -762,8 +762,12 @@ impl Limits {
     /// (their end is dropped).
     pub const MAX_ERROR_BYTES: usize = 64 * 1024;
 
-    /// `request` within the limits: error texts cut, names checked.
-    fn apply(request: Request) -> Result<Request, RequestError> {
+    /// `request` within the limits: error texts cut, names checked ([`decode_request`] applies
+    /// them; this is for a request decoded otherwise).
+    ///
+    /// # Errors
+    /// [`RequestError::Syntax`] for a name past its limit or with control characters.
+    pub fn apply(request: Request) -> Result<Request, RequestError> {
         let name = |what: &str, value: &str| {
             if value.len() > Self::MAX_NAME_BYTES {
                 Err(RequestError::Syntax(format!(
