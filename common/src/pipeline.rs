@@ -258,10 +258,7 @@ impl Pipeline {
             .ok_or_else(|| fmt_err("missing \"graph\""))?
             .as_array()
             .ok_or_else(|| fmt_err("\"graph\" must be a list of [from, to] edges"))?;
-        let mut builder = PipelineBuilder {
-            data: data.clone().map(Value::Object),
-            ..PipelineBuilder::default()
-        };
+        let mut builder = PipelineBuilder::default();
         for edge in graph {
             let pair = edge
                 .as_array()
@@ -275,6 +272,7 @@ impl Pipeline {
                 builder.edge_indices.push((from, to));
             }
         }
+        builder.data = data.map(Value::Object);
         builder.build()
     }
 
