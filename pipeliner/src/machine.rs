@@ -43,6 +43,14 @@ pub enum Out {
         /// Their pipelines.
         pipelines: Vec<PipelineId>,
     },
+    /// `pipeline status` with details of the pipelines of jobs `job status` said failed, for
+    /// their errors (their `job failed` broadcast, which says it, was missed or is late).
+    FailedJobs {
+        /// The jobs.
+        jobs: Vec<JobId>,
+        /// Their pipelines.
+        pipelines: Vec<PipelineId>,
+    },
 }
 
 /// The pipeliner's state: the walks and the requests waiting to be sent.
@@ -165,13 +173,15 @@ impl PipelinerMachine {
             }
         };
         let mut lost = Vec::new();
+        let mut failed = Vec::new();
         for (job_id, state) in states {
             let now = Instant::now();
             let actions = match state {
                 JobState::Finished => self.walks.job_finished(&job_id, now),
                 JobState::Failed => {
-                    self.walks
-                        .job_failed(&job_id, "the job failed (its broadcast was missed)", now)
+                    // Its pipeline fails with the job's error: asked for first.
+                    failed.push(job_id);
+                    continue;
                 }
                 JobState::Unknown => {
                     lost.push(job_id);
@@ -185,16 +195,55 @@ impl PipelinerMachine {
             self.extend(actions);
         }
         if !lost.is_empty() {
-            let mut pipelines: Vec<PipelineId> = lost
-                .iter()
-                .filter_map(|j| self.walks.pipeline_of(j).cloned())
-                .collect();
-            pipelines.sort();
-            pipelines.dedup();
+            let pipelines = self.pipelines_of(&lost);
             self.outbox.push_back(Out::LostJobs {
                 jobs: lost,
                 pipelines,
             });
+        }
+        if !failed.is_empty() {
+            let pipelines = self.pipelines_of(&failed);
+            self.outbox.push_back(Out::FailedJobs {
+                jobs: failed,
+                pipelines,
+            });
+        }
+    }
+
+    /// The pipelines of `jobs`, each once.
+    fn pipelines_of(&self, jobs: &[JobId]) -> Vec<PipelineId> {
+        let mut pipelines: Vec<PipelineId> = jobs
+            .iter()
+            .filter_map(|j| self.walks.pipeline_of(j).cloned())
+            .collect();
+        pipelines.sort();
+        pipelines.dedup();
+        pipelines
+    }
+
+    /// Jobs `job status` said failed: each fails its pipeline with the error the router kept
+    /// (unless its broadcast ended the walk meanwhile).
+    fn failed_jobs(&mut self, failed: Vec<JobId>, reply: Value) {
+        let details = match expect_answer_value(reply, AnswerKind::Status) {
+            Ok(answer) => answer.details.unwrap_or_default(),
+            Err(e) => {
+                warn!(error = %e, "the router refused pipeline status");
+                Default::default()
+            }
+        };
+        for job_id in failed {
+            let error = self
+                .walks
+                .pipeline_of(&job_id)
+                .and_then(|p| details.get(p))
+                .and_then(|d| d.jobs.iter().find(|j| j.job_id == job_id))
+                .and_then(|j| j.error.clone())
+                .unwrap_or_else(|| "the job failed (its broadcast was missed)".to_owned());
+            let actions = self.walks.job_failed(&job_id, &error, Instant::now());
+            if !actions.is_empty() {
+                debug!(%job_id, "caught up on a missed job failed");
+            }
+            self.extend(actions);
         }
     }
 
@@ -275,6 +324,10 @@ impl Machine for PipelinerMachine {
                 pipeline_ids: pipelines.clone(),
                 details: false,
             }),
+            Out::FailedJobs { pipelines, .. } => Request::PipelineStatus(PipelineStatusQuery {
+                pipeline_ids: pipelines.clone(),
+                details: true,
+            }),
         }
     }
 
@@ -283,6 +336,7 @@ impl Machine for PipelinerMachine {
             Out::Walk(action) => self.performed(action, reply),
             Out::JobStatus(_) => self.job_states(reply),
             Out::LostJobs { jobs, .. } => self.lost_jobs(jobs, reply),
+            Out::FailedJobs { jobs, .. } => self.failed_jobs(jobs, reply),
         }
     }
 
@@ -309,10 +363,12 @@ impl Machine for PipelinerMachine {
 
     /// Asks where the jobs it has awaited for a while stand (unless it is asking already).
     fn housekeeping(&mut self) {
-        let asking = self
-            .outbox
-            .iter()
-            .any(|o| matches!(o, Out::JobStatus(_) | Out::LostJobs { .. }));
+        let asking = self.outbox.iter().any(|o| {
+            matches!(
+                o,
+                Out::JobStatus(_) | Out::LostJobs { .. } | Out::FailedJobs { .. }
+            )
+        });
         let Some(before) = Instant::now().checked_sub(self.resync_after) else {
             return;
         };
@@ -388,7 +444,9 @@ mod tests {
 
     use super::*;
     use pypelinin_common::pipeline::Pipeline;
+    use pypelinin_common::protocol::cluster::PipelineDetails;
     use pypelinin_common::protocol::PipelineStatus;
+    use serde_json::json;
     use std::collections::BTreeMap;
 
     fn chain_of_two(id: &str) -> PipelineAssignment {
@@ -427,6 +485,7 @@ mod tests {
                 Out::Walk(Action::Fail { .. }) => "<fail>".into(),
                 Out::JobStatus(jobs) => format!("<status of {}>", jobs.len()),
                 Out::LostJobs { jobs, .. } => format!("<lost {}>", jobs.len()),
+                Out::FailedJobs { jobs, .. } => format!("<failed {}>", jobs.len()),
             })
             .collect()
     }
@@ -503,6 +562,51 @@ mod tests {
             }),
         );
         assert_eq!(workers(&mut m), ["B"]);
+    }
+
+    #[test]
+    fn a_job_status_says_failed_fails_the_pipeline_with_the_error_the_router_kept() {
+        let mut m = PipelinerMachine::new(10, Duration::ZERO);
+        m.take_in(vec![chain_of_two("p1")]);
+        accept_all(&mut m);
+        m.housekeeping();
+        let out = m.outbox().pop_front().unwrap();
+        let states = BTreeMap::from([(JobId::from("A-id"), JobState::Failed)]);
+        m.replied(
+            out,
+            reply(Answer {
+                jobs: Some(states),
+                ..Answer::new(AnswerKind::Status)
+            }),
+        );
+        assert_eq!(workers(&mut m), ["<failed 1>"]);
+        let out = m.outbox().pop_front().unwrap();
+        assert!(matches!(
+            PipelinerMachine::request(&out),
+            Request::PipelineStatus(PipelineStatusQuery { details: true, .. })
+        ));
+        let details: BTreeMap<PipelineId, PipelineDetails> = serde_json::from_value(json!({
+            "p1": {"pipeline": [], "jobs": [{"job id": "A-id", "worker": "A", "state": "failed",
+                    "attempts": 3, "error": "cannot read /nonexistent/"}]}
+        }))
+        .unwrap();
+        m.replied(
+            out,
+            reply(Answer {
+                details: Some(details),
+                ..Answer::new(AnswerKind::Status)
+            }),
+        );
+        match m.outbox().pop_front() {
+            Some(Out::Walk(Action::Fail { worker, error, .. })) => {
+                assert_eq!(
+                    (worker.as_str(), error.as_str()),
+                    ("A", "cannot read /nonexistent/")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(m.held(), 0);
     }
 
     #[test]
