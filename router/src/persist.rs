@@ -788,6 +788,19 @@ mod tests {
         taken
     }
 
+    /// Adds the pipeline serialized as `pipeline`; returns its id.
+    fn add_pipeline(state: &mut State, pipeline: &Value) -> PipelineId {
+        let added = state.handle(
+            Request::AddPipeline(NewPipeline::new(pipeline)),
+            NOW,
+            &mut Vec::new(),
+        );
+        let Reply::Answer(a) = added else {
+            panic!("{added:?}")
+        };
+        a.pipeline_id.expect("a pipeline id")
+    }
+
     fn finished(id: JobId) -> Request {
         Request::JobFinished(JobFinished {
             job_id: id,
@@ -847,15 +860,7 @@ mod tests {
             .data(data.clone())
             .build()
             .expect("a pipeline");
-        let added = state.handle(
-            Request::AddPipeline(NewPipeline::new(&pipeline.to_legacy())),
-            NOW,
-            &mut Vec::new(),
-        );
-        let Reply::Answer(a) = added else {
-            panic!("{added:?}")
-        };
-        let id = a.pipeline_id.expect("a pipeline id");
+        let id = add_pipeline(&mut state, &pipeline.to_legacy());
         commit(&durable, &mut index, &mut state);
         // As a pipeliner adds them: each job with the pipeline's data, and one with its own.
         let mut written = Vec::new();
@@ -911,15 +916,7 @@ mod tests {
             ["graph", [[[["worker_name", "V"]], [["worker_name", "W"]]]]],
             ["data", null]
         ]);
-        let added = state.handle(
-            Request::AddPipeline(NewPipeline::new(&pipeline)),
-            NOW,
-            &mut Vec::new(),
-        );
-        let Reply::Answer(a) = added else {
-            panic!("{added:?}")
-        };
-        let pipeline_id = a.pipeline_id.expect("a pipeline id");
+        let pipeline_id = add_pipeline(&mut state, &pipeline);
         let taken = state.handle(Request::GetPipeline, NOW, &mut Vec::new());
         assert!(matches!(taken, Reply::Pipeline(Some(_))), "{taken:?}");
         let job = NewJob::new("W", json!(null))
@@ -1052,18 +1049,11 @@ mod tests {
             })
             .collect();
         let pipeline = json!([["graph", graph], ["data", {"pad": "x".repeat(data_bytes)}]]);
-        let added = state.handle(
-            Request::AddPipeline(NewPipeline::new(&pipeline)),
-            NOW,
-            &mut Vec::new(),
-        );
-        let Reply::Answer(a) = added else {
-            panic!("{added:?}")
-        };
+        let id = add_pipeline(state, &pipeline);
         let taken = state.handle(Request::GetPipeline, NOW, &mut Vec::new());
         assert!(matches!(taken, Reply::Pipeline(Some(_))), "{taken:?}");
         commit(durable, index, state);
-        a.pipeline_id.expect("a pipeline id")
+        id
     }
 
     /// The rows and bytes written by one commit of what `requests` changed.
