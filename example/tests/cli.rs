@@ -240,10 +240,12 @@ timeout_secs = 900
     });
     assert!(!cluster.store().join("sleepy.json").exists());
 
-    // 4. A deadline: `submit --wait` fails the pipeline naming the worker it waited for.
+    // 4. A deadline: `submit --wait` fails the pipeline naming the worker it waited for. Three
+    // seconds, so a loaded machine still has its pipeliner submit the job before the deadline
+    // (with one second, the client once took that long to start waiting).
     let (code, waited) = json(
         &cluster,
-        &["submit", &unserved, "--deadline", "1", "--wait"],
+        &["submit", &unserved, "--deadline", "3", "--wait"],
     );
     assert_eq!(code, Some(1), "{waited}");
     let failed = &waited["pipelines"][0];
@@ -251,7 +253,7 @@ timeout_secs = 900
     assert_eq!(failed["worker"], "Nobody", "{waited}");
     let error = failed["error"].as_str().unwrap();
     assert!(
-        error.contains("deadline of 1 s passed") && error.contains("of worker Nobody (queued)"),
+        error.contains("deadline of 3 s passed") && error.contains("of worker Nobody (queued)"),
         "{error}"
     );
 
