@@ -83,7 +83,9 @@ async fn run_registered(
         Runner::InProcess(worker) => {
             let worker = worker.clone();
             let token = cancel.clone();
-            let work = tokio::task::spawn_blocking(move || {
+            let (started, has_started) = tokio::sync::oneshot::channel::<()>();
+            let mut work = tokio::task::spawn_blocking(move || {
+                let _ = started.send(());
                 let _permit = permit;
                 let _job = crate::worker::enter_job(token.clone());
                 let input = store
@@ -98,7 +100,11 @@ async fn run_registered(
                     .save(&info, &result)
                     .map_err(|e| format!("store failed to save the result: {e}"))
             });
-            match tokio::time::timeout(limit, work).await {
+            // The clock starts when the worker's thread does: on a loaded machine a thread can
+            // take a while to get, and waiting for one is not running. (`has_started` fails
+            // only if the closure never ran, and then `work` has its error.)
+            let _ = has_started.await;
+            match tokio::time::timeout(limit, &mut work).await {
                 Err(_) => {
                     // Tell the worker, which runs on: it may check and stop.
                     cancel.cancel();

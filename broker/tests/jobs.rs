@@ -59,16 +59,17 @@ impl Worker for Trouble {
         vec!["mode".into()]
     }
     fn timeout(&self) -> Option<Duration> {
-        Some(Duration::from_secs(1))
+        // Long enough that a panicking or failing job ends well within it on a loaded machine.
+        Some(Duration::from_secs(3))
     }
     fn process(&self, input: JsonObject) -> WorkerResult<JsonObject> {
         match input["mode"].as_str() {
             Some("fail") => Err("the input was bad".into()),
             Some("panic") => panic!("worker exploded"),
             Some("hang") => {
-                // Workload, not a test wait: blocks past the worker's 1 s timeout.
+                // Workload, not a test wait: blocks past the worker's 3 s timeout.
                 let (_keep, never) = std::sync::mpsc::channel::<()>();
-                let _ = never.recv_timeout(Duration::from_secs(3));
+                let _ = never.recv_timeout(Duration::from_secs(6));
                 Ok(JsonObject::new())
             }
             _ => Ok(json!({"ok": true}).as_object().cloned().unwrap()),
@@ -202,7 +203,7 @@ async fn failing_panicking_and_hanging_workers_are_reported_and_others_go_on() {
                 "{}",
                 error_of(id)
             ),
-            "hang" => assert_eq!(error_of(id), "timed out after 1s"),
+            "hang" => assert_eq!(error_of(id), "timed out after 3s"),
             _ => {}
         }
     }
