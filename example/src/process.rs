@@ -128,6 +128,23 @@ impl Daemon {
         }
     }
 
+    /// The first line it prints on its stdout, without the line end.
+    ///
+    /// # Errors
+    /// When its stdout is not piped (or was read already) or cannot be read.
+    pub fn first_line(&mut self) -> anyhow::Result<String> {
+        let stdout = self
+            .child
+            .stdout
+            .take()
+            .with_context(|| format!("the stdout of {} is not piped", self.name))?;
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .with_context(|| format!("cannot read the first line of {}", self.name))?;
+        Ok(line.trim_end().to_owned())
+    }
+
     /// Everything left on its stdout (call after it exited).
     pub fn read_rest(&mut self) -> String {
         let mut out = String::new();

@@ -9,6 +9,7 @@ mod dashboard;
 mod faults;
 mod hostile;
 mod legacy;
+mod netns;
 mod python;
 mod support;
 mod terminal;
