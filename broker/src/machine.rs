@@ -129,6 +129,7 @@ impl Machine for BrokerMachine {
             workers: Some(offered),
             max,
             wait_ms: wait.map(|w| w.as_millis() as u64),
+            asker: None,
         })
     }
 
@@ -244,11 +245,17 @@ impl Machine for BrokerMachine {
         self.identity.now(running, self.concurrency, workers)
     }
 
+    /// The jobs it holds, and those whose report the router has not acknowledged yet: all
+    /// the router handed it that it did not forget (see [`Machine::leases`]).
     fn leases(&self) -> RenewLeases {
         RenewLeases {
-            job_ids: self.held.keys().cloned().collect(),
-            pipeline_ids: Vec::new(),
-            peer: None,
+            job_ids: self
+                .held
+                .keys()
+                .chain(self.reports.iter().map(|ran| &ran.job.job_id))
+                .cloned()
+                .collect(),
+            ..RenewLeases::default()
         }
     }
 

@@ -64,4 +64,17 @@ fn a_cluster_across_network_hops_survives_a_partition_and_reports_each_pipeline_
     assert_eq!(partition["pipeline_broadcasts_twice"], 0, "{partition}");
     assert_eq!(partition["job_broadcasts_twice"], 0, "{partition}");
     assert_eq!(partition["checks_passed"], true, "{partition}");
+    // Broker-1 held work when the link went down, and some of what the router handed to it
+    // then never reached it. None of it waited for its lease to end (30 s): the held jobs were
+    // reported once the link was back, and the lost hand-outs were queued again as soon as
+    // broker-1 renewed its leases saying which requests it had given up.
+    assert_eq!(
+        partition["job_lease_s"],
+        Value::Null,
+        "the router's default lease"
+    );
+    assert!(
+        partition["slowest_pipeline_s"].as_f64().unwrap() < 30.0,
+        "a pipeline waited for a lease to end: {partition}"
+    );
 }

@@ -285,6 +285,7 @@ impl Machine for PipelinerMachine {
         Request::GetPipelines(GetPipelines {
             max,
             wait_ms: wait.map(|w| w.as_millis() as u64),
+            asker: None,
         })
     }
 
@@ -385,11 +386,19 @@ impl Machine for PipelinerMachine {
         self.identity.now(self.walks.len(), 0, Vec::new())
     }
 
+    /// The pipelines it walks, and those whose end the router has not acknowledged yet: all
+    /// the router handed it that it did not forget (see [`Machine::leases`]).
     fn leases(&self) -> RenewLeases {
+        let mut pipeline_ids = self.walks.ids();
+        pipeline_ids.extend(self.outbox.iter().filter_map(|out| match out {
+            Out::Walk(Action::Finish { pipeline_id, .. } | Action::Fail { pipeline_id, .. }) => {
+                Some(pipeline_id.clone())
+            }
+            _ => None,
+        }));
         RenewLeases {
-            job_ids: Vec::new(),
-            pipeline_ids: self.walks.ids(),
-            peer: None,
+            pipeline_ids,
+            ..RenewLeases::default()
         }
     }
 

@@ -135,3 +135,62 @@ async fn a_job_handed_to_a_waiter_that_left_is_queued_again_at_once() {
     assert_eq!(record[&id], pypelinin_common::protocol::JobState::Running);
     router.stop().await;
 }
+
+/// A daemon that gave up a `get jobs` (its answer lost, as across a network partition) says so
+/// in its next `renew leases`: what that answer handed out is queued again at once, without
+/// using an attempt, and not when its lease runs out.
+#[tokio::test]
+async fn work_in_an_answer_its_daemon_gave_up_is_queued_again_when_the_daemon_settles_the_ask() {
+    use pypelinin_common::protocol::request::{Ask, GetJobs, RenewLeases, Settled};
+    use pypelinin_common::protocol::{JobState, Request};
+
+    let router = TestRouter::start().await;
+    let mut c = router.client().await;
+    let lost = c.add_job(NewJob::new("A", json!({"n": 1}))).await.unwrap();
+    let kept = c.add_job(NewJob::new("A", json!({"n": 2}))).await.unwrap();
+    // Ask 1 takes both; pretend its answer reached the daemon with `kept` only.
+    let mut daemon = router.client().await;
+    let ask = Request::GetJobs(GetJobs {
+        asker: Some(Ask {
+            id: "broker-run-1".into(),
+            ask: 1,
+        }),
+        ..GetJobs::new(None, 2)
+    });
+    let answer = daemon.request(&ask).await.unwrap();
+    let handed: serde_json::Value = serde_json::from_slice(&answer).unwrap();
+    assert_eq!(handed["jobs"].as_array().map(Vec::len), Some(2), "{handed}");
+    assert_eq!(
+        c.job_status(vec![lost.clone()]).await.unwrap()[&lost],
+        JobState::Running
+    );
+    // From a new connection, as after a rebuilt socket: ask 1 is settled, and it holds `kept`.
+    let mut daemon = router.client().await;
+    daemon
+        .renew_leases(RenewLeases {
+            job_ids: vec![kept.clone()],
+            asker: Some(Settled {
+                id: "broker-run-1".into(),
+                settled: 1,
+            }),
+            ..RenewLeases::default()
+        })
+        .await
+        .unwrap();
+    let status = c
+        .job_status(vec![lost.clone(), kept.clone()])
+        .await
+        .unwrap();
+    assert_eq!(
+        status[&lost],
+        JobState::Queued,
+        "the lost job is queued again"
+    );
+    assert_eq!(status[&kept], JobState::Running, "the held one is not");
+    let again = c.get_jobs(None, 5).await.unwrap();
+    assert_eq!(
+        again.iter().map(|j| j.job_id.clone()).collect::<Vec<_>>(),
+        [lost]
+    );
+    router.stop().await;
+}

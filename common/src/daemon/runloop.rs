@@ -11,7 +11,7 @@
 //! A [`Machine`] does no I/O on the router: events, replies and notes go in, requests come out,
 //! so the broker's and the pipeliner's logic is tested without sockets.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -23,7 +23,7 @@ use tracing::{debug, info, warn};
 use super::config::{secs, ConfigError};
 use crate::protocol::cluster::Peer;
 use crate::protocol::reply::expect_answer_value;
-use crate::protocol::request::RenewLeases;
+use crate::protocol::request::{Ask, RenewLeases, Settled};
 use crate::protocol::{Answer, AnswerKind, Event, ReplyError, Request};
 use crate::transport::{
     ApiClient, Backoff, ClientError, ClientOptions, Subscriber, TransportError,
@@ -103,7 +103,11 @@ pub trait Machine {
     fn housekeeping(&mut self);
     /// Who it is, now (sent to the router every [`LoopSettings::identify`]).
     fn peer(&mut self) -> Peer;
-    /// The leases it holds (renewed every [`LoopSettings::lease_renew`]).
+    /// The leases it holds (renewed every [`LoopSettings::lease_renew`]): every job or
+    /// pipeline the router handed it that it has not reported ended with an answer from the
+    /// router, or forgotten because the router said so (a cancel). The router queues again
+    /// what it handed out and this list lacks, once the answer that handed it out is settled
+    /// (see [`Ask`]).
     fn leases(&self) -> RenewLeases;
     /// How much work it holds (none: a stop may end).
     fn held(&self) -> usize;
@@ -220,6 +224,63 @@ pub struct DaemonLoop {
     router_away: bool,
     /// Likewise for the subscription.
     subscription_away: bool,
+    /// Its requests for work are numbered and settled (see [`Ask`]).
+    asks: Asks,
+}
+
+/// This daemon's requests for work, numbered ([`Ask`]): which are still out, and what the
+/// last renewal said was settled.
+#[derive(Debug)]
+struct Asks {
+    /// This run's id, drawn at start.
+    id: String,
+    /// The number of the last ask.
+    last: u64,
+    /// Asks whose answer is neither taken in nor given up.
+    out: BTreeSet<u64>,
+    /// The waiting request's ask, while one is out.
+    waiting: Option<u64>,
+    /// What the last renewal sent said was settled.
+    settled_sent: u64,
+}
+
+impl Asks {
+    fn new() -> Self {
+        Self {
+            id: uuid::Uuid::new_v4().simple().to_string(),
+            last: 0,
+            out: BTreeSet::new(),
+            waiting: None,
+            settled_sent: 0,
+        }
+    }
+
+    /// Numbers `request` (a request for work) as the next ask, which is out until
+    /// [`Asks::settle`].
+    fn number(&mut self, mut request: Request) -> (Request, u64) {
+        self.last += 1;
+        let ask = Some(Ask {
+            id: self.id.clone(),
+            ask: self.last,
+        });
+        match &mut request {
+            Request::GetJobs(get) => get.asker = ask,
+            Request::GetPipelines(get) => get.asker = ask,
+            _ => {}
+        }
+        self.out.insert(self.last);
+        (request, self.last)
+    }
+
+    /// Its answer was taken in, or can no longer arrive.
+    fn settle(&mut self, ask: u64) {
+        self.out.remove(&ask);
+    }
+
+    /// Every ask up to this number is settled.
+    fn settled(&self) -> u64 {
+        self.out.first().map_or(self.last, |first| first - 1)
+    }
 }
 
 /// The answer to a waiting request for work.
@@ -243,6 +304,7 @@ impl DaemonLoop {
             resubscribe_at: None,
             router_away: false,
             subscription_away: false,
+            asks: Asks::new(),
         }
     }
 
@@ -377,8 +439,16 @@ impl DaemonLoop {
                 sent += 1;
                 requests.push(request);
             }
-            // Collected only when due: it lists every lease the machine holds.
+            // Collected only when due: it lists every lease the machine holds, so it may say
+            // which asks are settled (when more are than the last renewal said).
             let mut leases = self.renew_due.then(|| machine.leases());
+            let settled = self.asks.settled();
+            if let Some(leases) = leases.as_mut().filter(|_| settled > self.asks.settled_sent) {
+                leases.asker = Some(Settled {
+                    id: self.asks.id.clone(),
+                    settled,
+                });
+            }
             if self.identify_due {
                 leases.get_or_insert_with(RenewLeases::default).peer =
                     Some(Box::new(machine.peer()));
@@ -395,11 +465,20 @@ impl DaemonLoop {
             if let Some(leases) = leases.filter(|_| renew) {
                 requests.push(Request::RenewLeases(leases));
             }
+            let mut ask = None;
             if fetching > 0 {
-                requests.push(machine.ask_for_work(fetching, None));
+                let (request, n) = self.asks.number(machine.ask_for_work(fetching, None));
+                requests.push(request);
+                ask = Some(n);
             }
             let started = std::time::Instant::now();
-            let replies = match self.client.batch(&requests).await {
+            let sent_batch = self.client.batch(&requests).await;
+            if let (Err(_), Some(n)) = (&sent_batch, ask) {
+                // Given up: after a failure the connection is made anew, so no answer to it
+                // can be taken in any more.
+                self.asks.settle(n);
+            }
+            let replies = match sent_batch {
                 Ok(replies) => replies,
                 Err(e) if e.is_transient() => {
                     if self.router_away {
@@ -444,6 +523,7 @@ impl DaemonLoop {
             if renew {
                 self.renew_due = false;
                 self.identify_due = false;
+                self.asks.settled_sent = self.asks.settled_sent.max(settled);
                 if let Some(Err(e)) = replies
                     .next()
                     .map(|r| expect_answer_value(r, AnswerKind::LeasesRenewed))
@@ -453,6 +533,9 @@ impl DaemonLoop {
             }
             if let Some(reply) = replies.next() {
                 self.take_work(machine, reply, fetching);
+            }
+            if let Some(n) = ask {
+                self.asks.settle(n);
             }
             machine.turn(notes);
         }
@@ -485,19 +568,24 @@ impl DaemonLoop {
             && self.wait_again_at.is_none()
             && machine.held() == 0;
         let room = machine.room();
-        if ready
-            && room > 0
-            && asks
-                .try_send(machine.ask_for_work(room, Some(self.settings.wait)))
-                .is_ok()
-        {
-            self.waiting = Some(room);
+        if ready && room > 0 {
+            let (request, n) = self
+                .asks
+                .number(machine.ask_for_work(room, Some(self.settings.wait)));
+            if asks.try_send(request).is_ok() {
+                self.waiting = Some(room);
+                self.asks.waiting = Some(n);
+            } else {
+                self.asks.settle(n);
+            }
         }
     }
 
     /// Takes in the answer to the waiting request.
     fn waited<M: Machine>(&mut self, machine: &mut M, answer: Waited) {
         let asked = self.waiting.take().unwrap_or(0);
+        // Settled once its work is taken in (or its failure handled), below.
+        let ask = self.asks.waiting.take();
         match answer {
             Ok(reply) => self.take_work(machine, reply, asked),
             Err(e) => {
@@ -510,6 +598,9 @@ impl DaemonLoop {
                 self.want_work = true;
                 self.wait_again_at = Some(Instant::now() + self.settings.wait);
             }
+        }
+        if let Some(n) = ask {
+            self.asks.settle(n);
         }
     }
 
@@ -597,5 +688,46 @@ pub async fn sleep_until_opt(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::request::{GetJobs, GetPipelines};
+
+    #[test]
+    fn asks_are_numbered_and_settled_up_to_the_oldest_still_out() {
+        let mut asks = Asks::new();
+        assert_eq!(asks.settled(), 0, "nothing asked yet");
+        let (request, one) = asks.number(Request::GetJobs(GetJobs::new(None, 4)));
+        let Request::GetJobs(get) = request else {
+            panic!("{request:?}")
+        };
+        assert_eq!(
+            get.asker,
+            Some(Ask {
+                id: asks.id.clone(),
+                ask: 1
+            })
+        );
+        let (request, two) = asks.number(Request::GetPipelines(GetPipelines::new(1)));
+        assert!(matches!(
+            request,
+            Request::GetPipelines(GetPipelines {
+                asker: Some(Ask { ask: 2, .. }),
+                ..
+            })
+        ));
+        assert_eq!(asks.settled(), 0, "1 and 2 are out");
+        asks.settle(two);
+        assert_eq!(asks.settled(), 0, "1 is still out");
+        asks.settle(one);
+        assert_eq!(asks.settled(), 2);
+        let (_, three) = asks.number(Request::GetJobs(GetJobs::new(None, 1)));
+        assert_eq!(asks.settled(), 2);
+        asks.settle(three);
+        assert_eq!(asks.settled(), 3);
+        assert_ne!(Asks::new().id, asks.id, "each run draws its own id");
     }
 }

@@ -269,6 +269,34 @@ pub struct GetJobs {
     /// answer at once. Ignored inside a `batch`.
     #[serde(rename = "wait ms", default, skip_serializing_if = "Option::is_none")]
     pub wait_ms: Option<u64>,
+    /// Extension: who asks, and the number of this ask; see [`Ask`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub asker: Option<Ask>,
+}
+
+/// Extension, `"asker": {"id": I, "ask": N}` on `get jobs` and `get pipelines`: the asking
+/// daemon (an id it draws at start) and the number of this ask (1, 2, ... in the order it
+/// asks). The router notes what it hands out under it; a `renew leases` that says the asks
+/// up to N are settled ([`Settled`]) and does not list a job or pipeline handed out under
+/// them gives that work back to the queue at once: its answer never reached the daemon (the
+/// daemon gave the request up, as across a network partition).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ask {
+    /// The daemon's id for this run.
+    pub id: String,
+    /// The ask's number.
+    pub ask: u64,
+}
+
+/// Extension, `"asker": {"id": I, "settled": N}` on `renew leases`: the daemon has taken in
+/// or given up the answer of each of its asks numbered up to N, and the renewal lists every
+/// job and pipeline it still holds. See [`Ask`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Settled {
+    /// The daemon's id for this run.
+    pub id: String,
+    /// Its asks up to this number are settled.
+    pub settled: u64,
 }
 
 impl GetJobs {
@@ -283,6 +311,7 @@ impl GetJobs {
             workers,
             max,
             wait_ms: None,
+            asker: None,
         }
     }
 }
@@ -296,12 +325,19 @@ pub struct GetPipelines {
     /// Extension: as [`GetJobs::wait_ms`], for pipelines.
     #[serde(rename = "wait ms", default, skip_serializing_if = "Option::is_none")]
     pub wait_ms: Option<u64>,
+    /// Extension: who asks, and the number of this ask; see [`Ask`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub asker: Option<Ask>,
 }
 
 impl GetPipelines {
     /// Up to `max` pipelines, answered at once.
     pub fn new(max: usize) -> Self {
-        Self { max, wait_ms: None }
+        Self {
+            max,
+            wait_ms: None,
+            asker: None,
+        }
     }
 }
 
@@ -472,12 +508,19 @@ pub struct RenewLeases {
     /// router lists them in `cluster status`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer: Option<Box<Peer>>,
+    /// Extension: the asks of the sender that are settled; the lists above are then all it
+    /// holds. See [`Ask`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub asker: Option<Settled>,
 }
 
 impl RenewLeases {
-    /// Whether it renews nothing and identifies no one.
+    /// Whether it renews nothing, identifies no one and settles no ask.
     pub fn is_empty(&self) -> bool {
-        self.job_ids.is_empty() && self.pipeline_ids.is_empty() && self.peer.is_none()
+        self.job_ids.is_empty()
+            && self.pipeline_ids.is_empty()
+            && self.peer.is_none()
+            && self.asker.is_none()
     }
 }
 
@@ -991,6 +1034,10 @@ mod tests {
                     crate::protocol::cluster::PeerRole::Broker,
                     vec!["A".into()],
                 ))),
+                asker: Some(Settled {
+                    id: "d1".into(),
+                    settled: 7,
+                }),
             }),
             Request::Batch(Batch::of(&[Request::GetPipeline])),
             Request::GetJobs(GetJobs::new(Some(vec!["A".into(), "B".into()]), 64)),
@@ -998,11 +1045,16 @@ mod tests {
                 workers: None,
                 max: 1,
                 wait_ms: Some(1_000),
+                asker: Some(Ask {
+                    id: "d1".into(),
+                    ask: 8,
+                }),
             }),
             Request::GetPipelines(GetPipelines::new(256)),
             Request::GetPipelines(GetPipelines {
                 max: 2,
                 wait_ms: Some(5),
+                asker: None,
             }),
         ];
         for req in requests {

@@ -130,6 +130,7 @@ impl ApiClient {
             workers,
             max,
             wait_ms: Some(wait.as_millis() as u64),
+            asker: None,
         };
         let reply = self.request_waiting(&Request::GetJobs(get), wait).await?;
         Ok(decode_reply(&reply)?)
@@ -147,6 +148,7 @@ impl ApiClient {
         let get = GetPipelines {
             max,
             wait_ms: Some(wait.as_millis() as u64),
+            asker: None,
         };
         let reply = self
             .request_waiting(&Request::GetPipelines(get), wait)

@@ -82,7 +82,7 @@ struct Cli {
     #[arg(long)]
     job_lease_secs: Option<f64>,
     /// The quick form (CI): 300 pipelines at 0 and 5 ms, 10 latency samples, a 10 s
-    /// partition at 3 s of 16 s of load at 500 pipelines/s, with a 3 s job lease.
+    /// partition at 3 s of 16 s of load at 500 pipelines/s.
     #[arg(long)]
     short: bool,
     /// Give up on a run after this many seconds.
@@ -125,7 +125,6 @@ impl Cli {
             self.partition_secs = 10.0;
             self.partition_at_secs = 3.0;
             self.load_secs = 16.0;
-            self.job_lease_secs = Some(3.0);
             self.partition_rate = self.partition_rate.or(Some(500.0));
             self.window = 200;
         }

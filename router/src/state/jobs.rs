@@ -176,6 +176,7 @@ impl State {
                 ends_pipeline,
                 legacy,
                 pipeline_data,
+                handout: 0,
             },
         );
         if legacy {
@@ -208,7 +209,10 @@ impl State {
         let id = best?.1.clone();
         let lease_until = now.saturating_add(lease_ms);
         self.move_job(&id, JobPlace::Leased(lease_until));
-        let record = self.jobs.get(&id)?;
+        let handout = self.askers.next_handout();
+        let record = self.jobs.get_mut(&id)?;
+        record.handout = handout;
+        let record = &*record;
         let pipeline_data = match (&record.pipeline_id, record.pipeline_data) {
             (Some(p), true) => self.pipelines.get_mut(p).map(|p| {
                 // Worked out at restart already; never handed out without its data.

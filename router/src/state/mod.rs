@@ -24,6 +24,7 @@
 //! - `invariants`: [`State::check_invariants`], run after every step of the property tests and
 //!   of the fuzz target.
 
+mod askers;
 mod census;
 mod invariants;
 mod jobs;
@@ -42,7 +43,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use pypelinin_common::ids::{JobId, PipelineId};
 use pypelinin_common::protocol::cluster::{JobDetail, PipelineDetails};
-use pypelinin_common::protocol::request::{GetJob, GetJobs};
+use pypelinin_common::protocol::request::{Ask, GetJob, GetJobs};
 use pypelinin_common::protocol::{
     Answer, AnswerKind, Batch, Event, JobHandout, JobState, PipelineHandout, PipelineState,
     PipelineStatus, RawFields, Reply, Request,
@@ -131,6 +132,8 @@ pub struct State {
     ended_order: VecDeque<(u64, PipelineId)>,
     waiting: VecDeque<waiting::Waiting>,
     asks: unserved::Asks,
+    /// What was handed out under each daemon's asks, until a renewal settles them.
+    askers: askers::Askers,
     census: census::Census,
     legacy: legacy::Legacy,
     changes: Changes,
@@ -166,6 +169,7 @@ impl State {
             ended_order: VecDeque::new(),
             waiting: VecDeque::new(),
             asks: unserved::Asks::default(),
+            askers: askers::Askers::default(),
             census: census::Census::default(),
             legacy: legacy::Legacy::default(),
             changes: Changes::default(),
@@ -242,17 +246,20 @@ impl State {
                 let one = GetJob {
                     workers: get.workers,
                 };
-                Reply::Jobs(self.take_jobs(&one, get.max, now))
+                Reply::Jobs(self.take_jobs(&one, get.max, now, get.asker.as_ref()))
             }
             Request::GetPipelines(get) => {
                 if get.max > GetJobs::MAX {
                     return too_many("get pipelines", get.max);
                 }
-                Reply::Pipelines(self.take_pipelines(get.max, now))
+                Reply::Pipelines(self.take_pipelines(get.max, now, get.asker.as_ref()))
             }
             Request::PipelineFinished(done) => self.pipeline_finished(done, now, events),
             Request::PipelineFailed(failed) => self.pipeline_failed(failed, now, events),
             Request::RenewLeases(renew) => {
+                if let Some(settled) = &renew.asker {
+                    self.settle(settled, &renew.job_ids, &renew.pipeline_ids, now, events);
+                }
                 self.renew_job_leases(renew.job_ids, now);
                 self.renew_pipeline_leases(renew.pipeline_ids, now);
                 Answer::new(AnswerKind::LeasesRenewed).into()
@@ -362,6 +369,7 @@ impl State {
     pub fn tick(&mut self, now: u64, events: &mut Vec<Event>) {
         self.census_tick(now);
         self.expire_job_leases(now, events);
+        self.forget_askers(now);
         self.end_back_offs(now, events);
         self.expire_pipeline_leases(now, events);
         self.expire_deadlines(now, events);
@@ -455,7 +463,14 @@ pub(crate) const HANDOUT_BYTES: usize = 4 * 1024 * 1024;
 
 impl State {
     /// Up to `max` jobs of the workers `get` names, and up to [`HANDOUT_BYTES`] of their data.
-    pub(super) fn take_jobs(&mut self, get: &GetJob, max: usize, now: u64) -> Vec<JobHandout> {
+    /// With `asker`, notes what it hands out under that ask (see [`askers`]).
+    pub(super) fn take_jobs(
+        &mut self,
+        get: &GetJob,
+        max: usize,
+        now: u64,
+        asker: Option<&Ask>,
+    ) -> Vec<JobHandout> {
         let lease = self.policy.job_lease_ms;
         let mut bytes = 0;
         let mut jobs = Vec::new();
@@ -467,11 +482,24 @@ impl State {
                 job.fields.text_len() + job.pipeline_data.as_ref().map_or(0, RawFields::text_len);
             jobs.push(job);
         }
+        if let Some(ask) = asker {
+            let handed = jobs.iter().filter_map(|j| {
+                let handout = self.jobs.get(&j.job_id)?.handout;
+                Some((j.job_id.clone(), handout))
+            });
+            self.askers.note_jobs(ask, handed.collect(), now);
+        }
         jobs
     }
 
-    /// Up to `max` pipelines, and up to [`HANDOUT_BYTES`] of them.
-    pub(super) fn take_pipelines(&mut self, max: usize, now: u64) -> Vec<PipelineHandout> {
+    /// Up to `max` pipelines, and up to [`HANDOUT_BYTES`] of them; noted under `asker` as
+    /// [`State::take_jobs`] does.
+    pub(super) fn take_pipelines(
+        &mut self,
+        max: usize,
+        now: u64,
+        asker: Option<&Ask>,
+    ) -> Vec<PipelineHandout> {
         let lease = self.policy.pipeline_lease_ms;
         let mut bytes = 0;
         let mut pipelines = Vec::new();
@@ -481,6 +509,13 @@ impl State {
             };
             bytes += pipeline.pipeline.get().len() + pipeline.fields.text_len();
             pipelines.push(pipeline);
+        }
+        if let Some(ask) = asker {
+            let handed = pipelines.iter().filter_map(|p| {
+                let handout = self.pipelines.get(&p.pipeline_id)?.handout;
+                Some((p.pipeline_id.clone(), handout))
+            });
+            self.askers.note_pipelines(ask, handed.collect(), now);
         }
         pipelines
     }

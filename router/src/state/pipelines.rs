@@ -134,6 +134,7 @@ impl State {
                 handouts: 0,
                 aliases: Vec::new(),
                 job_data: None,
+                handout: 0,
             },
         );
         if !self.pipelines[&id].fields.contains_key(REQUEST_ID) {
@@ -157,8 +158,10 @@ impl State {
         let id = id.clone();
         let lease_until = now.saturating_add(lease_ms);
         self.move_pipeline(&id, PipelinePlace::Leased(lease_until));
+        let handout = self.askers.next_handout();
         let record = self.pipelines.get_mut(&id)?;
         record.handouts = record.handouts.saturating_add(1);
+        record.handout = handout;
         let record = &*record;
         let submitted_jobs = record
             .jobs

@@ -46,6 +46,10 @@ pub struct JobRecord {
     /// from there when the job is handed out. `fields` then holds no `data`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pipeline_data: bool,
+    /// Which hand-out gave it to its broker (a number the router counts up in memory; 0:
+    /// none since start). Not stored.
+    #[serde(skip)]
+    pub handout: u64,
 }
 
 /// What the router needs to end a pipeline with its last job (`"ends pipeline"` of `add job`).
@@ -94,6 +98,9 @@ pub struct PipelineRecord {
     /// worked out again from the pipeline when needed.
     #[serde(skip)]
     pub job_data: Option<RawFields>,
+    /// Which hand-out gave it to its pipeliner, as [`JobRecord::handout`]. Not stored.
+    #[serde(skip)]
+    pub handout: u64,
 }
 
 /// The pipeline of a state row read alone (its body row fills it in).

@@ -4,7 +4,7 @@ use super::*;
 use pypelinin_common::protocol::cluster::PipelineList;
 use pypelinin_common::protocol::request::{
     CancelPipeline, GetPipelines, JobFailed, JobFinished, JobStatusQuery, ListPipelines, NewJob,
-    NewPipeline, PipelineFailed, PipelineFinished, PipelineStatusQuery, RenewLeases,
+    NewPipeline, PipelineFailed, PipelineFinished, PipelineStatusQuery, RenewLeases, Settled,
 };
 use pypelinin_common::protocol::{JobHandout, SubmittedJob, WireDuration};
 use serde_json::json;
@@ -236,6 +236,7 @@ fn a_worker_no_broker_asks_for_is_reported_once_its_jobs_waited_the_warning_time
         workers: Some(vec!["Other".into(), "Nobody".into()]),
         max: 1,
         wait_ms: None,
+        asker: None,
     });
     s.handle_or_wait(0, wait, T0 + 2_700, &mut vec![]);
     s.tick(T0 + 2_800, &mut vec![]);
@@ -349,6 +350,7 @@ fn wait_for(workers: &[&str], max: usize, wait_ms: u64) -> Request {
         workers: Some(workers.iter().map(|w| w.to_string()).collect()),
         max,
         wait_ms: Some(wait_ms),
+        asker: None,
     })
 }
 
@@ -419,6 +421,7 @@ fn a_wait_ends_empty_at_its_deadline_or_when_the_router_stops() {
     let pipelines = Request::GetPipelines(GetPipelines {
         max: 3,
         wait_ms: Some(GetJobs::MAX_WAIT_MS + 1),
+        asker: None,
     });
     assert!(s.handle_or_wait(8, pipelines, T0, &mut events).is_none());
     let mut served = vec![];
@@ -611,8 +614,7 @@ fn an_expired_lease_requeues_the_job_and_a_renewed_one_does_not() {
     let mut events = vec![];
     let renew = RenewLeases {
         job_ids: vec![b.clone()],
-        pipeline_ids: vec![],
-        peer: None,
+        ..RenewLeases::default()
     };
     assert_eq!(
         s.handle(Request::RenewLeases(renew), T0 + 20_000, &mut events),
@@ -1280,7 +1282,7 @@ proptest::proptest! {
         let (mut jobs, mut pipelines): (Vec<JobId>, Vec<PipelineId>) = (vec![], vec![]);
         let mut ticket = 0;
         let mut served = Vec::new();
-        for op in ops {
+        for (step, op) in (1u64..).zip(ops) {
             let mut events = Vec::new();
             let request = match op.clone() {
                 Op::AddJob { worker, pipeline, last } => {
@@ -1295,6 +1297,7 @@ proptest::proptest! {
                     workers: worker.map(|w| vec![format!("W{w}")]),
                     max: usize::from(max),
                     wait_ms: wait.then_some(500),
+                    asker: Some(Ask { id: "d".into(), ask: step }),
                 })),
                 Op::Finish(n) => pick(&jobs, n).map(|job_id| Request::JobFinished(JobFinished {
                     job_id,
@@ -1309,6 +1312,11 @@ proptest::proptest! {
                     job_ids: pick(&jobs, n).into_iter().collect(),
                     pipeline_ids: pick(&pipelines, n).into_iter().collect(),
                     peer: None,
+                    // Settles the asks of the steps before a random one.
+                    asker: (n % 2 == 0).then(|| Settled {
+                        id: "d".into(),
+                        settled: step.saturating_sub(u64::from(n) % 8),
+                    }),
                 })),
                 Op::AddPipeline { request_id } => {
                     let mut fields = Map::new();
@@ -1320,6 +1328,7 @@ proptest::proptest! {
                 Op::GetPipelines { max, wait } => Some(Request::GetPipelines(GetPipelines {
                     max: usize::from(max),
                     wait_ms: wait.then_some(500),
+                    asker: Some(Ask { id: "d".into(), ask: step }),
                 })),
                 Op::PipelineFinished(n) => pick(&pipelines, n).map(|pipeline_id| {
                     Request::PipelineFinished(PipelineFinished {
@@ -1998,4 +2007,143 @@ fn large_jobs_and_pipelines_are_handed_out_fewer_at_a_time() {
     }
     // Past HANDOUT_BYTES after the third: three, then the last two, then none.
     assert_eq!(counts, [(3, 3), (2, 2), (0, 0)]);
+}
+
+/// `get jobs` of daemon `id`, numbered `ask`; the ids handed out.
+fn ask_jobs(state: &mut State, id: &str, ask: u64, max: usize, now: u64) -> Vec<JobId> {
+    let get = Request::GetJobs(GetJobs {
+        workers: None,
+        max,
+        wait_ms: None,
+        asker: Some(Ask { id: id.into(), ask }),
+    });
+    match state.handle(get, now, &mut vec![]) {
+        Reply::Jobs(jobs) => jobs.into_iter().map(|j| j.job_id).collect(),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// `renew leases` of daemon `id` holding `jobs`, its asks up to `settled` settled.
+fn settle(state: &mut State, id: &str, settled: u64, jobs: &[JobId], now: u64) -> Vec<Event> {
+    let renew = RenewLeases {
+        job_ids: jobs.to_vec(),
+        asker: Some(Settled {
+            id: id.into(),
+            settled,
+        }),
+        ..RenewLeases::default()
+    };
+    let mut events = vec![];
+    assert_eq!(
+        state.handle(Request::RenewLeases(renew), now, &mut events),
+        Answer::new(AnswerKind::LeasesRenewed).into()
+    );
+    events
+}
+
+#[test]
+fn jobs_handed_out_under_a_settled_ask_and_not_held_are_queued_again_at_once() {
+    let mut s = State::default();
+    let a = add(&mut s, "A");
+    let b = add(&mut s, "A");
+    let c = add(&mut s, "A");
+    // Ask 1 took a and b, and the daemon holds only b (a was lost somehow). Ask 2 took c and
+    // is still out.
+    assert_eq!(ask_jobs(&mut s, "d", 1, 2, T0), vec![a.clone(), b.clone()]);
+    assert_eq!(ask_jobs(&mut s, "d", 2, 1, T0), vec![c.clone()]);
+    let events = settle(&mut s, "d", 1, std::slice::from_ref(&b), T0 + 5_000);
+    assert_eq!(
+        events,
+        vec![Event::NewJob],
+        "a is queued again, and said so"
+    );
+    assert_eq!(job_state(&mut s, &a), JobState::Queued);
+    assert_eq!(s.job(&a).unwrap().attempts, 0, "no attempt used");
+    assert_eq!(job_state(&mut s, &b), JobState::Running, "held");
+    assert_eq!(
+        job_state(&mut s, &c),
+        JobState::Running,
+        "its ask is not settled"
+    );
+    s.check_invariants().unwrap();
+    // Once ask 2 is settled without c, c comes back too; a settled ask is not looked at twice.
+    let events = settle(&mut s, "d", 2, std::slice::from_ref(&b), T0 + 6_000);
+    assert_eq!(events, vec![Event::NewJob]);
+    assert_eq!(job_state(&mut s, &c), JobState::Queued);
+    assert_eq!(
+        ask_jobs(&mut s, "e", 1, 5, T0 + 6_000),
+        vec![a, c],
+        "in their old places"
+    );
+    s.check_invariants().unwrap();
+}
+
+#[test]
+fn a_settled_ask_gives_back_only_what_is_still_out_under_its_own_hand_out() {
+    let policy = Policy {
+        job_lease_ms: 1_000,
+        ..Policy::default()
+    };
+    let mut s = State::new(Map::new(), policy);
+    let a = add(&mut s, "A");
+    let b = add(&mut s, "A");
+    assert_eq!(ask_jobs(&mut s, "d", 1, 2, T0), vec![a.clone(), b.clone()]);
+    // a's lease runs out and another daemon takes it; b finishes (d reported it).
+    let mut events = vec![];
+    s.tick(T0 + 1_000, &mut events);
+    s.tick(T0 + 2_000, &mut events);
+    assert_eq!(ask_jobs(&mut s, "e", 1, 1, T0 + 2_000), vec![a.clone()]);
+    finish(&mut s, &b, &mut events);
+    // d settles ask 1 holding nothing: a is e's now, and b has ended; nothing changes.
+    assert_eq!(settle(&mut s, "d", 1, &[], T0 + 2_100), vec![]);
+    assert_eq!(
+        job_state(&mut s, &a),
+        JobState::Running,
+        "e's hand-out is left alone"
+    );
+    // A daemon that never asked settles nothing.
+    assert_eq!(settle(&mut s, "x", 9, &[], T0 + 2_200), vec![]);
+    s.check_invariants().unwrap();
+}
+
+#[test]
+fn pipelines_handed_out_under_a_settled_ask_and_not_held_are_queued_again() {
+    let mut s = State::default();
+    let p = new_pipeline(&mut s);
+    let get = Request::GetPipelines(GetPipelines {
+        max: 1,
+        wait_ms: None,
+        asker: Some(Ask {
+            id: "pl".into(),
+            ask: 3,
+        }),
+    });
+    assert!(matches!(s.handle(get, T0, &mut vec![]), Reply::Pipelines(p) if p.len() == 1));
+    let renew = RenewLeases {
+        asker: Some(Settled {
+            id: "pl".into(),
+            settled: 3,
+        }),
+        ..RenewLeases::default()
+    };
+    let mut events = vec![];
+    s.handle(Request::RenewLeases(renew), T0 + 10, &mut events);
+    assert_eq!(events, vec![Event::NewPipeline]);
+    assert_eq!(pipeline_state(&mut s, &p).state, PipelineState::Queued);
+    let again = take_pipeline(&mut s, T0 + 20).unwrap();
+    assert_eq!(again.pipeline_id, p, "handed out again");
+    s.check_invariants().unwrap();
+}
+
+#[test]
+fn daemons_not_heard_of_for_longer_than_a_lease_are_forgotten() {
+    let mut s = State::default();
+    add(&mut s, "A");
+    ask_jobs(&mut s, "d", 1, 1, T0);
+    assert_eq!(s.askers.known(), 1);
+    let lease = s.policy.job_lease_ms.max(s.policy.pipeline_lease_ms);
+    s.tick(T0 + lease, &mut vec![]);
+    assert_eq!(s.askers.known(), 1, "still within a lease");
+    s.tick(T0 + lease + 1, &mut vec![]);
+    assert_eq!(s.askers.known(), 0);
 }

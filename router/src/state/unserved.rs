@@ -64,7 +64,7 @@ impl State {
     pub(super) fn check_unserved(&mut self, now: u64) {
         // A request waiting for work asks all the time it waits.
         for waiting in &self.waiting {
-            if let Want::Jobs(get, _) = &waiting.want {
+            if let Want::Jobs(get, ..) = &waiting.want {
                 self.asks.note(get.workers.as_deref(), now);
             }
         }

@@ -2,7 +2,7 @@
 //! that found nothing queued is kept (in arrival order) and answered by the batch that queues
 //! work for it, or with nothing once its wait is over.
 
-use pypelinin_common::protocol::request::{GetJob, GetJobs};
+use pypelinin_common::protocol::request::{Ask, GetJob, GetJobs};
 use pypelinin_common::protocol::{Event, Reply, Request};
 
 use super::State;
@@ -16,11 +16,11 @@ pub(super) struct Waiting {
     pub(super) want: Want,
 }
 
-/// What a waiting request asks for.
+/// What a waiting request asks for, up to how many, and who asks (see the `askers` module).
 #[derive(Debug)]
 pub(super) enum Want {
-    Jobs(GetJob, usize),
-    Pipelines(usize),
+    Jobs(GetJob, usize, Option<Ask>),
+    Pipelines(usize, Option<Ask>),
 }
 
 impl Want {
@@ -28,7 +28,7 @@ impl Want {
     fn nothing(&self) -> Reply {
         match self {
             Want::Jobs(..) => Reply::Jobs(Vec::new()),
-            Want::Pipelines(_) => Reply::Pipelines(Vec::new()),
+            Want::Pipelines(..) => Reply::Pipelines(Vec::new()),
         }
     }
 }
@@ -63,10 +63,10 @@ impl State {
                 let one = GetJob {
                     workers: get.workers.clone(),
                 };
-                (Want::Jobs(one, get.max), get.wait_ms)
+                (Want::Jobs(one, get.max, get.asker.clone()), get.wait_ms)
             }
             Request::GetPipelines(get) if (1..=GetJobs::MAX).contains(&get.max) => {
-                (Want::Pipelines(get.max), get.wait_ms)
+                (Want::Pipelines(get.max, get.asker.clone()), get.wait_ms)
             }
             _ => return Some(self.apply(request, now, events)),
         };
@@ -126,12 +126,12 @@ impl State {
     /// Up to what `want` asks for, from the queues; `None` when nothing is queued for it.
     fn take(&mut self, want: &Want, now: u64) -> Option<Reply> {
         match want {
-            Want::Jobs(get, max) => {
-                let jobs = self.take_jobs(get, *max, now);
+            Want::Jobs(get, max, asker) => {
+                let jobs = self.take_jobs(get, *max, now, asker.as_ref());
                 (!jobs.is_empty()).then_some(Reply::Jobs(jobs))
             }
-            Want::Pipelines(max) => {
-                let pipelines = self.take_pipelines(*max, now);
+            Want::Pipelines(max, asker) => {
+                let pipelines = self.take_pipelines(*max, now, asker.as_ref());
                 (!pipelines.is_empty()).then_some(Reply::Pipelines(pipelines))
             }
         }
