@@ -414,11 +414,16 @@ fn request(action: &Action) -> Request {
             pipeline_id,
             worker,
             data,
+            pipeline_data,
             ends_pipeline,
             ..
         } => {
-            let job = NewJob::with_raw_data(worker.clone(), data.clone())
+            let mut job = NewJob::with_raw_data(worker.clone(), data.clone())
                 .in_pipeline(pipeline_id.clone());
+            if *pipeline_data && data.get().len() >= NewJob::DATA_FROM_PIPELINE_MIN_BYTES {
+                // The router has the pipeline's data: large data crosses once per pipeline.
+                job = job.with_data_from_pipeline();
+            }
             Request::AddJob(match ends_pipeline {
                 Some(elapsed) => job.ending_pipeline(*elapsed),
                 None => job,
@@ -654,6 +659,37 @@ mod tests {
             assert_eq!(workers(&mut m), expected, "{pipeline_state:?}");
             assert_eq!(m.held(), usize::from(!expected.is_empty()));
         }
+    }
+
+    #[test]
+    fn large_pipeline_data_goes_as_data_from_pipeline_and_a_jobs_own_data_as_itself() {
+        let submit = |data: &str, pipeline_data: bool| {
+            let action = Action::Submit {
+                pipeline_id: "p".into(),
+                job: pypelinin_common::pipeline::JobIndex::new(0),
+                worker: "A".into(),
+                data: serde_json::value::RawValue::from_string(data.to_owned()).unwrap(),
+                pipeline_data,
+                ends_pipeline: None,
+            };
+            match request(&action) {
+                Request::AddJob(job) => job,
+                other => panic!("{other:?}"),
+            }
+        };
+        let large =
+            json!({"payload": "x".repeat(NewJob::DATA_FROM_PIPELINE_MIN_BYTES)}).to_string();
+        assert!(submit(&large, true).data_from_pipeline);
+        assert!(!submit(&large, false).data_from_pipeline, "its own data");
+        assert!(
+            !submit(r#"{"small": 1}"#, true).data_from_pipeline,
+            "cheaper to send"
+        );
+        // The data stays on this side (sent as itself to the original's router).
+        assert_eq!(
+            submit(&large, true).fields.get("data").unwrap().get(),
+            large
+        );
     }
 
     #[test]

@@ -22,6 +22,8 @@ pub enum Action {
         worker: String,
         /// Its data (its own, or the pipeline's), as JSON text.
         data: Box<RawValue>,
+        /// Whether `data` is the pipeline's (the job has none of its own).
+        pipeline_data: bool,
         /// When it is the pipeline's last job: how long the pipeline has run. The router is
         /// asked to end the pipeline when the job finishes (`"ends pipeline"`).
         ends_pipeline: Option<Duration>,
@@ -313,6 +315,7 @@ fn submit(pipeline_id: &PipelineId, walk: &Walk, job: JobIndex, now: Instant) ->
             Some(own) => json_text(own),
             None => walk.data.clone(),
         },
+        pipeline_data: walk.pipeline.job(job).data.is_none(),
         ends_pipeline: walk
             .run
             .is_last(job)

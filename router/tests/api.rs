@@ -911,3 +911,74 @@ async fn job_data_is_handed_back_byte_for_byte_and_survives_a_restart() {
     router.stop().await;
     let _ = std::fs::remove_dir_all(&data_dir);
 }
+
+/// A pipeliner sends a job whose data is its pipeline's as `"data from pipeline": true`; the
+/// router hands the job out with the pipeline's data, before and after a restart, and refuses
+/// the key where it cannot hold.
+#[tokio::test]
+async fn a_job_sent_with_data_from_pipeline_is_handed_out_with_the_pipelines_data() {
+    use pypelinin_common::pipeline::Pipeline;
+    use pypelinin_common::protocol::request::NewJob;
+
+    let data_dir = std::env::temp_dir().join(format!("pypelinin-dfp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data_dir);
+    let settings = || RouterSettings {
+        data_dir: Some(data_dir.clone()),
+        ..RouterSettings::default()
+    };
+    let router = TestRouter::start_settings(Default::default(), settings()).await;
+    let mut c = router.client().await;
+    let data = json!({"filename": "d1", "payload": "ü".repeat(3000)});
+    let pipeline = Pipeline::builder()
+        .edge("A", "B")
+        .data(data.clone())
+        .build()
+        .unwrap();
+    let p = c.add_pipeline(&pipeline).await.unwrap();
+    let job = NewJob::with_raw_data("A", serde_json::value::to_raw_value(&data).unwrap())
+        .in_pipeline(p.clone())
+        .with_data_from_pipeline();
+    let encoded =
+        serde_json::to_string(&pypelinin_common::protocol::Request::AddJob(job.clone())).unwrap();
+    assert!(
+        encoded.contains(r#""data from pipeline":true"#) && !encoded.contains("payload"),
+        "the data itself is not sent: {}",
+        &encoded[..encoded.len().min(300)]
+    );
+    let id = c.add_job(job.clone()).await.unwrap();
+    let id2 = c.add_job(job).await.unwrap();
+    let handed = c.get_job(None).await.unwrap().expect("a job");
+    assert_eq!(handed.job_id, id);
+    assert_eq!(handed.data(), &data);
+    router.stop().await;
+    // After a restart, from the record.
+    let router = TestRouter::start_settings(Default::default(), settings()).await;
+    let mut c = router.client().await;
+    let handed = c.get_job(None).await.unwrap().expect("a job");
+    assert_eq!(handed.job_id, id2);
+    assert_eq!(handed.data(), &data);
+    // Without a pipeline, or with data as well: refused, saying why.
+    let no_pipeline = router
+        .ask(
+            &mut c,
+            json!({"command": "add job", "worker": "A", "data from pipeline": true}),
+        )
+        .await;
+    assert_eq!(no_pipeline["answer"], "syntax error", "{no_pipeline}");
+    assert!(
+        no_pipeline["error"]
+            .as_str()
+            .unwrap()
+            .contains("needs \"pipeline id\""),
+        "{no_pipeline}"
+    );
+    let both = router
+        .ask(
+            &mut c,
+            json!({"command": "add job", "worker": "A", "pipeline id": p, "data": {}, "data from pipeline": true}),
+        )
+        .await;
+    assert_eq!(both["answer"], "syntax error", "{both}");
+    router.stop().await;
+    let _ = std::fs::remove_dir_all(&data_dir);
+}

@@ -55,6 +55,9 @@ def main():
             reply, event = handle(command, message, config, job_queue, pipeline_queue,
                                   pending_jobs, pending_pipelines)
             counts["{} -> {}".format(command, reply.get("answer", "work"))] += 1
+            if command == "add job" and "data" not in message:
+                # The original's broker hands such a job no data at all.
+                counts["add job without data"] += 1
         api.send_json(reply)
         if event is not None:
             broadcast.send_string(event)

@@ -57,7 +57,12 @@ def test_our_broker_and_pipeliner_finish_pipelines_on_the_original_router(proces
     client = PipelineManager(api, broadcast)
     n = 20
     for i in range(n):
-        client.start({"Noop0": ["Noop1"], "Noop1": []}, {"filename": "{}.dat".format(i)})
+        # Half with data large enough that, to our router, the pipeliner would send it as
+        # "data from pipeline": to the original's it must send the data itself.
+        data = {"filename": "{}.dat".format(i)}
+        if i % 2:
+            data["payload"] = "x" * 4000
+        client.start({"Noop0": ["Noop1"], "Noop1": []}, data)
     # And pipelines whose first job fails (the Downloader has no URL to fetch): the original's
     # router knows no failure, so the broker reports it finished and the pipeline goes on, as
     # the original's broker did.
@@ -87,3 +92,4 @@ def test_our_broker_and_pipeliner_finish_pipelines_on_the_original_router(proces
     assert counts["pipeline finished -> good job!"] == total
     assert logs["PYPELININ_BROKER"].read_text().count("job failed") >= failing
     assert not [k for k in counts if "unknown job id" in k or "unknown pipeline id" in k], counts
+    assert "add job without data" not in counts, counts

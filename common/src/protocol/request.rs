@@ -119,39 +119,60 @@ impl Request {
 
 /// `add job`: the worker to run and everything else the client sent (`data` and any other
 /// keys), which the router hands back verbatim with `get job`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct NewJob {
     /// Name of the worker that runs the job.
     pub worker: String,
     /// Extension: the pipeline the job belongs to (sent by pipeliners). The router then keeps
     /// the job's state with the pipeline's, so another pipeliner can resume the pipeline.
-    #[serde(
-        rename = "pipeline id",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
     pub pipeline_id: Option<PipelineId>,
     /// Extension: this job is the last of its pipeline (every other job of it has finished),
     /// and the pipeline had run this long when it was submitted. The router then ends the
     /// pipeline itself when the job finishes — `pipeline finished` in the same write, without
     /// another round trip of the pipeliner — and says so with `"ends pipeline": true` in
     /// `job accepted`. Only with `pipeline id`.
-    #[serde(
-        rename = "ends pipeline",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
     pub ends_pipeline: Option<WireDuration>,
     /// Extension: the adder subscribed to the job's end before adding it, and hears `job
     /// failed` (ours always say so; [`NewJob::new`] sets it). Without it — as the original's
     /// pipeliner adds jobs — the router holds the end of a job without a pipeline until that
     /// adder can have subscribed, and broadcasts its failure as `job finished` too
     /// (docs/protocol.md, "Mixing legacy and new daemons").
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub subscribed: bool,
+    /// Extension: the job's `data` is its pipeline's, which the router has, so it is sent as
+    /// `"data from pipeline": true` instead of the data (see [`NewJob::with_data_from_pipeline`]).
+    /// The data stays in `fields` on this side: against the original's router, which does
+    /// not know the key, the job is sent with it.
+    pub data_from_pipeline: bool,
     /// `data` and any other keys, kept as sent (as JSON text).
-    #[serde(flatten)]
     pub fields: RawFields,
+}
+
+/// Written as the router reads it: the command's own keys, then `fields` — without `data`
+/// when the data is the pipeline's.
+impl Serialize for NewJob {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(None)?;
+        map.serialize_entry("worker", &self.worker)?;
+        if let Some(p) = &self.pipeline_id {
+            map.serialize_entry("pipeline id", p)?;
+        }
+        if let Some(e) = &self.ends_pipeline {
+            map.serialize_entry("ends pipeline", e)?;
+        }
+        if self.subscribed {
+            map.serialize_entry("subscribed", &true)?;
+        }
+        if self.data_from_pipeline {
+            map.serialize_entry(NewJob::DATA_FROM_PIPELINE, &true)?;
+        }
+        for (k, v) in self.fields.iter() {
+            if !(self.data_from_pipeline && k == "data") {
+                map.serialize_entry(k, v)?;
+            }
+        }
+        map.end()
+    }
 }
 
 impl NewJob {
@@ -170,8 +191,25 @@ impl NewJob {
             pipeline_id: None,
             ends_pipeline: None,
             subscribed: true,
+            data_from_pipeline: false,
             fields,
         }
+    }
+
+    /// The key of [`NewJob::data_from_pipeline`] on the wire.
+    pub const DATA_FROM_PIPELINE: &'static str = "data from pipeline";
+
+    /// Data at least this large goes as [`NewJob::with_data_from_pipeline`] when it is the
+    /// pipeline's; smaller data costs less to send than to look up.
+    pub const DATA_FROM_PIPELINE_MIN_BYTES: usize = 1024;
+
+    /// The same job, its `data` being its pipeline's, byte for byte as [`NewJob::new`] encodes
+    /// the pipeline's data: sent as `"data from pipeline": true` instead, and the router hands
+    /// the job out with the pipeline's data (which it has), so large data crosses the network
+    /// once per pipeline rather than once per job. Only with [`NewJob::in_pipeline`].
+    pub fn with_data_from_pipeline(mut self) -> Self {
+        self.data_from_pipeline = true;
+        self
     }
 
     /// The same job, as part of `pipeline_id`.
@@ -197,6 +235,8 @@ impl NewJob {
             pipeline_id: take::<Option<PipelineId>>(&mut object, "pipeline id")?.flatten(),
             ends_pipeline: take::<Option<WireDuration>>(&mut object, "ends pipeline")?.flatten(),
             subscribed: take::<bool>(&mut object, "subscribed")?.unwrap_or(false),
+            data_from_pipeline: take::<bool>(&mut object, NewJob::DATA_FROM_PIPELINE)?
+                .unwrap_or(false),
             fields: RawFields::from_pairs(object.0),
         })
     }
@@ -215,6 +255,8 @@ impl<'de> Deserialize<'de> for NewJob {
             ends_pipeline: Option<WireDuration>,
             #[serde(default)]
             subscribed: bool,
+            #[serde(rename = "data from pipeline", default)]
+            data_from_pipeline: bool,
             #[serde(flatten)]
             fields: Map<String, Value>,
         }
@@ -224,6 +266,7 @@ impl<'de> Deserialize<'de> for NewJob {
             pipeline_id: p.pipeline_id,
             ends_pipeline: p.ends_pipeline,
             subscribed: p.subscribed,
+            data_from_pipeline: p.data_from_pipeline,
             fields: p.fields.into(),
         })
     }

@@ -14,6 +14,7 @@
 //! | `pipeline failed` | `pipeline finished` (answered `failure recorded`): the original's client hears nothing else |
 //! | `renew leases` | nothing: answered `leases renewed` (the original has no leases) |
 //! | `job status` | nothing: every job is said to be running (the original cannot tell) |
+//! | `add job` with `"data from pipeline"` | `add job` with the data itself |
 //! | anything else | as is |
 //!
 //! What is lost, said once in the log: leases (the work of a daemon that dies is never handed
@@ -179,6 +180,15 @@ impl ApiClient {
                 self.failure_as_finished(&finished).await
             }
             Request::RenewLeases(_) => Ok(value_of(Answer::new(AnswerKind::LeasesRenewed))),
+            Request::AddJob(job) if job.data_from_pipeline => {
+                // The original's router does not know the key: send the data itself.
+                let job = crate::protocol::request::NewJob {
+                    data_from_pipeline: false,
+                    ..job.clone()
+                };
+                let request = serde_json::to_value(Request::AddJob(job)).unwrap_or(Value::Null);
+                self.send_legacy(&request).await
+            }
             Request::JobStatus(query) => {
                 let jobs: BTreeMap<_, _> = query
                     .job_ids

@@ -123,6 +123,20 @@ impl State {
         if job.worker.is_empty() {
             return Answer::error(AnswerKind::SyntaxError, "\"worker\" must not be empty").into();
         }
+        if job.data_from_pipeline && job.pipeline_id.is_none() {
+            return Answer::error(
+                AnswerKind::SyntaxError,
+                "\"data from pipeline\" needs \"pipeline id\": the job takes its pipeline's data",
+            )
+            .into();
+        }
+        if job.data_from_pipeline && job.fields.contains_key("data") {
+            return Answer::error(
+                AnswerKind::SyntaxError,
+                "\"data from pipeline\" and \"data\" together: send one or the other",
+            )
+            .into();
+        }
         // A job may name only a pending pipeline: one that ended (or never was) takes no job.
         if let Some(p) = job
             .pipeline_id
@@ -156,9 +170,11 @@ impl State {
         let ends = ends_pipeline.is_some();
         let legacy = pipeline_id.is_none() && !job.subscribed;
         let mut fields = job.fields;
-        let pipeline_data = pipeline_id
-            .as_ref()
-            .is_some_and(|p| self.share_pipeline_data(p, &mut fields));
+        // Its data is its pipeline's: said so, or sent and found equal.
+        let pipeline_data = job.data_from_pipeline
+            || pipeline_id
+                .as_ref()
+                .is_some_and(|p| self.share_pipeline_data(p, &mut fields));
         // Ended with no place yet: `move_job` queues it.
         self.jobs.insert(
             id.clone(),

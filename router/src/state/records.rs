@@ -41,9 +41,10 @@ pub struct JobRecord {
     /// failure is also broadcast as `job finished` (see the `legacy` module).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub legacy: bool,
-    /// Its `data` is its pipeline's data, byte for byte (as pipeliners hand every job the
-    /// pipeline's data): kept once, with the pipeline, instead of with every job, and taken
-    /// from there when the job is handed out. `fields` then holds no `data`.
+    /// Its `data` is its pipeline's data: sent as `"data from pipeline"`, or sent and equal
+    /// byte for byte (as pipeliners hand every job the pipeline's data). Kept once, with the
+    /// pipeline, instead of with every job, and taken from there when the job is handed out.
+    /// `fields` then holds no `data`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pipeline_data: bool,
     /// Which hand-out gave it to its broker (a number the router counts up in memory; 0:
