@@ -60,7 +60,7 @@ struct Cli {
     /// Seconds broker-1's host is cut off; 0 skips the partition run.
     #[arg(long, default_value_t = 10.0)]
     partition_secs: f64,
-    /// When the partition starts, in seconds after the load.
+    /// When the partition starts, in seconds after the load starts.
     #[arg(long, default_value_t = 5.0)]
     partition_at_secs: f64,
     /// Seconds of load (new pipelines submitted) in the partition run.
