@@ -32,32 +32,20 @@ pub(super) struct Askers {
     last_handout: u64,
 }
 
-/// What one daemon was handed under asks not settled yet: (id, hand-out number) per ask.
+/// A job or a pipeline handed out.
+#[derive(Debug)]
+pub(super) enum Handed {
+    Job(JobId),
+    Pipeline(PipelineId),
+}
+
+/// What one daemon was handed under asks not settled yet: (what, hand-out number) per ask.
 #[derive(Debug, Default)]
 struct Asked {
     /// When it last asked or settled (ms since the epoch).
     last_seen: u64,
-    jobs: BTreeMap<u64, Vec<(JobId, u64)>>,
-    pipelines: BTreeMap<u64, Vec<(PipelineId, u64)>>,
+    handed: BTreeMap<u64, Vec<(Handed, u64)>>,
     noted: usize,
-}
-
-impl Asked {
-    /// Drops the oldest asks' notes while more than [`MAX_NOTED`] are kept.
-    fn trim(&mut self) {
-        while self.noted > MAX_NOTED {
-            let oldest_job = self.jobs.keys().next().copied();
-            let oldest_pipeline = self.pipelines.keys().next().copied();
-            let dropped = match (oldest_job, oldest_pipeline) {
-                (Some(j), Some(p)) if p < j => self.pipelines.pop_first().map(|(_, v)| v.len()),
-                (Some(_), _) => self.jobs.pop_first().map(|(_, v)| v.len()),
-                (None, Some(_)) => self.pipelines.pop_first().map(|(_, v)| v.len()),
-                (None, None) => None,
-            };
-            let Some(n) = dropped else { return };
-            self.noted = self.noted.saturating_sub(n);
-        }
-    }
 }
 
 impl Askers {
@@ -67,54 +55,44 @@ impl Askers {
         self.last_handout
     }
 
-    /// Notes `jobs` (id, hand-out number) handed out under `ask`.
-    pub(super) fn note_jobs(&mut self, ask: &Ask, jobs: Vec<(JobId, u64)>, now: u64) {
-        let asked = self.by_id.entry(ask.id.clone()).or_default();
-        asked.last_seen = now;
-        if !jobs.is_empty() {
-            asked.noted += jobs.len();
-            asked.jobs.entry(ask.ask).or_default().extend(jobs);
-            asked.trim();
-        }
-    }
-
-    /// Notes `pipelines` handed out under `ask`.
-    pub(super) fn note_pipelines(
+    /// Notes what was handed out under `ask`, each with its hand-out number. Past
+    /// [`MAX_NOTED`] notes of one daemon, its oldest asks' notes are dropped.
+    pub(super) fn note(
         &mut self,
         ask: &Ask,
-        pipelines: Vec<(PipelineId, u64)>,
+        handed: impl Iterator<Item = (Handed, u64)>,
         now: u64,
     ) {
         let asked = self.by_id.entry(ask.id.clone()).or_default();
         asked.last_seen = now;
-        if !pipelines.is_empty() {
-            asked.noted += pipelines.len();
-            asked
-                .pipelines
-                .entry(ask.ask)
-                .or_default()
-                .extend(pipelines);
-            asked.trim();
+        let before = asked.handed.get(&ask.ask).map_or(0, Vec::len);
+        let noted = asked.handed.entry(ask.ask).or_default();
+        noted.extend(handed);
+        asked.noted += noted.len() - before;
+        if noted.is_empty() {
+            asked.handed.remove(&ask.ask);
+        }
+        while asked.noted > MAX_NOTED {
+            let Some((_, dropped)) = asked.handed.pop_first() else {
+                break;
+            };
+            asked.noted = asked.noted.saturating_sub(dropped.len());
         }
     }
 
     /// Takes out the notes of `settled`'s asks.
-    fn take_settled(&mut self, settled: &Settled, now: u64) -> Option<Asked> {
-        let asked = self.by_id.get_mut(&settled.id)?;
-        asked.last_seen = now;
-        let after = settled.settled.saturating_add(1);
-        let later_jobs = asked.jobs.split_off(&after);
-        let later_pipelines = asked.pipelines.split_off(&after);
-        let due = Asked {
-            last_seen: now,
-            jobs: std::mem::replace(&mut asked.jobs, later_jobs),
-            pipelines: std::mem::replace(&mut asked.pipelines, later_pipelines),
-            noted: 0,
+    fn take_settled(&mut self, settled: &Settled, now: u64) -> Vec<(Handed, u64)> {
+        let Some(asked) = self.by_id.get_mut(&settled.id) else {
+            return Vec::new();
         };
-        let n = due.jobs.values().map(Vec::len).sum::<usize>()
-            + due.pipelines.values().map(Vec::len).sum::<usize>();
-        asked.noted = asked.noted.saturating_sub(n);
-        Some(due)
+        asked.last_seen = now;
+        let later = asked.handed.split_off(&settled.settled.saturating_add(1));
+        let due: Vec<(Handed, u64)> = std::mem::replace(&mut asked.handed, later)
+            .into_values()
+            .flatten()
+            .collect();
+        asked.noted = asked.noted.saturating_sub(due.len());
+        due
     }
 
     /// Daemons heard of, for tests.
@@ -135,36 +113,31 @@ impl State {
         now: u64,
         events: &mut Vec<Event>,
     ) {
-        let Some(due) = self.askers.take_settled(settled, now) else {
-            return;
-        };
-        let held: HashSet<&JobId> = jobs.iter().collect();
-        let lost_jobs: Vec<JobId> = due
-            .jobs
-            .into_values()
-            .flatten()
-            .filter(|(id, handout)| {
-                !held.contains(id)
-                    && self
+        let held_jobs: HashSet<&JobId> = jobs.iter().collect();
+        let held_pipelines: HashSet<&PipelineId> = pipelines.iter().collect();
+        let (mut lost_jobs, mut lost_pipelines) = (Vec::new(), Vec::new());
+        for (handed, handout) in self.askers.take_settled(settled, now) {
+            match handed {
+                Handed::Job(id) => {
+                    let out = self
                         .jobs
-                        .get(id)
-                        .is_some_and(|r| r.state == JobState::Running && r.handout == *handout)
-            })
-            .map(|(id, _)| id)
-            .collect();
-        let held: HashSet<&PipelineId> = pipelines.iter().collect();
-        let lost_pipelines: Vec<PipelineId> =
-            due.pipelines
-                .into_values()
-                .flatten()
-                .filter(|(id, handout)| {
-                    !held.contains(id)
-                        && self.pipelines.get(id).is_some_and(|r| {
-                            r.state == PipelineState::Running && r.handout == *handout
-                        })
-                })
-                .map(|(id, _)| id)
-                .collect();
+                        .get(&id)
+                        .is_some_and(|r| r.state == JobState::Running && r.handout == handout);
+                    if out && !held_jobs.contains(&id) {
+                        lost_jobs.push(id);
+                    }
+                }
+                Handed::Pipeline(id) => {
+                    let out = self
+                        .pipelines
+                        .get(&id)
+                        .is_some_and(|r| r.state == PipelineState::Running && r.handout == handout);
+                    if out && !held_pipelines.contains(&id) {
+                        lost_pipelines.push(id);
+                    }
+                }
+            }
+        }
         if lost_jobs.is_empty() && lost_pipelines.is_empty() {
             return;
         }
@@ -184,5 +157,56 @@ impl State {
         self.askers
             .by_id
             .retain(|_, a| now.saturating_sub(a.last_seen) <= horizon);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_daemon_that_never_settles_keeps_at_most_max_noted_notes_the_newest() {
+        let mut askers = Askers::default();
+        let per_ask = 1_000;
+        for ask in 1..=(MAX_NOTED / per_ask + 2) as u64 {
+            let handed =
+                (0..per_ask).map(|i| (Handed::Job(JobId::from(format!("{ask}-{i}").as_str())), 1));
+            askers.note(
+                &Ask {
+                    id: "d".into(),
+                    ask,
+                },
+                handed,
+                0,
+            );
+        }
+        let asked = &askers.by_id["d"];
+        assert!(asked.noted <= MAX_NOTED, "{}", asked.noted);
+        assert_eq!(
+            asked.noted,
+            asked.handed.values().map(Vec::len).sum::<usize>()
+        );
+        assert_eq!(
+            asked.handed.keys().next(),
+            Some(&3),
+            "the two oldest asks were dropped"
+        );
+        // Settling takes the notes out and the count with them.
+        let due = askers.take_settled(
+            &Settled {
+                id: "d".into(),
+                settled: 100,
+            },
+            0,
+        );
+        assert_eq!(due.len(), (100 - 2) * per_ask);
+        assert_eq!(
+            askers.by_id["d"].noted,
+            askers.by_id["d"]
+                .handed
+                .values()
+                .map(Vec::len)
+                .sum::<usize>()
+        );
     }
 }

@@ -485,9 +485,9 @@ impl State {
         if let Some(ask) = asker {
             let handed = jobs.iter().filter_map(|j| {
                 let handout = self.jobs.get(&j.job_id)?.handout;
-                Some((j.job_id.clone(), handout))
+                Some((askers::Handed::Job(j.job_id.clone()), handout))
             });
-            self.askers.note_jobs(ask, handed.collect(), now);
+            self.askers.note(ask, handed, now);
         }
         jobs
     }
@@ -513,9 +513,9 @@ impl State {
         if let Some(ask) = asker {
             let handed = pipelines.iter().filter_map(|p| {
                 let handout = self.pipelines.get(&p.pipeline_id)?.handout;
-                Some((p.pipeline_id.clone(), handout))
+                Some((askers::Handed::Pipeline(p.pipeline_id.clone()), handout))
             });
-            self.askers.note_pipelines(ask, handed.collect(), now);
+            self.askers.note(ask, handed, now);
         }
         pipelines
     }
