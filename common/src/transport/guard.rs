@@ -124,8 +124,50 @@ enum ScanState {
     Body { left: u64, ends_message: bool },
 }
 
-/// Bytes relayed per read, each way (a connection holds two such buffers).
-pub(crate) const BUFFER: usize = 16 * 1024;
+/// Bytes relayed per read while a connection is busy, each way. A connection reads into
+/// [`SMALL_BUFFER`] bytes, and into this many while its reads fill them: a reply of many large
+/// jobs then passes in a few reads and writes (each a turn of the router's loop) instead of
+/// dozens. With 16 KiB reads throughout, 10 KB payloads ran ~7% slower.
+pub(crate) const BUFFER: usize = 128 * 1024;
+
+/// Bytes relayed per read while a connection's messages are short.
+const SMALL_BUFFER: usize = 16 * 1024;
+
+/// Bytes the broadcast port's guard takes from the PUB socket per read (broadcasts are
+/// short; each read is a chunk held for the subscriber).
+const BROADCAST_CHUNK: usize = 16 * 1024;
+
+/// The buffer one direction of a relayed connection reads into: [`SMALL_BUFFER`] bytes, grown
+/// to [`BUFFER`] when a read fills it and given back when a read no longer fills the small
+/// one, so only busy connections hold a large one. Its memory is never zeroed: reads fill it.
+pub(crate) struct RelayBuffer(Vec<u8>);
+
+impl RelayBuffer {
+    pub(crate) fn new() -> Self {
+        Self(Vec::with_capacity(SMALL_BUFFER))
+    }
+
+    /// Reads once from `from`; the bytes read are [`RelayBuffer::bytes`].
+    pub(crate) async fn read_from(
+        &mut self,
+        from: &mut (impl AsyncRead + Unpin),
+    ) -> std::io::Result<usize> {
+        let capacity = self.0.capacity();
+        let last = self.0.len();
+        if last == capacity && capacity < BUFFER {
+            self.0 = Vec::with_capacity(BUFFER);
+        } else if last < SMALL_BUFFER && capacity > SMALL_BUFFER {
+            self.0 = Vec::with_capacity(SMALL_BUFFER);
+        }
+        self.0.clear();
+        from.read_buf(&mut self.0).await
+    }
+
+    /// The bytes of the last read.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
 
 /// ZMTP flag bits.
 const MORE: u8 = 0x01;
@@ -440,7 +482,7 @@ async fn upstream(
     counts: Arc<Counts>,
 ) -> Result<(), String> {
     let mut scanner = Scanner::new(limits.max_frame_bytes);
-    let mut buf = vec![0u8; BUFFER];
+    let mut buf = RelayBuffer::new();
     let greeting_deadline = tokio::time::Instant::now() + limits.greeting_timeout;
     loop {
         if let Some(max) = limits.max_in_flight {
@@ -456,9 +498,9 @@ async fn upstream(
             }
         }
         let read = if scanner.greeted() {
-            from.read(&mut buf).await
+            buf.read_from(&mut from).await
         } else {
-            match tokio::time::timeout_at(greeting_deadline, from.read(&mut buf)).await {
+            match tokio::time::timeout_at(greeting_deadline, buf.read_from(&mut from)).await {
                 Ok(read) => read,
                 Err(_) => return Err("no ZMTP greeting in time".into()),
             }
@@ -467,8 +509,8 @@ async fn upstream(
             Ok(0) | Err(_) => return Ok(()),
             Ok(n) => n,
         };
-        scanner.scan(&buf[..n]).map_err(|v| v.to_string())?;
-        if to.write_all(&buf[..n]).await.is_err() {
+        scanner.scan(&buf.bytes()[..n]).map_err(|v| v.to_string())?;
+        if to.write_all(buf.bytes()).await.is_err() {
             return Ok(());
         }
     }
@@ -497,15 +539,15 @@ async fn downstream_in_step(
 ) -> Result<(), String> {
     // Our own socket's bytes: counted, not limited.
     let mut scanner = Scanner::new(u64::MAX);
-    let mut buf = vec![0u8; BUFFER];
+    let mut buf = RelayBuffer::new();
     loop {
-        let n = match from.read(&mut buf).await {
+        let n = match buf.read_from(&mut from).await {
             Ok(0) | Err(_) => return Ok(()),
             Ok(n) => n,
         };
         // The server's greeting and frames are well-formed; a count is all that is wanted.
-        let _ = scanner.scan(&buf[..n]);
-        match tokio::time::timeout(limits.stall_timeout, to.write_all(&buf[..n])).await {
+        let _ = scanner.scan(&buf.bytes()[..n]);
+        match tokio::time::timeout(limits.stall_timeout, to.write_all(buf.bytes())).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => return Ok(()),
             Err(_) => return Err("the peer took nothing for the stall timeout".into()),
@@ -528,9 +570,9 @@ async fn downstream_eager(
     let take = async {
         // Read into spare capacity (never zeroed), and pass on exactly what was read: a
         // zeroed 16 KiB buffer per read cost the router more than the reads themselves.
-        let mut buf = bytes::BytesMut::with_capacity(BUFFER);
+        let mut buf = bytes::BytesMut::with_capacity(BROADCAST_CHUNK);
         loop {
-            buf.reserve(BUFFER);
+            buf.reserve(BROADCAST_CHUNK);
             let n = match from.read_buf(&mut buf).await {
                 Ok(0) | Err(_) => return Ok(()),
                 Ok(n) => n,
@@ -565,6 +607,25 @@ async fn downstream_eager(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_relay_buffer_grows_while_reads_fill_it_and_shrinks_when_they_no_longer_do() {
+        let mut buf = RelayBuffer::new();
+        let big = vec![7u8; 3 * BUFFER];
+        let mut from: &[u8] = &big;
+        // The first read fills the small buffer; the next ones take up to BUFFER bytes.
+        assert_eq!(buf.read_from(&mut from).await.unwrap(), SMALL_BUFFER);
+        assert_eq!(buf.read_from(&mut from).await.unwrap(), BUFFER);
+        assert_eq!(buf.bytes(), &big[..BUFFER]);
+        let short = [1u8, 2, 3];
+        let mut from: &[u8] = &short;
+        assert_eq!(buf.read_from(&mut from).await.unwrap(), 3);
+        assert_eq!(buf.bytes(), short);
+        // A short read gives the large buffer back.
+        let mut from: &[u8] = &big;
+        assert_eq!(buf.read_from(&mut from).await.unwrap(), SMALL_BUFFER);
+        assert_eq!(buf.0.capacity(), SMALL_BUFFER);
+    }
 
     fn greeting() -> Vec<u8> {
         let mut g = vec![0u8; GREETING];

@@ -16,7 +16,7 @@ use std::io;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpStream, UnixListener, UnixStream};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -24,7 +24,7 @@ use tracing::{debug, info, warn};
 
 use zeromq::{Socket, ZmqError};
 
-use super::guard::{log_closed, Inner, Scanner, BUFFER};
+use super::guard::{log_closed, Inner, RelayBuffer, Scanner};
 use super::TransportError;
 
 /// What the connecting side's guard lets through.
@@ -300,19 +300,28 @@ async fn relay(local: UnixStream, remote: TcpStream, limits: OutboundLimits) -> 
     let (mut local_read, mut local_write) = local.into_split();
     let (mut remote_read, mut remote_write) = remote.into_split();
     let up = async move {
-        // Our own bytes: passed as they are.
-        let _ = tokio::io::copy(&mut local_read, &mut remote_write).await;
-        Ok(())
+        // Our own bytes: passed as they are (in reads as large as the other way's: a batch of
+        // large requests passes in a few).
+        let mut buf = RelayBuffer::new();
+        loop {
+            match buf.read_from(&mut local_read).await {
+                Ok(0) | Err(_) => return Ok(()),
+                Ok(_) => {}
+            }
+            if remote_write.write_all(buf.bytes()).await.is_err() {
+                return Ok(());
+            }
+        }
     };
     let down = async move {
         let mut scanner = Scanner::new(limits.max_frame_bytes);
-        let mut buf = vec![0u8; BUFFER];
+        let mut buf = RelayBuffer::new();
         let greeting_deadline = Instant::now() + limits.connect_timeout;
         loop {
             let read = if scanner.greeted() {
-                remote_read.read(&mut buf).await
+                buf.read_from(&mut remote_read).await
             } else {
-                tokio::time::timeout_at(greeting_deadline, remote_read.read(&mut buf))
+                tokio::time::timeout_at(greeting_deadline, buf.read_from(&mut remote_read))
                     .await
                     .map_err(|_| "no ZMTP greeting in time".to_owned())?
             };
@@ -320,8 +329,8 @@ async fn relay(local: UnixStream, remote: TcpStream, limits: OutboundLimits) -> 
                 Ok(0) | Err(_) => return Ok(()),
                 Ok(n) => n,
             };
-            scanner.scan(&buf[..n]).map_err(|v| v.to_string())?;
-            if local_write.write_all(&buf[..n]).await.is_err() {
+            scanner.scan(&buf.bytes()[..n]).map_err(|v| v.to_string())?;
+            if local_write.write_all(buf.bytes()).await.is_err() {
                 return Ok(());
             }
         }
@@ -337,6 +346,7 @@ mod tests {
     #![allow(clippy::unwrap_used)] // Test code: a failed unwrap is a failed test.
 
     use super::*;
+    use tokio::io::AsyncReadExt;
     use tokio::net::TcpListener;
 
     fn limits() -> OutboundLimits {
