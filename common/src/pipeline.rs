@@ -335,6 +335,52 @@ impl Pipeline {
         LegacyText::read(text)?.data.map(parse_data).transpose()
     }
 
+    /// As [`Pipeline::legacy_data`], as the text of a JSON object made of the text of each of
+    /// the data's values as `text` has it, not parsed: each key once (the last of a repeated
+    /// key), in key order. Read in two passes over `text`, where parsing the values and
+    /// encoding them again would take several; the router hands it to the jobs of the
+    /// pipeline. Only the data is read: neither the graph nor the values are checked beyond
+    /// being JSON.
+    ///
+    /// ```
+    /// use pypelinin_common::pipeline::Pipeline;
+    /// let text = r#"[["graph", []], ["data", [["b", [1, 2]], ["a", {"x": null}], ["b", "last"]]]]"#;
+    /// let data = Pipeline::legacy_data_text(text).unwrap().unwrap();
+    /// assert_eq!(data.get(), r#"{"a":{"x": null},"b":"last"}"#);
+    /// ```
+    ///
+    /// # Errors
+    /// [`PipelineError::Format`] when `text` is not a list of pairs or an object, or its data
+    /// is neither `null` nor pairs nor an object.
+    pub fn legacy_data_text(text: &str) -> Result<Option<Box<RawValue>>, PipelineError> {
+        let format = |m: &str| PipelineError::Format(m.to_owned());
+        let top = raw_pairs_of(text).ok_or_else(|| {
+            format("expected a list of [key, value] pairs with \"graph\" and \"data\"")
+        })?;
+        let Some(data) = last(&top, "data").filter(|d| d.get() != "null") else {
+            return Ok(None);
+        };
+        let pairs = raw_pairs(data)
+            .ok_or_else(|| format("\"data\" must be null or a list of [key, value] pairs"))?;
+        let map: std::collections::BTreeMap<&str, &RawValue> =
+            pairs.iter().map(|(k, v)| (k.as_ref(), *v)).collect();
+        let mut object = String::with_capacity(data.get().len() + 2);
+        object.push('{');
+        for (i, (key, value)) in map.into_iter().enumerate() {
+            if i > 0 {
+                object.push(',');
+            }
+            // Encoding a string cannot fail.
+            object.push_str(&serde_json::to_string(key).unwrap_or_default());
+            object.push(':');
+            object.push_str(value.get());
+        }
+        object.push('}');
+        RawValue::from_string(object)
+            .map(Some)
+            .map_err(|e| PipelineError::Format(e.to_string()))
+    }
+
     /// The DOT text of the legacy `Pipeline.to_dot()`: every job, a blank line, every edge,
     /// each sorted by worker name so the text does not depend on construction order.
     pub fn to_dot(&self) -> String {
@@ -790,11 +836,16 @@ impl<'a> JobText<'a> {
 
 /// A list of `[key, value]` pairs or an object, each value left as text.
 fn raw_pairs(raw: &RawValue) -> Option<Vec<(Cow<'_, str>, &RawValue)>> {
-    match raw.get().as_bytes().first() {
-        Some(b'[') => serde_json::from_str::<Vec<(Key<'_>, &RawValue)>>(raw.get())
+    raw_pairs_of(raw.get())
+}
+
+/// As [`raw_pairs`], of JSON text (which may have white space around it).
+fn raw_pairs_of(text: &str) -> Option<Vec<(Cow<'_, str>, &RawValue)>> {
+    match text.trim_start().as_bytes().first() {
+        Some(b'[') => serde_json::from_str::<Vec<(Key<'_>, &RawValue)>>(text)
             .ok()
             .map(|pairs| pairs.into_iter().map(|(k, v)| (k.0, v)).collect()),
-        Some(b'{') => serde_json::from_str::<RawObject<'_>>(raw.get())
+        Some(b'{') => serde_json::from_str::<RawObject<'_>>(text)
             .ok()
             .map(|o| o.0),
         _ => None,
@@ -1032,6 +1083,12 @@ mod tests {
             assert_eq!(
                 Pipeline::legacy_data(&text),
                 Ok(from_value.data().cloned()),
+                "{value}"
+            );
+            let data_text = Pipeline::legacy_data_text(&text).expect("valid");
+            assert_eq!(
+                data_text.map(|d| serde_json::from_str::<Map<String, Value>>(d.get()).unwrap()),
+                from_value.data().cloned(),
                 "{value}"
             );
         }

@@ -16,7 +16,6 @@ use pypelinin_common::protocol::{
     Reply, WireDuration,
 };
 use serde_json::value::RawValue;
-use serde_json::Value;
 use tracing::{debug, warn};
 
 use super::records::{EndsPipeline, JobRecord, PipelineRecord};
@@ -437,12 +436,13 @@ impl State {
 const SHARED_DATA_MIN_BYTES: usize = 1024;
 
 /// The `data` pipeliners hand each job of the pipeline whose serialized form is `pipeline`:
-/// its data as a JSON object, encoded as [`NewJob::new`] encodes it (no `data` when the
-/// pipeline has none).
+/// its data as a JSON object made of the text of each value as the client sent it (no `data`
+/// when the pipeline has none), read without parsing the values (see
+/// [`Pipeline::legacy_data_text`]).
 pub(super) fn job_data_of(pipeline: &RawValue) -> RawFields {
     let mut fields = RawFields::new();
-    if let Ok(Some(data)) = Pipeline::legacy_data(pipeline.get()) {
-        fields.insert("data", &Value::Object(data));
+    if let Ok(Some(data)) = Pipeline::legacy_data_text(pipeline.get()) {
+        fields.insert_raw("data", data);
     }
     fields
 }
