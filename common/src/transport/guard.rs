@@ -506,11 +506,10 @@ async fn upstream(
                 Err(_) => return Err("no ZMTP greeting in time".into()),
             }
         };
-        let n = match read {
-            Ok(0) | Err(_) => return Ok(()),
-            Ok(n) => n,
-        };
-        scanner.scan(&buf.bytes()[..n]).map_err(|v| v.to_string())?;
+        if matches!(read, Ok(0) | Err(_)) {
+            return Ok(());
+        }
+        scanner.scan(buf.bytes()).map_err(|v| v.to_string())?;
         if to.write_all(buf.bytes()).await.is_err() {
             return Ok(());
         }
@@ -542,12 +541,11 @@ async fn downstream_in_step(
     let mut scanner = Scanner::new(u64::MAX);
     let mut buf = RelayBuffer::new();
     loop {
-        let n = match buf.read_from(&mut from).await {
-            Ok(0) | Err(_) => return Ok(()),
-            Ok(n) => n,
-        };
+        if matches!(buf.read_from(&mut from).await, Ok(0) | Err(_)) {
+            return Ok(());
+        }
         // The server's greeting and frames are well-formed; a count is all that is wanted.
-        let _ = scanner.scan(&buf.bytes()[..n]);
+        let _ = scanner.scan(buf.bytes());
         match tokio::time::timeout(limits.stall_timeout, to.write_all(buf.bytes())).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => return Ok(()),

@@ -304,9 +304,8 @@ async fn relay(local: UnixStream, remote: TcpStream, limits: OutboundLimits) -> 
         // large requests passes in a few).
         let mut buf = RelayBuffer::new();
         loop {
-            match buf.read_from(&mut local_read).await {
-                Ok(0) | Err(_) => return Ok(()),
-                Ok(_) => {}
+            if matches!(buf.read_from(&mut local_read).await, Ok(0) | Err(_)) {
+                return Ok(());
             }
             if remote_write.write_all(buf.bytes()).await.is_err() {
                 return Ok(());
@@ -325,11 +324,10 @@ async fn relay(local: UnixStream, remote: TcpStream, limits: OutboundLimits) -> 
                     .await
                     .map_err(|_| "no ZMTP greeting in time".to_owned())?
             };
-            let n = match read {
-                Ok(0) | Err(_) => return Ok(()),
-                Ok(n) => n,
-            };
-            scanner.scan(&buf.bytes()[..n]).map_err(|v| v.to_string())?;
+            if matches!(read, Ok(0) | Err(_)) {
+                return Ok(());
+            }
+            scanner.scan(buf.bytes()).map_err(|v| v.to_string())?;
             if local_write.write_all(buf.bytes()).await.is_err() {
                 return Ok(());
             }
