@@ -912,6 +912,39 @@ async fn job_data_is_handed_back_byte_for_byte_and_survives_a_restart() {
     let _ = std::fs::remove_dir_all(&data_dir);
 }
 
+/// A job sent with `"data from pipeline": true` is handed the pipeline's data as an object made
+/// of each value's text as the client sent it (in key order, the last of a repeated key): no
+/// value is parsed and encoded again.
+#[tokio::test]
+async fn a_pipelines_data_reaches_its_jobs_value_by_value_as_sent() {
+    let router = TestRouter::start().await;
+    let mut c = router.client().await;
+    let pipeline = r#"[["graph", [[[["worker_name", "A"]], null]]], ["data", [["b", 1], ["a", 1E3], ["b", {"x" : [1,  2.50]}], ["ü", "\u00e7a va 😀"]]]]"#;
+    let body =
+        format!(r#"{{"command": "add pipeline", "pipeline": {pipeline}, "request id": "r1"}}"#);
+    let added = router.raw(&mut c, body.as_bytes()).await;
+    assert_eq!(added["answer"], "pipeline accepted", "{added}");
+    let p = added["pipeline id"].clone();
+    let accepted = router
+        .ask(
+            &mut c,
+            json!({"command": "add job", "worker": "A", "pipeline id": p, "data from pipeline": true}),
+        )
+        .await;
+    assert_eq!(accepted["answer"], "job accepted", "{accepted}");
+    let reply = c
+        .request_bytes(br#"{"command": "get job"}"#.to_vec())
+        .await
+        .expect("reply");
+    let reply = String::from_utf8(reply.to_vec()).expect("UTF-8");
+    assert!(
+        text_after(&reply, "data")
+            .starts_with(r#"{"a":1E3,"b":{"x" : [1,  2.50]},"ü":"\u00e7a va 😀"}"#),
+        "{reply}"
+    );
+    router.stop().await;
+}
+
 /// A pipeliner sends a job whose data is its pipeline's as `"data from pipeline": true`; the
 /// router hands the job out with the pipeline's data, before and after a restart, and refuses
 /// the key where it cannot hold.
