@@ -29,6 +29,13 @@ use crate::transport::{
     ApiClient, Backoff, ClientError, ClientOptions, Subscriber, TransportError,
 };
 
+/// After work came to the waiting request, how long a request for work that would go alone
+/// (nothing to report, no renewal) is held back. The `new job` / `new pipeline` broadcast
+/// that comes right after most likely announces that same work: asking at once would find
+/// nothing, and keep the report of the work just taken behind that round trip. The report
+/// carries a request for work anyway when it goes.
+const ASK_AFTER_WORK: Duration = Duration::from_millis(2);
+
 /// Bytes of requests one batch carries at most; a request larger than this goes alone. Well
 /// under the router's request limit (16 MiB unless set otherwise).
 const BATCH_BYTES: usize = 4 * 1024 * 1024;
@@ -210,6 +217,9 @@ pub struct DaemonLoop {
     waiting: Option<usize>,
     /// After a waiting request failed: not before this time.
     wait_again_at: Option<Instant>,
+    /// After work came to the waiting request: no request for work goes alone before this
+    /// time (see [`ASK_AFTER_WORK`]).
+    ask_after: Option<Instant>,
     /// While the router is unreachable: when to try again.
     retry_at: Option<Instant>,
     backoff: Backoff,
@@ -297,6 +307,7 @@ impl DaemonLoop {
             want_work: true,
             waiting: None,
             wait_again_at: None,
+            ask_after: None,
             retry_at: None,
             backoff: Backoff::default(),
             renew_due: false,
@@ -372,9 +383,17 @@ impl DaemonLoop {
                     || (stopping.is_none()
                         && self.want_work
                         && self.waiting.is_none()
+                        && !self.holding_asks()
                         && machine.room() > 0));
-            let (retry_at, wait_again_at, resubscribe_at) =
-                (self.retry_at, self.wait_again_at, self.resubscribe_at);
+            if !self.holding_asks() {
+                self.ask_after = None;
+            }
+            let (retry_at, wait_again_at, resubscribe_at, ask_after) = (
+                self.retry_at,
+                self.wait_again_at,
+                self.resubscribe_at,
+                self.ask_after,
+            );
             tokio::select! {
                 () = shutdown.cancelled(), if stopping.is_none() => {}
                 () = sleep_until_opt(stopping) => {
@@ -383,6 +402,7 @@ impl DaemonLoop {
                 }
                 () = sleep_until_opt(retry_at) => {}
                 () = sleep_until_opt(wait_again_at) => self.wait_again_at = None,
+                () = sleep_until_opt(ask_after) => self.ask_after = None,
                 () = sleep_until_opt(resubscribe_at), if subscriber.is_none() => {}
                 Some(answer) = answers.recv() => self.waited(&mut machine, answer),
                 () = std::future::ready(()), if come_back => {}
@@ -454,7 +474,12 @@ impl DaemonLoop {
                     Some(Box::new(machine.peer()));
             }
             let renew = leases.as_ref().is_some_and(|l| !l.is_empty());
-            let fetching = if fetch && self.want_work && self.waiting.is_none() {
+            let alone = sent == 0 && !renew;
+            let fetching = if fetch
+                && self.want_work
+                && self.waiting.is_none()
+                && !(alone && self.holding_asks())
+            {
                 machine.room()
             } else {
                 0
@@ -533,6 +558,9 @@ impl DaemonLoop {
             }
             if let Some(reply) = replies.next() {
                 self.take_work(machine, reply, fetching);
+                // Asked since the waiting request's work came: a wake-up from now on
+                // announces other work.
+                self.ask_after = None;
             }
             if let Some(n) = ask {
                 self.asks.settle(n);
@@ -542,17 +570,26 @@ impl DaemonLoop {
         true
     }
 
-    /// Takes in the reply to a request for `asked` pieces of work.
-    fn take_work<M: Machine>(&mut self, machine: &mut M, reply: Value, asked: usize) {
+    /// Whether a request for work that would go alone is held back now (see
+    /// [`ASK_AFTER_WORK`]).
+    fn holding_asks(&self) -> bool {
+        self.ask_after.is_some_and(|t| Instant::now() < t)
+    }
+
+    /// Takes in the reply to a request for `asked` pieces of work; returns how many came.
+    fn take_work<M: Machine>(&mut self, machine: &mut M, reply: Value, asked: usize) -> usize {
         match machine.decode_work(reply) {
             Ok(work) => {
                 // Fewer than asked: the queue is empty for now.
                 self.want_work = work.len() >= asked;
+                let taken = work.len();
                 machine.take_in(work);
+                taken
             }
             Err(e) => {
                 warn!(error = %e, "the router refused the request for work");
                 self.want_work = false;
+                0
             }
         }
     }
@@ -587,7 +624,11 @@ impl DaemonLoop {
         // Settled once its work is taken in (or its failure handled), below.
         let ask = self.asks.waiting.take();
         match answer {
-            Ok(reply) => self.take_work(machine, reply, asked),
+            Ok(reply) => {
+                if self.take_work(machine, reply, asked) > 0 {
+                    self.ask_after = Some(Instant::now() + ASK_AFTER_WORK);
+                }
+            }
             Err(e) => {
                 // Ask in the loop's own round trips (with their back-off) for a while.
                 if self.router_away {
