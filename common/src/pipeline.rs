@@ -326,18 +326,9 @@ impl Pipeline {
         builder.build().map(drop)
     }
 
-    /// The data of the pipeline serialized in `text`, as a JSON object (`None` when it has
-    /// none); the DAG is not checked.
-    ///
-    /// # Errors
-    /// [`PipelineError::Format`] when `text` is not the legacy format.
-    pub fn legacy_data(text: &str) -> Result<Option<Map<String, Value>>, PipelineError> {
-        LegacyText::read(text)?.data.map(parse_data).transpose()
-    }
-
-    /// As [`Pipeline::legacy_data`], as the text of a JSON object made of the text of each of
-    /// the data's values as `text` has it, not parsed: each key once (the last of a repeated
-    /// key), in key order. Read in two passes over `text`, where parsing the values and
+    /// The data of the pipeline serialized in `text` (`None` when it has none), as the text of
+    /// a JSON object made of the text of each of the data's values as `text` has it, not
+    /// parsed: each key once (the last of a repeated key), in key order. Read in two passes over `text`, where parsing the values and
     /// encoding them again would take several; the router hands it to the jobs of the
     /// pipeline. Only the data is read: neither the graph nor the values are checked beyond
     /// being JSON.
@@ -1080,11 +1071,6 @@ mod tests {
                 "{value}"
             );
             assert_eq!(Pipeline::check_legacy_text(&text), Ok(()));
-            assert_eq!(
-                Pipeline::legacy_data(&text),
-                Ok(from_value.data().cloned()),
-                "{value}"
-            );
             let data_text = Pipeline::legacy_data_text(&text).expect("valid");
             assert_eq!(
                 data_text.map(|d| serde_json::from_str::<Map<String, Value>>(d.get()).unwrap()),
