@@ -385,9 +385,6 @@ impl DaemonLoop {
                         && self.waiting.is_none()
                         && !self.holding_asks()
                         && machine.room() > 0));
-            if !self.holding_asks() {
-                self.ask_after = None;
-            }
             let (retry_at, wait_again_at, resubscribe_at, ask_after) = (
                 self.retry_at,
                 self.wait_again_at,
