@@ -472,6 +472,87 @@ async fn a_cancelled_pipeline_stops_its_running_job_runs_nothing_more_and_stays_
     );
 }
 
+/// A pool of one Python process serving `Hang` (starts a child, notes both pids, waits
+/// forever) and `Pid` (answers its process id).
+fn hanging_process_worker(dir: &Path) -> String {
+    let script = dir.join("hang.py");
+    let pids = dir.join("Hang.pids");
+    std::fs::write(
+        &script,
+        format!(
+            r#"import json, os, signal, subprocess, sys
+print(json.dumps({{"hello": "pypelinin worker", "protocol": 1, "workers": ["Hang", "Pid"]}}), flush=True)
+for line in sys.stdin:
+    job = json.loads(line)
+    if job["worker"] == "Hang":
+        child = subprocess.Popen(["sleep", "600"])
+        with open({pids:?}, "w") as f:
+            f.write("{{}} {{}}\n".format(os.getpid(), child.pid))
+        signal.pause()
+    print(json.dumps({{"job id": job["job id"], "result": {{"pid": os.getpid()}}}}), flush=True)
+"#
+        ),
+    )
+    .unwrap();
+    format!(
+        "\n[[broker.process_workers]]\nnames = [\"Hang\", \"Pid\"]\ncommand = [\"python3\", {:?}]\n\
+         processes = 1\ntimeout_secs = 60\n",
+        script.display().to_string()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_pipeline_kills_its_process_workers_group_and_the_pool_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster =
+        Cluster::start_with_config(&config(&hanging_process_worker(dir.path())), &[], 1, &[], 1);
+    let mut m = manager(&cluster).await;
+    let pipeline = Pipeline::builder()
+        .edge("Hang", "Pid")
+        .data(json!({"filename": "cancelled"}))
+        .build()
+        .unwrap();
+    let id = m.start(&pipeline).await.unwrap();
+    let pids = dir.path().join("Hang.pids");
+    until("the Hang job to start its child", || {
+        std::fs::read_to_string(&pids).is_ok_and(|t| t.ends_with('\n'))
+    })
+    .await;
+    let pids: Vec<u32> = std::fs::read_to_string(&pids)
+        .unwrap()
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+
+    m.cancel(&id).await.unwrap();
+    let outcomes = m
+        .wait_all(std::slice::from_ref(&id), WAIT)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+    assert_eq!(outcomes, [Outcome::Cancelled]);
+    until("the worker process and its child to be killed", || {
+        pids.iter().all(|p| process_gone(*p))
+    })
+    .await;
+    // The pool's one process was replaced: the next job runs, on a new process.
+    let next = m.start(&single("Pid", 1)).await.unwrap();
+    m.wait_all(&[next], WAIT)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+    let doc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(cluster.store().join("Pid-1.json")).unwrap())
+            .unwrap();
+    let pid = doc["pid"].as_u64().unwrap();
+    assert!(
+        !pids.contains(&u32::try_from(pid).unwrap()),
+        "ran on the killed process"
+    );
+    assert!(
+        !cluster.store().join("cancelled.json").exists(),
+        "a result of the cancelled pipeline was saved"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pipeline_past_its_deadline_fails_naming_what_it_waits_for_across_a_router_restart() {
     let mut cluster =
