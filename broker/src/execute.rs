@@ -121,23 +121,12 @@ async fn run_registered(
         }
         Runner::Process(pool) => {
             let _permit = permit;
-            run_process_job(pool, info, store, limit).await
+            match pool.run(info, store, limit).await {
+                Ok(()) => Outcome::Finished,
+                Err(e) => Outcome::Failed(e),
+            }
         }
     }
-}
-
-/// Runs a job on a process of `pool`.
-async fn run_process_job(
-    pool: &Arc<crate::process::Pool>,
-    info: JobInfo,
-    store: Arc<dyn Store>,
-    limit: Duration,
-) -> Outcome {
-    let (job_id, worker) = (info.job_id.clone(), info.worker.clone());
-    through_store(store, info, |input| async move {
-        pool.run(job_id.as_str(), &worker, &input, limit).await
-    })
-    .await
 }
 
 /// Runs a command worker's job; failures carry the tail of its stderr.

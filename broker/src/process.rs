@@ -13,20 +13,29 @@
 //! terminal does not reach it: the broker lets running jobs end, then stops the pool.
 
 use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use nix::errno::Errno;
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, ChildStdin, ChildStdout};
+use serde_json::Value;
+use tokio::io::AsyncReadExt;
+use tokio::process::Child;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use crate::store::{JobInfo, Store};
 use crate::worker::JsonObject;
 
 /// The version of the line protocol this broker speaks.
@@ -124,12 +133,13 @@ impl ProcessWorker {
 /// A running process of a pool.
 struct Proc {
     child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
+    /// Its stdin, written without blocking (see [`write_all`]).
+    stdin: File,
+    stdout: Lines,
     stderr: Arc<Mutex<VecDeque<u8>>>,
     /// The task keeping `stderr`: it ends when the process's stderr closes.
     stderr_reader: tokio::task::JoinHandle<()>,
-    pgid: Option<nix::unistd::Pid>,
+    pgid: Option<Pid>,
     jobs: u64,
 }
 
@@ -137,7 +147,7 @@ impl Proc {
     /// Kills the process and every process it started.
     fn kill(&mut self) {
         if let Some(pgid) = self.pgid.take() {
-            let _gone = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+            let _gone = killpg(pgid, Signal::SIGKILL);
         }
         let _gone = self.child.start_kill();
     }
@@ -154,26 +164,6 @@ impl Proc {
         }
     }
 
-    /// Reads one line (without its end), failing on end of file.
-    async fn read_line(&mut self) -> Result<String, String> {
-        let mut line = Vec::new();
-        let read = (&mut self.stdout)
-            .take(MAX_LINE as u64 + 1)
-            .read_until(b'\n', &mut line)
-            .await
-            .map_err(|e| format!("cannot read its stdout: {e}"))?;
-        if read == 0 {
-            return Err(self.exited().await);
-        }
-        if line.len() > MAX_LINE {
-            return Err(format!("it printed a line of more than {MAX_LINE} bytes"));
-        }
-        while line.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-            line.pop();
-        }
-        String::from_utf8(line).map_err(|_| "it printed a line that is not UTF-8".to_owned())
-    }
-
     /// Why its stdout ended: how it exited, and the end of its stderr.
     async fn exited(&mut self) -> String {
         let status = tokio::time::timeout(Duration::from_secs(1), self.child.wait()).await;
@@ -181,7 +171,7 @@ impl Proc {
             // Reaped: its group goes now, while it may still hold the processes it started;
             // once empty, the group's id may be reused, so it is not signalled later.
             if let Some(pgid) = self.pgid.take() {
-                let _gone = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+                let _gone = killpg(pgid, Signal::SIGKILL);
             }
         }
         // Let the stderr reader take the last bytes (it ends with the process's stderr, unless
@@ -198,6 +188,229 @@ impl Proc {
 impl Drop for Proc {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A process's pipe, made non-blocking (the thread running a job waits on it with `poll`,
+/// up to a deadline).
+fn pipe(fd: std::io::Result<OwnedFd>) -> Result<File, String> {
+    let fd = fd.map_err(|e| format!("cannot take the process's pipes: {e}"))?;
+    let flags = fcntl(&fd, FcntlArg::F_GETFL).map_err(|e| format!("cannot set up a pipe: {e}"))?;
+    fcntl(
+        &fd,
+        FcntlArg::F_SETFL(OFlag::from_bits_retain(flags) | OFlag::O_NONBLOCK),
+    )
+    .map_err(|e| format!("cannot set up a pipe: {e}"))?;
+    Ok(File::from(fd))
+}
+
+/// Why waiting on a process stopped before it was ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Halt {
+    /// The deadline passed.
+    TimedOut,
+    /// The job was stopped (cancelled) from outside.
+    Stopped,
+    /// The pool closed: the broker is stopping.
+    Closed,
+}
+
+/// Waits on a process's pipes for the thread running a job: until `deadline`, or until the
+/// job is stopped or the pool closed (looked at every [`STOP_CHECK`]).
+struct Waiter<'a> {
+    deadline: Instant,
+    stop: &'a Stop,
+    closed: &'a CancellationToken,
+}
+
+/// How often a thread waiting on a process looks whether its job was stopped. (A stop kills
+/// the process, which closes its pipes and ends the wait at once; this is for a pipe kept
+/// open by a process that left the group.)
+const STOP_CHECK: Duration = Duration::from_millis(50);
+
+impl Waiter<'_> {
+    /// Waits until `pipe` is ready for `events` (or closed).
+    fn wait(&self, pipe: &File, events: PollFlags) -> Result<(), Halt> {
+        loop {
+            if self.stop.is_stopped() {
+                return Err(Halt::Stopped);
+            }
+            if self.closed.is_cancelled() {
+                return Err(Halt::Closed);
+            }
+            let left = self.deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Halt::TimedOut);
+            }
+            let slice = PollTimeout::try_from(left.min(STOP_CHECK)).unwrap_or(PollTimeout::MAX);
+            let mut fds = [PollFd::new(pipe.as_fd(), events)];
+            match poll(&mut fds, slice) {
+                Ok(0) | Err(Errno::EINTR) => {}
+                // Ready, or closed or failed: the read or write that follows says which.
+                Ok(_) | Err(_) => return Ok(()),
+            }
+        }
+    }
+}
+
+/// Stops a job's exchange from outside its thread: kills the process's group (which closes
+/// its pipes) and tells the thread. Shared by the thread and the task waiting for it.
+struct Stop {
+    /// The group to kill, until the thread is done with the process.
+    pgid: Mutex<Option<Pid>>,
+    stopped: AtomicBool,
+}
+
+impl Stop {
+    fn new(pgid: Option<Pid>) -> Self {
+        Self {
+            pgid: Mutex::new(pgid),
+            stopped: AtomicBool::new(false),
+        }
+    }
+
+    fn stop(&self) {
+        let mut pgid = lock(&self.pgid);
+        self.stopped.store(true, Ordering::SeqCst);
+        if let Some(pgid) = pgid.take() {
+            let _gone = killpg(pgid, Signal::SIGKILL);
+        }
+    }
+
+    fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::SeqCst)
+    }
+
+    /// The thread is done with the process: a stop no longer kills it. Whether the job was
+    /// not stopped (if it was, the process must not be used again).
+    fn release(&self) -> bool {
+        lock(&self.pgid).take();
+        !self.is_stopped()
+    }
+}
+
+/// Stops the job (see [`Stop`]) when dropped, unless disarmed: the task waiting for a job's
+/// thread was dropped, so the job was cancelled.
+struct StopOnDrop(Option<Arc<Stop>>);
+
+impl StopOnDrop {
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        if let Some(stop) = self.0.take() {
+            stop.stop();
+        }
+    }
+}
+
+/// Writes all of `bytes` to a process's stdin.
+fn write_all(pipe: &mut File, mut bytes: &[u8], waiter: &Waiter<'_>) -> Result<(), Wrote> {
+    while !bytes.is_empty() {
+        match pipe.write(bytes) {
+            Ok(0) => return Err(Wrote::Failed(std::io::ErrorKind::WriteZero.into())),
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                waiter
+                    .wait(pipe, PollFlags::POLLOUT)
+                    .map_err(Wrote::Halted)?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Wrote::Failed(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Why a write to a process failed.
+enum Wrote {
+    Halted(Halt),
+    Failed(std::io::Error),
+}
+
+/// Why a line could not be read from a process.
+enum ReadError {
+    /// Its stdout closed.
+    Closed,
+    /// The line is longer than [`MAX_LINE`].
+    TooLong,
+    Halted(Halt),
+    Failed(std::io::Error),
+}
+
+/// A process's stdout, read a line at a time.
+struct Lines {
+    pipe: File,
+    /// Bytes read: `buf[start..end]` are not taken yet.
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    /// `buf[start..scanned]` holds no line end.
+    scanned: usize,
+}
+
+/// What [`Lines`] reads at a time, and keeps between lines.
+const READ_BUFFER: usize = 64 * 1024;
+
+impl Lines {
+    fn new(pipe: File) -> Self {
+        Self {
+            pipe,
+            buf: vec![0; READ_BUFFER],
+            start: 0,
+            end: 0,
+            scanned: 0,
+        }
+    }
+
+    /// Reads the next line (without its end).
+    fn read_line(&mut self, waiter: &Waiter<'_>) -> Result<&[u8], ReadError> {
+        if self.start == self.end && self.buf.len() > READ_BUFFER {
+            // A long line went by: let its room go.
+            self.buf = vec![0; READ_BUFFER];
+            (self.start, self.end, self.scanned) = (0, 0, 0);
+        }
+        loop {
+            if let Some(at) = self.buf[self.scanned..self.end]
+                .iter()
+                .position(|b| *b == b'\n')
+            {
+                let (start, mut end) = (self.start, self.scanned + at);
+                (self.start, self.scanned) = (end + 1, end + 1);
+                if self.start == self.end {
+                    (self.start, self.end, self.scanned) = (0, 0, 0);
+                }
+                if end > start && self.buf[end - 1] == b'\r' {
+                    end -= 1;
+                }
+                return Ok(&self.buf[start..end]);
+            }
+            self.scanned = self.end;
+            if self.end - self.start > MAX_LINE {
+                return Err(ReadError::TooLong);
+            }
+            if self.end == self.buf.len() {
+                if self.start > 0 {
+                    self.buf.copy_within(self.start..self.end, 0);
+                    (self.end, self.scanned) = (self.end - self.start, self.end - self.start);
+                    self.start = 0;
+                } else {
+                    self.buf.resize(self.buf.len() * 2, 0);
+                }
+            }
+            match self.pipe.read(&mut self.buf[self.end..]) {
+                Ok(0) => return Err(ReadError::Closed),
+                Ok(n) => self.end += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => waiter
+                    .wait(&self.pipe, PollFlags::POLLIN)
+                    .map_err(ReadError::Halted)?,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(ReadError::Failed(e)),
+            }
+        }
     }
 }
 
@@ -259,8 +472,8 @@ impl Pool {
         let size = self.spec.processes.max(1);
         let mut starting = tokio::task::JoinSet::new();
         for _ in 0..size {
-            let spec = self.spec.clone();
-            starting.spawn(async move { spawn(&spec).await });
+            let (spec, closed) = (self.spec.clone(), self.closed.clone());
+            starting.spawn(async move { spawn(&spec, &closed).await });
         }
         let mut idle = Vec::with_capacity(size);
         let mut announced = Announced::new();
@@ -281,18 +494,48 @@ impl Pool {
         lock(&self.idle).clear();
     }
 
-    /// Runs one job of `worker` with `input`, within `limit`. Dropping the future (a cancel)
-    /// kills the process and starts another.
+    /// Runs one job on a process of the pool: on a thread of the blocking pool, retrieves its
+    /// input from `store`, hands it to the process, waits for its answer (within `limit`) and
+    /// saves its result — one hand-off to a thread and back per job, as for a Rust worker.
+    /// Dropping the future (a cancel) kills the process and starts another; nothing is saved.
     ///
     /// # Errors
-    /// The job's error: the worker's, or what happened to its process.
+    /// The job's error: the store's, the worker's, or what happened to its process.
     pub async fn run(
         self: &Arc<Self>,
-        job_id: &str,
-        worker: &str,
-        input: &JsonObject,
+        info: JobInfo,
+        store: Arc<dyn Store>,
         limit: Duration,
-    ) -> Result<JsonObject, String> {
+    ) -> Result<(), String> {
+        let checkout = self.checkout(&info.worker).await?;
+        let stop = checkout.stop.clone();
+        let mut on_drop = StopOnDrop(Some(stop.clone()));
+        let span = tracing::Span::current();
+        let ended = tokio::task::spawn_blocking(move || {
+            let _span = span.enter();
+            checkout.run_job(&info, store.as_ref(), limit)
+        })
+        .await;
+        on_drop.disarm();
+        match ended {
+            Err(e) => Err(format!("worker task failed: {e}")),
+            Ok(Ended::Done(outcome)) => outcome,
+            Ok(Ended::Closed(mut checkout, context)) => {
+                let why = match checkout.proc.as_mut() {
+                    Some(proc) => proc.exited().await,
+                    None => String::new(),
+                };
+                checkout.replace(&why);
+                Err(format!(
+                    "process worker {:?} failed: {context}{why}; a new process takes its place",
+                    self.spec.command
+                ))
+            }
+        }
+    }
+
+    /// Waits for a slot of the pool and takes a process (starting one when none is idle).
+    async fn checkout(self: &Arc<Self>, worker: &str) -> Result<Checkout, String> {
         let permit = self
             .slots
             .clone()
@@ -308,7 +551,7 @@ impl Pool {
         let proc = lock(&self.idle).pop();
         let proc = match proc {
             Some(proc) => proc,
-            None => match spawn(&self.spec).await {
+            None => match spawn(&self.spec, &self.closed).await {
                 Ok((proc, _)) => {
                     self.started();
                     proc
@@ -319,36 +562,12 @@ impl Pool {
                 }
             },
         };
-        let mut checkout = Checkout {
+        Ok(Checkout {
+            stop: Arc::new(Stop::new(proc.pgid)),
             proc: Some(proc),
             permit: Some(permit),
             pool: self.clone(),
-        };
-        let line = json!({"job id": job_id, "worker": worker, "input": input});
-        let exchange = checkout.exchange(job_id, &line);
-        let outcome = match tokio::time::timeout(limit, exchange).await {
-            Ok(outcome) => outcome,
-            Err(_) => {
-                checkout.replace("it overran the job's timeout");
-                return Err(format!(
-                    "process worker {:?} timed out after {limit:?}; its process was killed",
-                    self.spec.command
-                ));
-            }
-        };
-        match outcome {
-            Exchange::Done(result) => {
-                checkout.give_back();
-                result
-            }
-            Exchange::Broken(why) => {
-                checkout.replace(&why);
-                Err(format!(
-                    "process worker {:?} failed: {why}; a new process takes its place",
-                    self.spec.command
-                ))
-            }
-        }
+        })
     }
 
     /// A process started: the count of failed starts begins again.
@@ -399,7 +618,7 @@ impl Pool {
                 () = self.closed.cancelled() => return,
                 () = tokio::time::sleep(retry) => {}
             }
-            match spawn(&self.spec).await {
+            match spawn(&self.spec, &self.closed).await {
                 Ok((proc, _)) if !self.closed.is_cancelled() => {
                     lock(&self.idle).push(proc);
                     self.started();
@@ -420,7 +639,7 @@ impl Pool {
     async fn restart(self: Arc<Self>, permit: OwnedSemaphorePermit) {
         let mut pause = RESTART_BACKOFF;
         while !self.closed.is_cancelled() && self.withdrawn().is_none() {
-            match spawn(&self.spec).await {
+            match spawn(&self.spec, &self.closed).await {
                 Ok((proc, _)) => {
                     if !self.closed.is_cancelled() {
                         lock(&self.idle).push(proc);
@@ -444,8 +663,29 @@ impl Pool {
 enum Exchange {
     /// The process answered: the job's result or error; the process can take another job.
     Done(Result<JsonObject, String>),
-    /// The process cannot go on: it died, or printed something else than an answer.
+    /// The process closed its stdout (it died, most likely); the text says what was being done.
+    Closed(String),
+    /// The wait for the process ended first.
+    Halted(Halt),
+    /// The process cannot go on: it printed something else than an answer.
     Broken(String),
+}
+
+/// How a job's thread ended.
+enum Ended {
+    /// The job's outcome; the process was given back, or replaced.
+    Done(Result<(), String>),
+    /// The process closed its stdout: the task finds out how it exited, then replaces it.
+    Closed(Box<Checkout>, String),
+}
+
+/// A job's line to its process.
+#[derive(Serialize)]
+struct JobLine<'a> {
+    #[serde(rename = "job id")]
+    job_id: &'a str,
+    worker: &'a str,
+    input: &'a JsonObject,
 }
 
 /// A process taken from the pool for one job. Unless given back, it is killed when dropped and
@@ -454,33 +694,117 @@ struct Checkout {
     proc: Option<Proc>,
     permit: Option<OwnedSemaphorePermit>,
     pool: Arc<Pool>,
+    /// Stops the job from outside its thread.
+    stop: Arc<Stop>,
 }
 
 impl Checkout {
-    async fn exchange(&mut self, job_id: &str, line: &Value) -> Exchange {
+    /// Runs the job (on a thread that may block): retrieves its input, exchanges it with the
+    /// process, saves the result.
+    fn run_job(mut self, info: &JobInfo, store: &dyn Store, limit: Duration) -> Ended {
+        let input = match store.retrieve(info) {
+            Ok(input) => input,
+            Err(e) => {
+                self.finish();
+                return Ended::Done(Err(format!("store failed to retrieve the input: {e}")));
+            }
+        };
+        let stop = self.stop.clone();
+        let closed = self.pool.closed.clone();
+        let waiter = Waiter {
+            deadline: Instant::now() + limit,
+            stop: &stop,
+            closed: &closed,
+        };
+        let pool = self.pool.clone();
+        let command = &pool.spec.command;
+        match self.exchange(info.job_id.as_str(), &info.worker, &input, &waiter) {
+            Exchange::Done(outcome) => {
+                if !self.finish() {
+                    return Ended::Done(Err("the job was cancelled; nothing was saved".into()));
+                }
+                Ended::Done(outcome.and_then(|result| {
+                    store
+                        .save(info, &result)
+                        .map_err(|e| format!("store failed to save the result: {e}"))
+                }))
+            }
+            Exchange::Closed(_) | Exchange::Halted(Halt::Stopped) if stop.is_stopped() => {
+                // Killed by the cancel; dropping the checkout replaces the process.
+                Ended::Done(Err("the job was cancelled; its process was killed".into()))
+            }
+            Exchange::Closed(context) => Ended::Closed(Box::new(self), context),
+            Exchange::Halted(Halt::TimedOut) => {
+                let why = format!(
+                    "process worker {command:?} timed out after {limit:?}; its process was killed"
+                );
+                self.replace("it overran the job's timeout");
+                Ended::Done(Err(why))
+            }
+            Exchange::Halted(halt) => {
+                let why = if halt == Halt::Closed {
+                    "the broker stopped before the job ended; its process was killed"
+                } else {
+                    "the job was cancelled; its process was killed"
+                };
+                self.replace_quietly();
+                Ended::Done(Err(why.into()))
+            }
+            Exchange::Broken(why) => {
+                let error = format!(
+                    "process worker {command:?} failed: {why}; a new process takes its place"
+                );
+                self.replace(&why);
+                Ended::Done(Err(error))
+            }
+        }
+    }
+
+    /// Hands the job to the process and reads its answer.
+    fn exchange(
+        &mut self,
+        job_id: &str,
+        worker: &str,
+        input: &JsonObject,
+        waiter: &Waiter<'_>,
+    ) -> Exchange {
         let Some(proc) = self.proc.as_mut() else {
             return Exchange::Broken("no process".into());
         };
-        let mut bytes = match serde_json::to_vec(line) {
+        let line = JobLine {
+            job_id,
+            worker,
+            input,
+        };
+        let mut bytes = match serde_json::to_vec(&line) {
             Ok(bytes) => bytes,
             Err(e) => return Exchange::Done(Err(format!("cannot encode the job: {e}"))),
         };
         bytes.push(b'\n');
-        if let Err(e) = proc.stdin.write_all(&bytes).await {
-            let why = proc.exited().await;
-            return Exchange::Broken(format!("cannot write the job to it ({e}); {why}"));
+        match write_all(&mut proc.stdin, &bytes, waiter) {
+            Ok(()) => {}
+            Err(Wrote::Halted(halt)) => return Exchange::Halted(halt),
+            Err(Wrote::Failed(e)) => {
+                return Exchange::Closed(format!("cannot write the job to it ({e}); "))
+            }
         }
-        let _ = proc.stdin.flush().await;
-        let answer = match proc.read_line().await {
+        let answer = match proc.stdout.read_line(waiter) {
             Ok(answer) => answer,
-            Err(why) => return Exchange::Broken(why),
+            Err(ReadError::Closed) => return Exchange::Closed(String::new()),
+            Err(ReadError::Halted(halt)) => return Exchange::Halted(halt),
+            Err(ReadError::TooLong) => {
+                return Exchange::Broken(format!("it printed a line of more than {MAX_LINE} bytes"))
+            }
+            Err(ReadError::Failed(e)) => {
+                return Exchange::Broken(format!("cannot read its stdout: {e}"))
+            }
         };
-        let answer: JsonObject = match serde_json::from_str(&answer) {
+        let mut answer: JsonObject = match serde_json::from_slice(answer) {
             Ok(answer) => answer,
             Err(_) => {
                 return Exchange::Broken(format!(
                     "it printed {:?} instead of an answer (one JSON object per line); stderr: {}",
-                    cut(&answer),
+                    cut(&String::from_utf8_lossy(answer)),
                     proc.stderr_tail()
                 ))
             }
@@ -492,8 +816,8 @@ impl Checkout {
             ));
         }
         proc.jobs += 1;
-        match (answer.get("result"), answer.get("error")) {
-            (Some(Value::Object(result)), None) => Exchange::Done(Ok(result.clone())),
+        match (answer.remove("result"), answer.get("error")) {
+            (Some(Value::Object(result)), None) => Exchange::Done(Ok(result)),
             (_, Some(error)) => {
                 let error = error
                     .as_str()
@@ -508,12 +832,23 @@ impl Checkout {
             }
             (Some(other), None) => Exchange::Done(Err(format!(
                 "the worker returned {} instead of a JSON object",
-                pypelinin_common::pipeline::json_type_name(other)
+                pypelinin_common::pipeline::json_type_name(&other)
             ))),
             (None, None) => Exchange::Broken(format!(
                 "it answered {:?}, with neither \"result\" nor \"error\"",
                 cut(&serde_json::to_string(&answer).unwrap_or_default())
             )),
+        }
+    }
+
+    /// The job's thread is done with the process: gives it back, unless the job was stopped
+    /// meanwhile (it is replaced then). Whether it was not stopped.
+    fn finish(self) -> bool {
+        if self.stop.release() {
+            self.give_back();
+            true
+        } else {
+            false
         }
     }
 
@@ -569,8 +904,11 @@ impl Drop for Checkout {
 }
 
 /// Starts one process and waits for its hello; returns it with what it says its workers
-/// require.
-async fn spawn(spec: &ProcessWorker) -> Result<(Proc, Announced), String> {
+/// require. The wait ends early when `closed` is cancelled.
+async fn spawn(
+    spec: &ProcessWorker,
+    closed: &CancellationToken,
+) -> Result<(Proc, Announced), String> {
     let program = spec
         .command
         .first()
@@ -592,7 +930,7 @@ async fn spawn(spec: &ProcessWorker) -> Result<(Proc, Announced), String> {
     let pgid = child
         .id()
         .and_then(|id| i32::try_from(id).ok())
-        .map(nix::unistd::Pid::from_raw);
+        .map(Pid::from_raw);
     let (Some(stdin), Some(stdout), Some(stderr)) =
         (child.stdin.take(), child.stdout.take(), child.stderr.take())
     else {
@@ -602,8 +940,8 @@ async fn spawn(spec: &ProcessWorker) -> Result<(Proc, Announced), String> {
     let stderr_reader = tokio::spawn(keep_tail(stderr, tail.clone()));
     let mut proc = Proc {
         child,
-        stdin,
-        stdout: BufReader::new(stdout),
+        stdin: pipe(stdin.into_owned_fd())?,
+        stdout: Lines::new(pipe(stdout.into_owned_fd())?),
         stderr: tail,
         stderr_reader,
         pgid,
@@ -614,14 +952,46 @@ async fn spawn(spec: &ProcessWorker) -> Result<(Proc, Announced), String> {
         .filter(|t| t.is_finite() && *t > 0.0)
         .and_then(|t| Duration::try_from_secs_f64(t).ok())
         .unwrap_or(HELLO_TIMEOUT);
-    let hello = match tokio::time::timeout(limit, proc.read_line()).await {
-        Ok(Ok(line)) => line,
-        Ok(Err(why)) => return Err(format!("{:?} said no hello: {why}", spec.command)),
-        Err(_) => {
+    let stop = Arc::new(Stop::new(pgid));
+    let mut on_drop = StopOnDrop(Some(stop.clone()));
+    let closed = closed.clone();
+    let read = tokio::task::spawn_blocking(move || {
+        let waiter = Waiter {
+            deadline: Instant::now() + limit,
+            stop: &stop,
+            closed: &closed,
+        };
+        let hello = proc.stdout.read_line(&waiter).map(<[u8]>::to_vec);
+        stop.release();
+        (proc, hello)
+    })
+    .await;
+    on_drop.disarm();
+    let (mut proc, hello) = read.map_err(|e| format!("cannot start a worker process: {e}"))?;
+    let hello = match hello {
+        Ok(line) => String::from_utf8_lossy(&line).into_owned(),
+        Err(ReadError::Closed) => {
+            let why = proc.exited().await;
+            return Err(format!("{:?} said no hello: {why}", spec.command));
+        }
+        Err(ReadError::Halted(Halt::TimedOut)) => {
             return Err(format!(
                 "{:?} said no hello within {limit:?}; stderr: {}",
                 spec.command,
                 proc.stderr_tail()
+            ))
+        }
+        Err(ReadError::Halted(_)) => return Err("the broker is stopping".into()),
+        Err(ReadError::TooLong) => {
+            return Err(format!(
+                "{:?} said no hello: it printed a line of more than {MAX_LINE} bytes",
+                spec.command
+            ))
+        }
+        Err(ReadError::Failed(e)) => {
+            return Err(format!(
+                "{:?} said no hello: cannot read its stdout: {e}",
+                spec.command
             ))
         }
     };
@@ -733,6 +1103,73 @@ mod tests {
             hello_timeout_secs: None,
             retry_secs: None,
         }
+    }
+
+    /// A pipe whose read end is made as a process's stdout is.
+    fn lines() -> (Lines, File) {
+        let (read, write) = std::io::pipe().unwrap();
+        let read = pipe(Ok(OwnedFd::from(read))).unwrap();
+        (Lines::new(read), File::from(OwnedFd::from(write)))
+    }
+
+    fn waiter<'a>(ms: u64, stop: &'a Stop, closed: &'a CancellationToken) -> Waiter<'a> {
+        Waiter {
+            deadline: Instant::now() + Duration::from_millis(ms),
+            stop,
+            closed,
+        }
+    }
+
+    #[test]
+    fn lines_come_whole_however_the_bytes_arrive_and_the_reader_waits_no_longer_than_told() {
+        let (stop, closed) = (Stop::new(None), CancellationToken::new());
+        let (mut reader, mut writer) = lines();
+        writer.write_all(b"one\ntwo\r\n\nthr").unwrap();
+        let w = waiter(5_000, &stop, &closed);
+        assert_eq!(reader.read_line(&w).ok(), Some(&b"one"[..]));
+        assert_eq!(reader.read_line(&w).ok(), Some(&b"two"[..]));
+        assert_eq!(reader.read_line(&w).ok(), Some(&b""[..]));
+        // Half a line: the wait ends at the deadline, and the half is kept.
+        let short = waiter(30, &stop, &closed);
+        assert!(matches!(
+            reader.read_line(&short),
+            Err(ReadError::Halted(Halt::TimedOut))
+        ));
+        writer.write_all(b"ee\n").unwrap();
+        assert_eq!(reader.read_line(&w).ok(), Some(&b"three"[..]));
+
+        // A line longer than the buffer (and than the pipe holds) grows it; the next line
+        // finds it small again.
+        let long = vec![b'x'; 5 * READ_BUFFER];
+        let sent = long.clone();
+        let feeder = std::thread::spawn(move || {
+            writer.write_all(&sent).unwrap();
+            writer.write_all(b"\nlast\n").unwrap();
+            writer
+        });
+        assert_eq!(reader.read_line(&w).ok(), Some(&long[..]));
+        assert!(reader.buf.len() > READ_BUFFER);
+        assert_eq!(reader.read_line(&w).ok(), Some(&b"last"[..]));
+        let writer = feeder.join().unwrap();
+        // The next read lets the long line's room go; a stop ends the wait at once.
+        stop.stop();
+        assert!(matches!(
+            reader.read_line(&w),
+            Err(ReadError::Halted(Halt::Stopped))
+        ));
+        assert_eq!(reader.buf.len(), READ_BUFFER);
+        // The writer gone, the reader says so.
+        drop(writer);
+        let (stop, closed) = (Stop::new(None), CancellationToken::new());
+        assert!(matches!(
+            reader.read_line(&waiter(5_000, &stop, &closed)),
+            Err(ReadError::Closed)
+        ));
+        closed.cancel();
+        assert!(matches!(
+            lines().0.read_line(&waiter(5_000, &stop, &closed)),
+            Err(ReadError::Halted(Halt::Closed))
+        ));
     }
 
     #[test]

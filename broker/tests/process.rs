@@ -4,8 +4,8 @@
 use std::collections::HashSet;
 
 use pypelinin_broker::process::ProcessWorker;
-use pypelinin_broker::worker::WorkerResult;
-use pypelinin_broker::{Broker, JsonObject, Worker, WorkerRegistry};
+use pypelinin_broker::worker::{BoxError, WorkerResult};
+use pypelinin_broker::{Broker, JobInfo, JsonObject, Store, Worker, WorkerRegistry};
 use pypelinin_common::protocol::request::NewJob;
 use pypelinin_common::testing::{process_gone, wait_until, within};
 use serde_json::{json, Value};
@@ -327,22 +327,53 @@ async fn a_large_result_comes_through_whole() {
     cluster.stop().await;
 }
 
+/// A store that hands each job its data as input and keeps the results in memory.
+#[derive(Default)]
+struct KeepingStore(std::sync::Mutex<Vec<JsonObject>>);
+
+impl Store for KeepingStore {
+    fn retrieve(&self, info: &JobInfo) -> Result<JsonObject, BoxError> {
+        Ok(info.data.as_object().cloned().unwrap_or_default())
+    }
+
+    fn save(&self, _info: &JobInfo, result: &JsonObject) -> Result<(), BoxError> {
+        self.0.lock().unwrap().push(result.clone());
+        Ok(())
+    }
+
+    fn save_monitoring(&self, _record: &Value) -> Result<(), BoxError> {
+        Ok(())
+    }
+}
+
+fn job_info(job_id: &str, spec: Value) -> JobInfo {
+    JobInfo {
+        job_id: job_id.into(),
+        worker: "Py".into(),
+        worker_requires: vec!["spec".into()],
+        data: json!({ "spec": spec }),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_result_of_200_mb_comes_through_the_pipe_whole() {
     let pool = std::sync::Arc::new(pypelinin_broker::process::Pool::new(pool(1)));
     pool.start().await.unwrap();
+    let store = std::sync::Arc::new(KeepingStore::default());
     let bytes = 200 * 1024 * 1024;
-    let mut input = serde_json::Map::new();
-    input.insert("spec".into(), json!({"mode": "big", "bytes": bytes}));
-    let result = pool
-        .run("j1", "Py", &input, WAIT * 6)
+    let big = job_info("j1", json!({"mode": "big", "bytes": bytes}));
+    pool.run(big, store.clone(), WAIT * 6)
         .await
         .expect("the big result");
-    assert_eq!(result["big"].as_str().map(str::len), Some(bytes));
+    {
+        let results = store.0.lock().unwrap();
+        assert_eq!(results[0]["big"].as_str().map(str::len), Some(bytes));
+    }
+    store.0.lock().unwrap().clear();
     // The process is still there for the next job.
-    input.insert("spec".into(), json!({"mode": "pid"}));
-    let next = pool.run("j2", "Py", &input, WAIT).await.unwrap();
-    assert!(next["pid"].is_u64());
+    let next = job_info("j2", json!({"mode": "pid"}));
+    pool.run(next, store.clone(), WAIT).await.unwrap();
+    assert!(store.0.lock().unwrap()[0]["pid"].is_u64());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
