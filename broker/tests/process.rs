@@ -158,6 +158,52 @@ async fn a_job_past_its_timeout_kills_its_process_group_and_the_pool_goes_on() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_stopping_past_its_grace_kills_a_running_process_job_and_ends() {
+    let cluster = Cluster::start().await;
+    let mut settings = cluster.settings(1);
+    settings.shutdown_grace_secs = 0.2;
+    settings.process_workers = vec![ProcessWorker {
+        timeout_secs: Some(600.0),
+        ..pool(1)
+    }];
+    let pidfile = cluster.store_dir.path().join("hang.pids");
+    let broker = Broker::new(
+        settings,
+        WorkerRegistry::new(),
+        pypelinin_broker::file_store_factory(),
+    )
+    .unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let token = shutdown.clone();
+    let running = tokio::spawn(async move { broker.run(token).await });
+    add(
+        &cluster,
+        "Py",
+        "hang",
+        json!({"mode": "hang", "pidfile": pidfile}),
+    )
+    .await;
+    wait_until(WAIT, "the job to start its child", || {
+        std::fs::read_to_string(&pidfile).is_ok_and(|t| t.split_whitespace().count() == 2)
+    });
+    let pids: Vec<u32> = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    shutdown.cancel();
+    // The job would run for 600 s: the broker ends after its grace period all the same.
+    within(WAIT, "the broker to stop", running)
+        .await
+        .unwrap()
+        .unwrap();
+    for pid in pids {
+        wait_until(WAIT, "the job's process group killed", || process_gone(pid));
+    }
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn processes_are_recycled_after_their_share_of_jobs() {
     let mut cluster = Cluster::start().await;
     let mut events = cluster.events().await;
