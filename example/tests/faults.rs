@@ -389,7 +389,47 @@ fn children_of(pid: u32) -> Vec<u32> {
         .collect()
 }
 
-/// Whether process `pid` is gone (or a zombie: dead, not reaped yet).
+/// Starts the pipeline `first → then` (its document `cancelled`) and waits until `first`'s job
+/// has noted its process ids in `<dir>/<first>.pids` (a line ending in a newline); returns the
+/// pipeline and those ids.
+async fn start_until_running(
+    m: &mut pypelinin_client::PipelineManager,
+    dir: &Path,
+    first: &str,
+    then: &str,
+) -> (PipelineId, Vec<u32>) {
+    let pipeline = Pipeline::builder()
+        .edge(first, then)
+        .data(json!({"filename": "cancelled"}))
+        .build()
+        .unwrap();
+    let id = m.start(&pipeline).await.unwrap();
+    let pids = dir.join(format!("{first}.pids"));
+    until(&format!("the {first} job to start"), || {
+        std::fs::read_to_string(&pids).is_ok_and(|t| t.ends_with('\n'))
+    })
+    .await;
+    let pids = std::fs::read_to_string(&pids)
+        .unwrap()
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    (id, pids)
+}
+
+/// Cancels pipeline `id` and waits until it is said cancelled.
+async fn cancel_and_wait(
+    m: &mut pypelinin_client::PipelineManager,
+    cluster: &Cluster,
+    id: &PipelineId,
+) {
+    m.cancel(id).await.unwrap();
+    let outcomes = m
+        .wait_all(std::slice::from_ref(id), WAIT)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+    assert_eq!(outcomes, [Outcome::Cancelled]);
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_pipeline_stops_its_running_job_runs_nothing_more_and_stays_cancelled() {
@@ -401,34 +441,15 @@ async fn a_cancelled_pipeline_stops_its_running_job_runs_nothing_more_and_stays_
     );
     let mut cluster = Cluster::start_with_config(&config(&workers), &[], 1, &[], 1);
     let mut m = manager(&cluster).await;
-    let pipeline = Pipeline::builder()
-        .edge("Sleepy", "After")
-        .data(json!({"filename": "cancelled"}))
-        .build()
-        .unwrap();
-    let id = m.start(&pipeline).await.unwrap();
-    let pids = dir.path().join("Sleepy.pids");
-    until("the Sleepy worker's process to start", || {
-        std::fs::read_to_string(&pids).is_ok_and(|t| t.ends_with('\n'))
-    })
-    .await;
-    let pid: u32 = std::fs::read_to_string(&pids)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let (id, pids) = start_until_running(&mut m, dir.path(), "Sleepy", "After").await;
+    let pid = pids[0];
     until("the worker's shell to start its sleep", || {
         !children_of(pid).is_empty()
     })
     .await;
     let children = children_of(pid);
 
-    m.cancel(&id).await.unwrap();
-    let outcomes = m
-        .wait_all(std::slice::from_ref(&id), WAIT)
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
-    assert_eq!(outcomes, [Outcome::Cancelled]);
+    cancel_and_wait(&mut m, &cluster, &id).await;
     until(
         "the worker's processes (its shell and the shell's child) to be killed",
         || process_gone(pid) && children.iter().all(|c| process_gone(*c)),
@@ -464,7 +485,10 @@ async fn a_cancelled_pipeline_stops_its_running_job_runs_nothing_more_and_stays_
         1,
         "only the new pipeline's job ran"
     );
-    let sleepy_runs = std::fs::read_to_string(&pids).unwrap().lines().count();
+    let sleepy_runs = std::fs::read_to_string(dir.path().join("Sleepy.pids"))
+        .unwrap()
+        .lines()
+        .count();
     assert_eq!(sleepy_runs, 1, "the cancelled job ran again");
     assert!(
         !cluster.store().join("cancelled.json").exists(),
@@ -507,29 +531,10 @@ async fn a_cancelled_pipeline_kills_its_process_workers_group_and_the_pool_goes_
     let cluster =
         Cluster::start_with_config(&config(&hanging_process_worker(dir.path())), &[], 1, &[], 1);
     let mut m = manager(&cluster).await;
-    let pipeline = Pipeline::builder()
-        .edge("Hang", "Pid")
-        .data(json!({"filename": "cancelled"}))
-        .build()
-        .unwrap();
-    let id = m.start(&pipeline).await.unwrap();
-    let pids = dir.path().join("Hang.pids");
-    until("the Hang job to start its child", || {
-        std::fs::read_to_string(&pids).is_ok_and(|t| t.ends_with('\n'))
-    })
-    .await;
-    let pids: Vec<u32> = std::fs::read_to_string(&pids)
-        .unwrap()
-        .split_whitespace()
-        .map(|p| p.parse().unwrap())
-        .collect();
+    let (id, pids) = start_until_running(&mut m, dir.path(), "Hang", "Pid").await;
+    assert_eq!(pids.len(), 2, "the worker process and its child");
 
-    m.cancel(&id).await.unwrap();
-    let outcomes = m
-        .wait_all(std::slice::from_ref(&id), WAIT)
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
-    assert_eq!(outcomes, [Outcome::Cancelled]);
+    cancel_and_wait(&mut m, &cluster, &id).await;
     until("the worker process and its child to be killed", || {
         pids.iter().all(|p| process_gone(*p))
     })
