@@ -12,7 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{JobInfo, Store};
+use crate::store::{retrieve_input, save_result, JobInfo, Store};
 use crate::worker::{BoxError, CommandWorker, JsonObject, Registered, Runner, WorkerRegistry};
 
 /// How much of a command's stderr a failure report keeps (its end).
@@ -88,17 +88,13 @@ async fn run_registered(
                 let _ = started.send(());
                 let _permit = permit;
                 let _job = crate::worker::enter_job(token.clone());
-                let input = store
-                    .retrieve(&info)
-                    .map_err(|e| format!("store failed to retrieve the input: {e}"))?;
+                let input = retrieve_input(store.as_ref(), &info)?;
                 let result = call_catching_panics(|| worker.process(input))?;
                 // A cancelled job's result is not wanted: its pipeline ended, or it overran.
                 if token.is_cancelled() {
                     return Err("the job was cancelled; its result was not saved".into());
                 }
-                store
-                    .save(&info, &result)
-                    .map_err(|e| format!("store failed to save the result: {e}"))
+                save_result(store.as_ref(), &info, &result)
             });
             // The clock starts when the worker's thread does: on a loaded machine a thread can
             // take a while to get, and waiting for one is not running. (`has_started` fails
@@ -156,20 +152,22 @@ where
     Fut: std::future::Future<Output = Result<JsonObject, String>>,
 {
     let (retrieve_store, retrieve_info) = (store.clone(), info.clone());
-    let input = match tokio::task::spawn_blocking(move || retrieve_store.retrieve(&retrieve_info))
-        .await
+    let input = match tokio::task::spawn_blocking(move || {
+        retrieve_input(retrieve_store.as_ref(), &retrieve_info)
+    })
+    .await
     {
         Ok(Ok(input)) => input,
-        Ok(Err(e)) => return Outcome::Failed(format!("store failed to retrieve the input: {e}")),
+        Ok(Err(e)) => return Outcome::Failed(e),
         Err(e) => return Outcome::Failed(format!("store task failed: {e}")),
     };
     let result = match run(input).await {
         Ok(result) => result,
         Err(e) => return Outcome::Failed(e),
     };
-    match tokio::task::spawn_blocking(move || store.save(&info, &result)).await {
+    match tokio::task::spawn_blocking(move || save_result(store.as_ref(), &info, &result)).await {
         Ok(Ok(())) => Outcome::Finished,
-        Ok(Err(e)) => Outcome::Failed(format!("store failed to save the result: {e}")),
+        Ok(Err(e)) => Outcome::Failed(e),
         Err(e) => Outcome::Failed(format!("store task failed: {e}")),
     }
 }

@@ -35,7 +35,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::store::{JobInfo, Store};
+use crate::store::{retrieve_input, save_result, JobInfo, Store};
 use crate::worker::JsonObject;
 
 /// The version of the line protocol this broker speaks.
@@ -702,11 +702,11 @@ impl Checkout {
     /// Runs the job (on a thread that may block): retrieves its input, exchanges it with the
     /// process, saves the result.
     fn run_job(mut self, info: &JobInfo, store: &dyn Store, limit: Duration) -> Ended {
-        let input = match store.retrieve(info) {
+        let input = match retrieve_input(store, info) {
             Ok(input) => input,
             Err(e) => {
                 self.finish();
-                return Ended::Done(Err(format!("store failed to retrieve the input: {e}")));
+                return Ended::Done(Err(e));
             }
         };
         let stop = self.stop.clone();
@@ -723,11 +723,7 @@ impl Checkout {
                 if !self.finish() {
                     return Ended::Done(Err("the job was cancelled; nothing was saved".into()));
                 }
-                Ended::Done(outcome.and_then(|result| {
-                    store
-                        .save(info, &result)
-                        .map_err(|e| format!("store failed to save the result: {e}"))
-                }))
+                Ended::Done(outcome.and_then(|result| save_result(store, info, &result)))
             }
             Exchange::Closed(_) | Exchange::Halted(Halt::Stopped) if stop.is_stopped() => {
                 // Killed by the cancel; dropping the checkout replaces the process.

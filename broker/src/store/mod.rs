@@ -73,3 +73,21 @@ pub trait Store: Send + Sync + 'static {
     /// Any error is logged.
     fn save_monitoring(&self, record: &Value) -> Result<(), BoxError>;
 }
+
+/// The job's input, from `store`; on failure, the job's error.
+pub(crate) fn retrieve_input(store: &dyn Store, info: &JobInfo) -> Result<JsonObject, String> {
+    store
+        .retrieve(info)
+        .map_err(|e| format!("store failed to retrieve the input: {e}"))
+}
+
+/// Saves the job's `result` through `store`; on failure, the job's error.
+pub(crate) fn save_result(
+    store: &dyn Store,
+    info: &JobInfo,
+    result: &JsonObject,
+) -> Result<(), String> {
+    store
+        .save(info, result)
+        .map_err(|e| format!("store failed to save the result: {e}"))
+}
