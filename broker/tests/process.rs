@@ -46,6 +46,15 @@ async fn add(cluster: &Cluster, worker: &str, name: &str, spec: Value) -> String
         .to_string()
 }
 
+/// The process ids a "hang" job wrote to its pidfile: the worker's and its child's.
+fn pids_in(pidfile: &std::path::Path) -> Vec<u32> {
+    std::fs::read_to_string(pidfile)
+        .unwrap()
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect()
+}
+
 fn pid_of(cluster: &Cluster, name: &str) -> u32 {
     u32::try_from(cluster.document(name)["pid"].as_u64().unwrap()).unwrap()
 }
@@ -142,11 +151,7 @@ async fn a_job_past_its_timeout_kills_its_process_group_and_the_pool_goes_on() {
     let (_, failed) = outcomes(&mut events, 1).await;
     assert_eq!(failed[0].0, hang);
     assert!(failed[0].1.contains("timed out"), "{failed:?}");
-    let pids: Vec<u32> = std::fs::read_to_string(&pidfile)
-        .unwrap()
-        .split_whitespace()
-        .map(|p| p.parse().unwrap())
-        .collect();
+    let pids = pids_in(&pidfile);
     assert_eq!(pids.len(), 2, "the worker and its child");
     for pid in pids {
         wait_until(WAIT, "the process group killed", || process_gone(pid));
@@ -186,11 +191,7 @@ async fn a_broker_stopping_past_its_grace_kills_a_running_process_job_and_ends()
     wait_until(WAIT, "the job to start its child", || {
         std::fs::read_to_string(&pidfile).is_ok_and(|t| t.split_whitespace().count() == 2)
     });
-    let pids: Vec<u32> = std::fs::read_to_string(&pidfile)
-        .unwrap()
-        .split_whitespace()
-        .map(|p| p.parse().unwrap())
-        .collect();
+    let pids = pids_in(&pidfile);
     shutdown.cancel();
     // The job would run for 600 s: the broker ends after its grace period all the same.
     within(WAIT, "the broker to stop", running)
